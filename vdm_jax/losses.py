@@ -228,7 +228,8 @@ def hybrid_loss(eps_hat, eps, vlb, *, num_steps: int, lam: float = 0.001) -> jax
 def prior_loss(x, gamma_1) -> jax.Array:
     """L_prior = KL(q(z_1|x) ‖ N(0, I)) = ½ Σ (α_1² x² + σ_1² - 1 - log σ_1²) (MATH.md §5).
 
-    Written as ½ Σ (α_1² (x² - 1) + softplus(-γ_1)), which has no cancellation.
+    Written as ½ Σ (α_1² x² + g(α_1²)) with g(u) = -log(1 - u) - u = u²/2 + u³/3 + ..., summed as a
+    series for small u, so the term keeps its relative precision when the prior is tiny.
 
     Args:
       x: data [B, ...]; gamma_1: γ at the last step / t = 1, scalar or [B].
@@ -237,7 +238,14 @@ def prior_loss(x, gamma_1) -> jax.Array:
     """
     x = _checks.check_float("x", x)
     g = _checks.per_example("gamma_1", _checks.check_float("gamma_1", gamma_1), x)
-    return _sum(0.5 * (jax.nn.sigmoid(-g) * (jnp.square(x) - 1.0) + jax.nn.softplus(-g)))
+    u = jax.nn.sigmoid(-g)
+    return _sum(0.5 * (u * jnp.square(x) + _neg_log1m_minus_u(u)))
+
+
+def _neg_log1m_minus_u(u):
+    """-log(1 - u) - u for u in [0, 1), without cancellation for small u."""
+    series = sum(u ** k / k for k in range(2, 13))  # error < u^13/13 relative to u²/2 for u < 0.1
+    return jnp.where(u < 0.1, series, -jnp.log1p(-u) - u)
 
 
 def _check_pixels(pixels, like, like_name):

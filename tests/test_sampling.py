@@ -1,0 +1,253 @@
+"""Samplers (MATH.md §6) checked against exact moments.
+
+With the Bayes-optimal predictor for Gaussian data x ~ N(m, s²), every reverse step is linear-
+Gaussian, z_s = A z_t + c + std·n, so each sampler's output mean and variance follow exactly by
+propagating (mean, variance) through the chain. The propagation here is written independently,
+in float64 NumPy, from MATH.md's DDPM and VDM formulas.
+"""
+import chex
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+import vdm_jax as vj
+
+M, S = 0.5, 0.3
+N = 100_000
+T = 1000
+
+
+def optimal_pred(gamma_fn, kind="eps"):
+    def pred(z, t):
+        gamma = gamma_fn(t)
+        alpha, sigma = (v[:, None] for v in vj.alpha_sigma(gamma))
+        eps = sigma * (z - alpha * M) / (alpha ** 2 * S ** 2 + sigma ** 2)
+        if kind == "eps":
+            return eps
+        if kind == "x":
+            return vj.x_from_eps(z, eps, gamma)
+        if kind == "score":
+            return vj.score_from_eps(eps, gamma)
+        return vj.v_from_eps(z, eps, gamma)
+    return pred
+
+
+def _affine_denoiser(a2):
+    """x̂ = p z + q for the optimal predictor at α² = a2 (NumPy float64)."""
+    a, s2 = np.sqrt(a2), 1 - a2
+    denom = a2 * S ** 2 + s2
+    return a * S ** 2 / denom, M * s2 / denom  # posterior mean E[x|z] = m + a s² (z - a m)/denom
+
+
+def propagate_ddpm(betas, variance):
+    b = np.asarray(betas, np.float64)
+    abar = np.cumprod(1 - b)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    mean, var = 0.0, 1.0
+    for t in range(len(b), 0, -1):
+        i = t - 1
+        p, q = _affine_denoiser(abar[i])
+        c_x = np.sqrt(abar_prev[i]) * b[i] / (1 - abar[i])  # μ̃_t (MATH.md §3)
+        c_z = np.sqrt(1 - b[i]) * (1 - abar_prev[i]) / (1 - abar[i])
+        A, c = c_x * p + c_z, c_x * q
+        noise = 0.0 if t == 1 else (b[i] if variance == "beta" else b[i] * (1 - abar_prev[i]) / (1 - abar[i]))
+        mean, var = A * mean + c, A ** 2 * var + noise
+    return mean, var
+
+
+def _a2(gamma):
+    return 1 / (1 + np.exp(gamma))
+
+
+def propagate_vdm(gamma_fn, num_steps):
+    mean, var = 0.0, 1.0
+    for i in range(num_steps, 0, -1):
+        gt, gs = gamma_fn(i / num_steps), gamma_fn((i - 1) / num_steps)
+        a2t, a2s = _a2(gt), _a2(gs)
+        s2t, s2s = 1 - a2t, 1 - a2s
+        a_ts = np.sqrt(a2t / a2s)
+        s2_ts = s2t - a_ts ** 2 * s2s
+        p, q = _affine_denoiser(a2t)
+        c_z, c_x = a_ts * s2s / s2t, np.sqrt(a2s) * s2_ts / s2t  # MATH.md §3
+        A, c = c_z + c_x * p, c_x * q
+        mean, var = A * mean + c, A ** 2 * var + s2_ts * s2s / s2t
+    a0 = np.sqrt(_a2(gamma_fn(0.0)))
+    return mean / a0, var / a0 ** 2
+
+
+def propagate_ddim(gammas, eta):
+    """gammas: γ at the decreasing times t_N, ..., t_0 (γ = -inf for clean data)."""
+    mean, var = 0.0, 1.0
+    for gt, gs in zip(gammas[:-1], gammas[1:]):
+        a2t, a2s = _a2(gt), _a2(gs)
+        s2t, s2s = 1 - a2t, 1 - a2s
+        p, q = _affine_denoiser(a2t)
+        # x̂ = p z + q;  ε̂ = (z - a_t x̂)/σ_t
+        ex_z, ex_c = (1 - np.sqrt(a2t) * p) / np.sqrt(s2t), -np.sqrt(a2t) * q / np.sqrt(s2t)
+        var_eta = eta ** 2 * s2s / s2t * (1 - a2t / a2s)
+        d = np.sqrt(max(s2s - var_eta, 0.0))
+        A = np.sqrt(a2s) * p + d * ex_z
+        c = np.sqrt(a2s) * q + d * ex_c
+        mean, var = A * mean + c, A ** 2 * var + var_eta
+    return mean, var
+
+
+def _check_moments(samples, mean, var):
+    samples = np.asarray(samples, np.float64).ravel()
+    n = samples.size
+    assert abs(samples.mean() - mean) < 5 * np.sqrt(var / n), (samples.mean(), mean)
+    assert abs(samples.var() / var - 1) < 5 * np.sqrt(2 / n), (samples.var(), var)
+
+
+@pytest.mark.parametrize("variance", ["beta", "posterior"])
+def test_ddpm_ancestral_matches_propagated_moments(variance):
+    sched = vj.DiscreteSchedule(vj.linear_betas(T))
+    pred = optimal_pred(sched.gamma)
+    samples = jax.jit(lambda k: vj.ddpm_sample(pred, sched, (N, 1), k, variance=variance))(jax.random.key(0))
+    mean, var = propagate_ddpm(vj.linear_betas(T, dtype=jnp.float32), variance)
+    _check_moments(samples, mean, var)
+    # The propagated moments are close to the data's: within 3% (β̃ comes out ~2.5% low: the model).
+    assert abs(mean / M - 1) < 0.03 and abs(var / S ** 2 - 1) < 0.03, (mean, var)
+
+
+def test_vdm_ancestral_matches_propagated_moments():
+    sched = vj.LinearSchedule(-13.3, 8.0)
+    pred = optimal_pred(sched)
+    samples = jax.jit(lambda k: vj.vdm_sample(pred, sched, (N, 1), k, num_steps=T))(jax.random.key(1))
+    gamma64 = lambda t: -13.3 + 21.3 * t  # noqa: E731
+    mean, var = propagate_vdm(gamma64, T)
+    _check_moments(samples, mean, var)
+    assert abs(mean / M - 1) < 0.03 and abs(var / S ** 2 - 1) < 0.03, (mean, var)
+
+
+@pytest.mark.parametrize("eta,steps", [(0.0, 50), (1.0, 100), (0.5, 20)])
+def test_ddim_matches_propagated_moments(eta, steps):
+    sched = vj.DiscreteSchedule(vj.linear_betas(T))
+    times = vj.strided_times(T, steps)
+    pred = optimal_pred(sched.gamma)
+    samples = jax.jit(lambda k: vj.ddim_sample(pred, sched.gamma, times, (N, 1), k, eta=eta))(jax.random.key(2))
+    gammas = np.asarray(sched.gammas, np.float64)[times]
+    mean, var = propagate_ddim(gammas, eta)
+    _check_moments(samples, mean, var)
+
+
+def test_ddim_deterministic_approaches_data_as_steps_grow():
+    sched = vj.DiscreteSchedule(vj.linear_betas(T))
+    errors = []
+    for steps in (10, 50, 200, 1000):
+        gammas = np.asarray(sched.gammas, np.float64)[vj.strided_times(T, steps)]
+        mean, var = propagate_ddim(gammas, 0.0)
+        errors.append(abs(mean - M) / M + abs(var - S ** 2) / S ** 2)
+    assert errors[0] > errors[1] > errors[2] > errors[3], errors
+    assert errors[3] < 0.02, errors  # 1000 steps: variance ~1% low, mean 0.2% (ᾱ_T > 0)
+
+
+def test_ddim_eta0_is_deterministic_given_start():
+    sched = vj.DiscreteSchedule(vj.linear_betas(100))
+    pred = optimal_pred(sched.gamma)
+    times = vj.strided_times(100, 10)
+    a = vj.ddim_sample(pred, sched.gamma, times, (16, 1), jax.random.key(0))
+    b = vj.ddim_sample(pred, sched.gamma, times, (16, 1), jax.random.key(0))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_ddim_eta1_equals_ancestral_posterior_variance():
+    """η = 1 is ancestral sampling with σ² = β̃ (MATH.md §6): same noise, same samples."""
+    sched = vj.DiscreteSchedule(vj.linear_betas(50, 1e-3, 0.2))
+    pred = optimal_pred(sched.gamma)
+    z_T = jax.random.normal(jax.random.key(3), (64, 1))
+    noises = jax.random.normal(jax.random.key(4), (50, 64, 1))
+    z_ddim, z_anc = z_T, z_T
+    for t in range(50, 0, -1):
+        tv = jnp.full((64,), t)
+        gt, gs = sched.gamma(t), sched.gamma(t - 1)
+        eps_hat, x_hat = vj.eps_and_x(pred(z_anc, tv), z_anc, gt, "eps")
+        mean, var = vj.q_posterior(x_hat, z_anc, gs, gt)
+        z_anc = mean + jnp.sqrt(var) * noises[t - 1]
+        eps_hat, x_hat = vj.eps_and_x(pred(z_ddim, tv), z_ddim, gt, "eps")
+        a_s, s_s = vj.alpha_sigma(gs)
+        a_t, s_t = vj.alpha_sigma(gt)
+        var_eta = s_s ** 2 / s_t ** 2 * (1 - a_t ** 2 / a_s ** 2)
+        z_ddim = a_s * x_hat + jnp.sqrt(jnp.maximum(s_s ** 2 - var_eta, 0)) * eps_hat + jnp.sqrt(var_eta) * noises[t - 1]
+        np.testing.assert_allclose(var, var_eta, rtol=2e-4, atol=1e-12)
+    np.testing.assert_allclose(z_ddim, z_anc, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["x", "score", "v"])
+def test_samplers_accept_every_prediction_kind(kind):
+    sched = vj.DiscreteSchedule(vj.linear_betas(50, 1e-3, 0.2))
+    key = jax.random.key(5)
+    ref = vj.ddpm_sample(optimal_pred(sched.gamma), sched, (32, 2), key)
+    out = vj.ddpm_sample(optimal_pred(sched.gamma, kind), sched, (32, 2), key, kind=kind)
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)
+    cont = vj.LinearSchedule()
+    ref = vj.vdm_sample(optimal_pred(cont), cont, (32, 2), key, num_steps=20)
+    out = vj.vdm_sample(optimal_pred(cont, kind), cont, (32, 2), key, num_steps=20, kind=kind)
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_ddpm_learned_variance_interpolates():
+    sched = vj.DiscreteSchedule(vj.linear_betas(30, 1e-3, 0.3))
+    key = jax.random.key(6)
+    base = optimal_pred(sched.gamma)
+    for v, variance in ((1.0, "beta"), (0.0, "posterior")):
+        learned = lambda z, t, v=v: (base(z, t), jnp.full_like(z, v))  # noqa: E731
+        a = vj.ddpm_sample(learned, sched, (16, 1), key, variance="learned")
+        b = vj.ddpm_sample(base, sched, (16, 1), key, variance=variance)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_x():
+    sched = vj.DiscreteSchedule(vj.linear_betas(20, 1e-3, 0.3))
+    pred = lambda z, t: jnp.full_like(z, -50.0)  # noqa: E731  absurd ε̂: x̂ far outside [-1, 1]
+    out = vj.ddpm_sample(pred, sched, (8, 3), jax.random.key(0), clip_x=(-1.0, 1.0))
+    assert np.all(np.abs(out) <= 1.0 + 1e-6)
+
+
+def test_samplers_trace_once():
+    sched = vj.DiscreteSchedule(vj.linear_betas(20))
+    pred = optimal_pred(sched.gamma)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def sample(key):
+        return vj.ddpm_sample(pred, sched, (4, 1), key)
+
+    a, b = sample(jax.random.key(0)), sample(jax.random.key(1))
+    assert not np.allclose(a, b)
+
+
+def test_whole_chain_is_one_scan():
+    """The jaxpr of a 1000-step sampler has one scan and calls the predictor once (inside it)."""
+    sched = vj.DiscreteSchedule(vj.linear_betas(T))
+    calls = []
+
+    def pred(z, t):
+        calls.append(1)
+        return jnp.zeros_like(z)
+
+    jaxpr = jax.make_jaxpr(lambda k: vj.ddpm_sample(pred, sched, (2, 1), k))(jax.random.key(0))
+    assert len(calls) == 1
+    assert sum(eqn.primitive.name == "scan" for eqn in jaxpr.eqns) == 1
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def test_bad_sampler_arguments():
+    sched = vj.DiscreteSchedule(vj.linear_betas(20))
+    pred = lambda z, t: z  # noqa: E731
+    with pytest.raises(ValueError, match="kind must be one of"):
+        vj.ddpm_sample(pred, sched, (2, 1), jax.random.key(0), kind="noise")
+    with pytest.raises(ValueError, match="shape must be a non-empty tuple"):
+        vj.ddpm_sample(pred, sched, (), jax.random.key(0))
+    with pytest.raises(ValueError, match="num_steps must be a positive int"):
+        vj.vdm_sample(pred, vj.LinearSchedule(), (2, 1), jax.random.key(0), num_steps=0)
+    with pytest.raises(ValueError, match="times must be strictly decreasing"):
+        vj.ddim_sample(pred, sched.gamma, np.array([0, 10, 20]), (2, 1), jax.random.key(0))
+    with pytest.raises(ValueError, match="eta must be in \\[0, 1\\]"):
+        vj.ddim_sample(pred, sched.gamma, np.array([20, 10, 0]), (2, 1), jax.random.key(0), eta=1.5)
+    with pytest.raises(ValueError, match="num_steps must be in 1..T"):
+        vj.strided_times(20, 21)
+    with pytest.raises(ValueError, match="must return \\(prediction, v\\)"):
+        vj.ddpm_sample(pred, sched, (2, 1), jax.random.key(0), variance="learned")
