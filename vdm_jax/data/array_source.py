@@ -1,0 +1,43 @@
+"""A random-access source over images and labels already in memory."""
+import numpy as np
+
+
+class ArraySource:
+    """Random access to `images` uint8 [N, H, W, C] and integer `labels` [N] (kept as int64).
+
+    `source[i]` is `{'image': uint8 [H, W, C], 'label': int}`; the image is a view, not a copy.
+    Backs the npz, cifar-10-python and digits sources.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, *, name: str = "arrays"):
+        """Checks the arrays eagerly (dtype, rank, matching lengths, not empty).
+
+        Raises:
+            TypeError: images not a uint8 ndarray, or labels not integers.
+            ValueError: images not [N, H, W, C], labels not [N], or N == 0.
+        """
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+            got = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
+            raise TypeError(f"{name}: images must be a uint8 array, got {got}")
+        if images.ndim != 4:
+            raise ValueError(f"{name}: images must have shape [N, H, W, C], got {images.shape}")
+        labels = np.asarray(labels)
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"{name}: labels must be integers, got {labels.dtype}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(
+                f"{name}: labels must have shape [N] = [{len(images)}], got {labels.shape}")
+        if len(images) == 0:
+            raise ValueError(f"{name}: no examples")
+        self.images = images
+        self.labels = labels.astype(np.int64)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "label": int(self.labels[index])}
+
+    def __repr__(self) -> str:
+        return f"ArraySource({self.name}, images={self.images.shape})"

@@ -1,0 +1,61 @@
+"""Images and labels from a `.npz` file of uint8 arrays."""
+import os
+import zipfile
+
+import numpy as np
+
+from vdm_jax.data.array_source import ArraySource
+from vdm_jax.data.validation import DataNotFoundError
+
+
+def _key_pairs(split: str) -> list[tuple[str, str]]:
+    """The (images, labels) key pairs that hold `split`, in the order they are tried."""
+    pairs = [(f"x_{split}", f"y_{split}"), (f"{split}_images", f"{split}_labels")]
+    if split == "all":
+        pairs.append(("images", "labels"))
+    return pairs
+
+
+def _splits_in(keys: list[str]) -> list[str]:
+    """The split names that `read_npz` can serve from a file with `keys`."""
+    splits = {k[2:] for k in keys if k.startswith("x_")}
+    splits |= {k[: -len("_images")] for k in keys if k.endswith("_images")}
+    if "images" in keys:
+        splits.add("all")
+    return sorted(splits)
+
+
+def read_npz(path: str | os.PathLike, split: str) -> ArraySource:
+    """Reads one split of a `.npz` file (never unpickles: `allow_pickle=False`).
+
+    Keys, tried in order for split `s`:
+        - `x_s` and `y_s` (e.g. `x_train`, `y_train`, `x_test`, `y_test`, Keras-style);
+        - `s_images` and `s_labels`;
+        - `images` and `labels`, a file holding one split, served as split `'all'`.
+    Images must be uint8 [N, H, W, C]; labels integers [N].
+
+    Raises:
+        DataNotFoundError: no such file.
+        ValueError: not a readable npz file, or none of the key pairs present (the message names
+            the keys it looked for and the keys in the file).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataNotFoundError(f"npz file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"not an npz file (not a zip archive): {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = sorted(npz.keys())
+            pair = next((p for p in _key_pairs(split) if set(p) <= set(keys)), None)
+            if pair is not None:
+                images, labels = npz[pair[0]], npz[pair[1]]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"cannot read npz file {path}: {e}") from None
+    if pair is None:
+        wanted = " or ".join(f"{i!r}+{l!r}" for i, l in _key_pairs(split))
+        raise ValueError(
+            f"{path}: split {split!r} needs keys {wanted}; the file has {keys} "
+            f"(splits {_splits_in(keys)})"
+        )
+    return ArraySource(images, labels, name=f"npz:{path}[{split}]")
