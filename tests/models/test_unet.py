@@ -1,0 +1,308 @@
+"""Tests for vdm_jax.models.unet: parameter counts, the pure split/merge forward, input checks.
+
+Forward passes use the tiny config only; the paper-sized networks are counted, never run.
+"""
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vdm_jax.models import (
+    UNet,
+    UNetConfig,
+    count_params,
+    ddpm_cifar10,
+    fourier_features,
+    sinusoidal_embedding,
+    tiny,
+    vdm_cifar10,
+)
+
+B = 8
+# Zero-initialised output layers would hide most of the network (and all dropout) at init.
+_NONZERO = dict(zero_init_residual=False, zero_init_output=False)
+GRAY16 = tiny(image_size=16, in_channels=1, **_NONZERO)
+RGB32 = tiny(**_NONZERO)
+# VDM-style and very small: one full-resolution level, Fourier features, base measure,
+# extra conditioning, learned variance.
+MICRO_VDM = tiny(image_size=8, in_channels=1, base_channels=8, num_groups=4, embedding_dim=8,
+                 downsample=False, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                 fourier_features=(6, 7), skip_input=True, extra_cond_dim=1,
+                 emb_proj_bias=False, learned_variance=True)
+
+
+def _abstract(config: UNetConfig) -> UNet:
+    return nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0)))
+
+
+@functools.cache
+def _split(config: UNetConfig):
+    """graphdef and "trained-looking" random params, drawn on the host.
+
+    Real initialisation is avoided here because XLA:CPU compiles every random initializer
+    separately, which takes far longer than the forward passes under test.
+    """
+    graphdef, shapes = nnx.split(_abstract(config))
+    rng = np.random.default_rng(0)
+
+    def draw(path, s):
+        is_scale = "['scale']" in jax.tree_util.keystr(path)  # GroupNorm scales near 1
+        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 100
+        return jnp.asarray(is_scale + rng.normal(0.0, fan_in**-0.5, s.shape), s.dtype)
+
+    return graphdef, jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, params, z, cond, key=None, extra_cond=None):
+    """The pure forward the training code uses: merge, call, discard the module."""
+    return nnx.merge(graphdef, params)(z, cond, key=key, extra_cond=extra_cond)
+
+
+def _inputs(config: UNetConfig, seed: int = 1):
+    size, ch = config.image_size, config.in_channels
+    z = jax.random.normal(jax.random.key(seed), (B, size, size, ch))
+    return z, jnp.linspace(0.0, 1.0, B)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ddpm_cifar10_param_count():
+    n = count_params(ddpm_cifar10())
+    assert n == 35_746_307  # diffusers' DDPM-shaped UNet2DModel: the same number.
+    assert abs(n - 35.7e6) / 35.7e6 < 0.01  # Ho et al. 2020: "35.7 million parameters".
+
+
+def test_vdm_cifar10_param_count():
+    n = count_params(vdm_cifar10())
+    assert n == 30_578_179
+    # The official 30,578,181 also counts the 2 scalars (w, b) of VDM's learnable noise
+    # schedule gamma(t) = b + |w| t, which lives outside the network here.
+    assert n + 2 == 30_578_181
+
+
+def test_tiny_param_count():
+    _, params = _split(GRAY16)
+    assert count_params(GRAY16) == sum(p.size for p in jax.tree.leaves(params))
+    assert 2e5 < count_params(tiny()) < 1e6  # "a few hundred thousand"
+    # An extra conditioning input of width k adds k rows to the first embedding Dense
+    # (vdm_cifar10's 1-wide slot adds 4 * 128 = 512 parameters).
+    config = tiny()
+    assert count_params(config.replace(extra_cond_dim=1)) == count_params(config) + 4 * 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward pass through nnx.split / nnx.merge under jit
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [GRAY16, RGB32], ids=["16x16x1", "32x32x3"])
+def test_forward_shape_dtype_finite(config):
+    graphdef, params = _split(config)
+    z, t = _inputs(config)
+    out = _apply(graphdef, params, z, t)
+    chex.assert_shape(out, z.shape)
+    assert out.dtype == jnp.float32
+    chex.assert_tree_all_finite(out)
+    assert float(jnp.std(out)) > 0.0
+
+
+def test_module_holds_params_only():
+    model = _abstract(GRAY16)
+    everything = jax.tree.leaves(nnx.state(model))
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert len(everything) == len(params)
+    assert not jax.tree.leaves(nnx.state(model, nnx.RngState))
+    assert all(p.dtype == jnp.float32 for p in params)
+
+
+def test_no_key_is_deterministic():
+    graphdef, params = _split(GRAY16)
+    z, t = _inputs(GRAY16)
+    np.testing.assert_array_equal(_apply(graphdef, params, z, t), _apply(graphdef, params, z, t))
+
+
+def test_key_turns_dropout_on():
+    graphdef, params = _split(GRAY16)
+    z, t = _inputs(GRAY16)
+    k1, k2 = jax.random.key(10), jax.random.key(11)
+    clean = _apply(graphdef, params, z, t)
+    noisy1 = _apply(graphdef, params, z, t, k1)
+    assert not np.allclose(clean, noisy1)
+    assert not np.allclose(noisy1, _apply(graphdef, params, z, t, k2))
+    np.testing.assert_array_equal(noisy1, _apply(graphdef, params, z, t, k1))
+
+
+@pytest.mark.parametrize("rate, draws", [(0.1, True), (0.0, False)])
+def test_dropout_draws_random_bits_only_when_on(rate, draws):
+    graphdef, params = _split(GRAY16.replace(dropout=rate))
+    z, t = _inputs(GRAY16)
+    jaxpr = jax.make_jaxpr(lambda k: nnx.merge(graphdef, params)(z, t, key=k))(jax.random.key(0))
+    assert ("random_bits" in str(jaxpr)) == draws
+
+
+def test_zero_init_base_measure_and_learned_variance():
+    """Real init: the output conv starts at zero, so with skip_input the prediction is exactly
+    z and the variance output exactly 0; once trained, both move."""
+    # An rbg key: XLA:CPU compiles threefry-based initializers slowly; the init is the same kind.
+    key = jax.random.key(0, impl="unsafe_rbg")
+    graphdef, params = nnx.split(nnx.jit(lambda: UNet(MICRO_VDM, rngs=nnx.Rngs(key)))())
+    z, t = _inputs(MICRO_VDM)
+    extra = jnp.ones((B, 1))
+    pred, v = _apply(graphdef, params, z, t, None, extra)
+    np.testing.assert_array_equal(pred, z)
+    chex.assert_shape(v, z.shape)
+    np.testing.assert_array_equal(v, 0.0)
+
+    trained = jax.tree.map(lambda p: p + 0.01, params)
+    pred, v = _apply(graphdef, trained, z, t, None, extra)
+    chex.assert_equal_shape([pred, v, z])
+    assert not np.allclose(pred, z) and not np.allclose(v, 0.0)
+
+
+def test_jit_traces_once_and_scalar_cond_is_broadcast():
+    graphdef, params = _split(GRAY16)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def apply(params, z, t):
+        return nnx.merge(graphdef, params)(z, t)
+
+    z, _ = _inputs(GRAY16)
+    out = apply(params, z, jnp.asarray(0.3))  # scalar cond, broadcast to [B]
+    np.testing.assert_allclose(out, _apply(graphdef, params, z, jnp.full((B,), 0.3)),
+                               rtol=1e-5, atol=1e-5)
+    z2, _ = _inputs(GRAY16, seed=2)
+    apply(jax.tree.map(lambda p: p * 1.5, params), z2, jnp.asarray(0.7))
+
+
+def test_mixed_precision_keeps_float32_params_and_output():
+    config = GRAY16.replace(dtype="bfloat16")
+    graphdef, params = nnx.split(_abstract(config))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    z, t = _inputs(config)
+    out = jax.eval_shape(lambda p: nnx.merge(graphdef, p)(z, t), params)
+    assert out.shape == z.shape and out.dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: raised at trace time, naming the argument
+# ---------------------------------------------------------------------------------------------
+
+_Z = jnp.zeros((B, 16, 16, 1))
+_T = jnp.zeros((B,))
+
+
+@pytest.mark.parametrize(
+    "z, cond, extra_cond, error, match",
+    [
+        (jnp.zeros((B, 16, 16)), _T, None, ValueError, r"z: .*rank 4"),
+        (jnp.zeros((B, 16, 16, 1), jnp.int32), _T, None, TypeError, r"z: .*floating"),
+        (jnp.zeros((B, 16, 16, 3)), _T, None, ValueError, r"z: expected 1 channels"),
+        (jnp.zeros((B, 32, 32, 1)), _T, None, ValueError, r"z: .*image_size = 16"),
+        (jnp.zeros((B, 16, 8, 1)), _T, None, ValueError, r"z: .*image_size = 16"),
+        (_Z, jnp.zeros((B, 1)), None, ValueError, r"cond: expected shape \[B\]"),
+        (_Z, jnp.zeros((B + 1,)), None, ValueError, r"cond: expected shape \[B\]"),
+        (_Z, jnp.zeros((B,), jnp.int32), None, TypeError, r"cond: .*floating"),
+        (_Z, _T, jnp.zeros((B, 1)), ValueError, r"extra_cond: .*extra_cond_dim=0"),
+    ],
+)
+def test_bad_inputs_raise(z, cond, extra_cond, error, match):
+    graphdef, params = _split(GRAY16)
+    with pytest.raises(error, match=match):
+        _apply(graphdef, params, z, cond, None, extra_cond)
+
+
+def test_bad_extra_cond_shape_raises():
+    graphdef, params = _split(MICRO_VDM)
+    z = jnp.zeros((B, 8, 8, 1))
+    with pytest.raises(ValueError, match=r"extra_cond: expected shape \[B, extra_cond_dim\]"):
+        _apply(graphdef, params, z, _T, None, jnp.zeros((B,)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Config validation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(image_size=20, channel_mult=(1, 2, 2, 2)),
+         r"image_size: .*2\*\*\(len\(channel_mult\)-1\) = 8"),
+        (dict(attn_resolutions=(3,)), r"attn_resolutions: .*reachable resolutions \(32, 16\)"),
+        (dict(prediction="noise"), r"prediction: expected one of \('eps', 'x', 'v', 'score'\)"),
+        (dict(num_groups=7), r"num_groups: expected a divisor"),
+        (dict(dropout=-0.1), r"dropout: expected a rate in \[0, 1\)"),
+        (dict(dropout=1.0), r"dropout: expected a rate in \[0, 1\)"),
+        (dict(in_channels=0), r"in_channels: expected an int >= 1"),
+        (dict(base_channels=2.5), r"base_channels: expected an int >= 1"),
+        (dict(channel_mult=()), r"channel_mult: expected a non-empty tuple"),
+        (dict(channel_mult=2), r"channel_mult: expected a tuple of ints"),
+        (dict(downsample=False), r"channel_mult: expected a single level when downsample=False"),
+        (dict(embedding_dim=33), r"embedding_dim: expected an even int >= 4"),
+        (dict(fourier_features=(-1,)), r"fourier_features: expected a tuple of ints >= 0"),
+        (dict(extra_cond_dim=-1), r"extra_cond_dim: expected an int >= 0"),
+        (dict(dtype="int8"), r"dtype: expected a floating dtype"),
+        (dict(param_dtype="float33"), r"param_dtype: expected a floating dtype"),
+    ],
+)
+def test_config_validation(changes, match):
+    with pytest.raises(ValueError, match=match):
+        tiny().replace(**changes)
+
+
+def test_from_dict_rejects_unknown_keys():
+    fields = tiny().to_dict() | {"num_heads": 4}
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['num_heads'\]"):
+        UNetConfig.from_dict(fields)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['chanel_mult'\]"):
+        tiny(chanel_mult=(1, 2))
+
+
+def test_from_dict_round_trip_and_lists_become_tuples():
+    config = vdm_cifar10()
+    fields = config.to_dict() | {"channel_mult": [1], "fourier_features": [6, 7]}
+    restored = UNetConfig.from_dict(fields)
+    assert restored == config and hash(restored) == hash(config)
+
+
+def test_dtype_objects_are_stored_by_name():
+    assert tiny(dtype=jnp.bfloat16) == tiny(dtype="bfloat16")
+    assert tiny(dtype=jnp.bfloat16).dtype == "bfloat16"
+
+
+def test_named_configs_are_what_the_papers_say():
+    ddpm, vdm = ddpm_cifar10(), vdm_cifar10()
+    assert (ddpm.base_channels, ddpm.channel_mult, ddpm.num_res_blocks) == (128, (1, 2, 2, 2), 2)
+    assert ddpm.attn_resolutions == (16,) and ddpm.dropout == 0.1 and ddpm.downsample
+    assert (vdm.num_res_blocks, vdm.downsample, vdm.fourier_features) == (32, False, (6, 7))
+    assert vdm.skip_input and vdm.attn_resolutions == () and vdm.mid_attention
+    assert tiny(image_size=16, in_channels=1).attn_resolutions == (8,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers, hand-computed
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sinusoidal_embedding_values():
+    emb = jax.jit(sinusoidal_embedding, static_argnums=1)(jnp.array([0.0, 1.0]), 4)
+    # half = 2 frequencies: 1 and 10000^-1.
+    expected = [[0.0, 0.0, 1.0, 1.0],
+                [np.sin(1.0), np.sin(1e-4), np.cos(1.0), np.cos(1e-4)]]
+    np.testing.assert_allclose(emb, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_fourier_features_values_and_order():
+    z = jnp.array([[0.125, 0.25]])  # [1, C=2]
+    f = jax.jit(fourier_features, static_argnums=1)(z, (0, 1))
+    angles = 2 * np.pi * np.array([0.125 * 1, 0.125 * 2, 0.25 * 1, 0.25 * 2])  # c-major
+    np.testing.assert_allclose(f, [np.concatenate([np.sin(angles), np.cos(angles)])], atol=1e-6)
