@@ -4,8 +4,11 @@ XLA_FLAGS must be set before JAX is imported, which is why this happens at the t
 """
 import os
 
+# 8 fake CPU devices; and cheaper LLVM optimisation: on XLA:CPU it cuts compile times of the
+# model and init programs ~4x (e.g. 19 s -> 4.5 s) at no measurable cost to these tests' run time.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=1"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -46,7 +46,7 @@ from vdm_jax.losses import (
     vlb_term,
     x0_matching,
 )
-from vdm_jax.elbo import bits_per_dim, ddpm_vlb, vdm_elbo
+from vdm_jax.elbo import bits_per_dim, ddpm_log_variance, ddpm_vlb, vdm_elbo
 from vdm_jax.variance import variance_minimising_grads
 from vdm_jax.sampling import ddim_sample, ddpm_sample, strided_times, vdm_sample
 

@@ -51,6 +51,29 @@ def _decoder_log_variance(schedule: DiscreteSchedule, variance, v):
     return v * log_beta_1 + (1.0 - v) * log_tilde
 
 
+def ddpm_log_variance(schedule: DiscreteSchedule, t, variance: ReverseVariance = "posterior", v=None) -> jax.Array:
+    """log σ_t² of DDPM's reverse step p_θ(z_{t-1} | z_t) for integer t in 1..T (MATH.md §5).
+
+    For t >= 2 this is `reverse_log_variance(γ_{t-1}, γ_t, variance, v)`. At t = 1 it is the
+    decoder's variance: β_1 ('beta'), β̃_2 ('posterior', clipped as in improved-diffusion, since
+    β̃_1 = 0 would make the decoder degenerate), or their interpolation by v ('learned').
+
+    Args:
+      schedule: the DiscreteSchedule.
+      t: integer steps, scalar or [B].
+      variance: 'posterior', 'beta' or 'learned'.
+      v: the network's interpolation output for 'learned' ([B, ...] or broadcastable).
+    Returns:
+      log σ² of t's shape, or v's shape when v has more dimensions.
+    """
+    t = jnp.asarray(t)
+    rev = reverse_log_variance(schedule.gamma(t - 1), schedule.gamma(t), variance, v)
+    first = t == 1
+    if jnp.ndim(rev) > first.ndim:
+        first = first.reshape(first.shape + (1,) * (jnp.ndim(rev) - first.ndim))
+    return jnp.where(first, _decoder_log_variance(schedule, variance, v), rev)
+
+
 def ddpm_vlb(pred_fn: Callable, pixels, key, schedule: DiscreteSchedule, *,
              kind: Prediction = "eps", variance: ReverseVariance = "posterior") -> dict[str, jax.Array]:
     """DDPM's whole variational bound of a batch, every term (MATH.md §5, discrete time).
@@ -81,8 +104,7 @@ def ddpm_vlb(pred_fn: Callable, pixels, key, schedule: DiscreteSchedule, *,
         z_t = q_sample(x, jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype), gamma_t)
         pred, v = _split_prediction(pred_fn(z_t, t_vec), variance)
         _, x_hat = eps_and_x(pred, z_t, gamma_t, kind)
-        log_var = jnp.where(t == 1, _decoder_log_variance(schedule, variance, v),
-                            reverse_log_variance(gamma_s, gamma_t, variance, v))
+        log_var = ddpm_log_variance(schedule, t, variance, v)
         return None, vlb_term(x, pixels, z_t, x_hat, gamma_s, gamma_t, log_var)
 
     _, terms = jax.lax.scan(term, None, jnp.arange(1, schedule.T + 1))  # [T, B]

@@ -1,0 +1,60 @@
+"""Train and evaluate a diffusion model on CIFAR-10.
+
+    python -m experiments.cifar10 --workdir=DIR [--config=experiments/configs/cifar10.py:VARIANT] [--config.x=y]
+
+A thin entry point: it reads the flags and calls `vdm_jax.training.train_and_evaluate`.
+Rerunning the same command in the same work directory resumes from its latest checkpoint.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "cifar10.py") + ":small"
+def _unknown_key(e):
+    """Exits with ml_collections' unknown-key error (from a --config.x override) in one line."""
+    text = str(e.args[0] if e.args else e).replace("\\'", "").replace("'", "")
+    text = text.replace("\\n", " ").replace("\n", " ").replace(" Did you mean", "; did you mean")
+    sys.exit(f"error: unknown config key {text}")
+
+
+try:  # ml_collections reads --config.x overrides from sys.argv already here
+    config_flags.DEFINE_config_file("config", _DEFAULT, "Config file and variant (ddpm | vdm | small).",
+                                    lock_config=True)
+except (AttributeError, KeyError) as e:
+    _unknown_key(e)
+flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and samples go.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from experiments.common import run_or_explain
+    from vdm_jax.training import train_and_evaluate  # after flag parsing, so --help is fast
+
+    logging.set_verbosity(logging.WARNING)
+    try:
+        config = run_or_explain(lambda: flags.FLAGS.config)  # overrides are applied here
+    except (AttributeError, KeyError) as e:
+        _unknown_key(e)
+    summary = run_or_explain(train_and_evaluate, config, flags.FLAGS.workdir)
+    if "eval" in summary:
+        print(f"step {summary['step']}: test bpd {summary['eval']['eval/total_bpd']:.4f} "
+              f"over {int(summary['eval']['eval/examples'])} images; samples: {summary['samples']}")
+
+
+def parse_flags(argv):
+    """absl's parser, with bad flags and mistyped --config.key overrides reported in one line."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        _unknown_key(e)
+    except flags.Error as e:  # a bad flag value, or an error inside the config file
+        lines = str(e).strip().splitlines()
+        sys.exit("error: " + (f"{lines[0]} {lines[-1].strip()}" if len(lines) > 1 else lines[0]))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

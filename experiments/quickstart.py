@@ -1,0 +1,62 @@
+"""Train a small diffusion model offline in a few minutes on a CPU, then sample and evaluate it.
+
+    python -m experiments.quickstart [--workdir=runs/quickstart] [--steps=N]
+
+Data: scikit-learn's 8×8 handwritten digits (1,797 images that ship inside scikit-learn, so
+nothing is downloaded), scaled to 0..255, at their native 8×8×1: the U-Net has two resolution
+levels (8×8, 4×4). 1,500 images train, the last 297 are the test set. (`digits16`, the same
+upsampled ×2, looks smoother but costs 3.4× more per step on a CPU.)
+
+Model: the tiny U-Net (0.41M parameters), DDPM with T = 1000 linear β, L_simple on ε, Adam 1e-3,
+EMA 0.995 (with warm-up). It writes a sample grid (DDIM, 100 steps) and prints the test set's bits/dim.
+On 2 CPU cores the whole run takes under 10 minutes (see the README).
+"""
+import os
+
+from absl import app, flags, logging
+
+flags.DEFINE_string("workdir", os.path.join("runs", "quickstart"), "Where checkpoints, logs and samples go.")
+flags.DEFINE_integer("steps", 2500, "Training steps.")
+
+
+def get_config(steps: int = 2500):
+    from vdm_jax.models import tiny
+    from vdm_jax.training import default_config
+
+    c = default_config()
+    c.data.source = "digits"
+    c.data.random_flip = False  # digits are not mirror-symmetric
+    c.model.update(tiny(image_size=8, in_channels=1, dropout=0.0).to_dict())
+    c.diffusion.family = "ddpm"
+    c.diffusion.timesteps = 1000
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.ema_decay = 0.995
+    c.training.batch_size = 64
+    c.training.num_steps = steps
+    c.training.log_every = 100
+    c.training.eval_every = 0
+    c.training.eval_batch_size = 304  # the 297 test images in one padded batch
+    c.training.sample_every = 0
+    c.training.num_samples = 64
+    c.training.sampler = "ddim"
+    c.training.sample_steps = 100
+    c.training.checkpoint_every = 1000
+    return c
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    from experiments.common import run_or_explain
+    from vdm_jax.training import train_and_evaluate
+
+    summary = run_or_explain(train_and_evaluate, get_config(flags.FLAGS.steps), flags.FLAGS.workdir)
+    if "eval" in summary:
+        ev = summary["eval"]
+        print(f"quickstart: {summary['step']} steps; test bits/dim {ev['eval/total_bpd']:.3f} over "
+              f"{int(ev['eval/examples'])} test images; samples: {summary['samples']}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,8 @@
+"""Training: the config schema, the objective, pure steps, data parallelism, checkpoints, the loop."""
+from vdm_jax.training.checkpoint import Checkpointer, CheckpointMismatchError
+from vdm_jax.training.config import default_config, validate_config
+from vdm_jax.training.loop import WorkdirError, train_and_evaluate
+from vdm_jax.training.objective import Objective
+from vdm_jax.training.parallel import make_mesh
+from vdm_jax.training.state import TrainState, create_train_state, init_model, make_optimizer
+from vdm_jax.training.steps import eval_step, sample_step, train_step, train_steps

@@ -1,0 +1,178 @@
+"""The training configuration: one default, validated against itself.
+
+`default_config()` is the whole schema. Experiment configs start from it and change a few fields;
+`validate_config` rejects unknown keys, wrong types and impossible combinations with one clear
+message each, before anything is built.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from vdm_jax.models import UNetConfig, tiny
+
+FAMILIES = ("ddpm", "vdm")
+DDPM_LOSSES = ("simple", "vlb", "hybrid")
+VARIANCES = ("posterior", "beta", "learned")
+SAMPLERS = ("ancestral", "ddim")
+OPTIMIZERS = ("adam", "adamw")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key a run can set, with defaults for a small DDPM on 32×32×3 images."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tfds:cifar10"  # a `vdm_jax.data.load_source` spec
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.random_flip = True
+    c.data.num_workers = 0  # grain worker processes
+
+    c.model = ml_collections.ConfigDict(tiny().to_dict())
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.family = "ddpm"  # 'ddpm' (discrete, β schedule) or 'vdm' (γ schedule, ELBO)
+    c.diffusion.timesteps = 1000  # T; for 'vdm', 0 = continuous time
+    c.diffusion.schedule = "linear"  # ddpm: 'linear' | 'cosine'; vdm: 'linear' | 'cosine' | 'learned'
+    c.diffusion.beta_start = 1e-4
+    c.diffusion.beta_end = 0.02
+    c.diffusion.loss = "simple"  # ddpm: 'simple' | 'vlb' | 'hybrid' (vdm always trains its ELBO)
+    c.diffusion.variance = "posterior"  # ddpm reverse variance: 'posterior' | 'beta' | 'learned'
+    c.diffusion.hybrid_lambda = 0.001
+    c.diffusion.gamma_min = -13.3
+    c.diffusion.gamma_max = 5.0
+    c.diffusion.schedule_hidden = 1024  # width of the learned schedule's MLP
+    c.diffusion.variance_minimisation = True  # learned schedule: shape follows ∇E[L_diffusion²]
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.optimizer = "adam"
+    c.optim.learning_rate = 2e-4
+    c.optim.warmup_steps = 1000
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 1.0  # global-norm clip; 0 disables
+    c.optim.ema_decay = 0.9999
+
+    c.training = ml_collections.ConfigDict()
+    c.training.batch_size = 128  # global, over all devices and hosts
+    c.training.num_steps = 10_000
+    c.training.steps_per_call = 1  # micro-steps per compiled call (a lax.scan)
+    c.training.log_every = 100
+    c.training.eval_every = 5_000  # full-test-set bpd with the EMA parameters; 0 = only at the end
+    c.training.eval_batch_size = 256
+    c.training.eval_at_start = False  # also evaluate the initial model (a baseline for the curve)
+    c.training.sample_every = 5_000  # 0 = only at the end
+    c.training.num_samples = 64
+    c.training.sampler = "ancestral"  # 'ancestral' (DDPM / VDM) or 'ddim'
+    c.training.sample_steps = 0  # 0 = T (or 1000 for continuous VDM)
+    c.training.checkpoint_every = 1_000
+    c.training.keep_checkpoints = 3  # keep the last N ...
+    c.training.keep_every = 0  # ... and every K-th step (0 = none)
+    c.training.distributed = False  # call jax.distributed.initialize() (multi-host)
+    c.training.coordinator_address = ""  # host:port of process 0; "" = auto-detect (Cloud TPU, SLURM, MPI)
+    c.training.num_processes = 0  # 0 = auto-detect
+    c.training.process_id = -1  # -1 = auto-detect
+    c.training.progress_bar = True
+    return c
+
+
+def _walk(config, reference, path=""):
+    """Yields (dotted key, value, reference value); raises on keys the reference lacks."""
+    for key in config.keys():
+        name = f"{path}{key}"
+        if key not in reference:
+            known = ", ".join(sorted(reference.keys()))
+            raise ValueError(f"unknown config key {name!r}; valid keys here are: {known}.")
+        value, ref = config[key], reference[key]
+        if isinstance(ref, ml_collections.ConfigDict):
+            if not isinstance(value, (ml_collections.ConfigDict, dict)):
+                raise TypeError(f"config key {name!r} must be a group of settings, got {value!r}.")
+            yield from _walk(value, ref, name + ".")
+        else:
+            yield name, value, ref
+
+
+def _check_type(name, value, ref):
+    if isinstance(ref, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(ref, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(ref, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(ref, str):
+        ok = isinstance(value, str)
+    elif isinstance(ref, (tuple, list)):
+        ok = isinstance(value, (tuple, list))
+    else:
+        ok = True
+    if not ok:
+        raise TypeError(f"config key {name!r} must be of type {type(ref).__name__}, got {value!r} "
+                        f"({type(value).__name__}).")
+
+
+def _one_of(name, value, options):
+    if value not in options:
+        raise ValueError(f"config key {name!r} must be one of {options}, got {value!r}.")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
+    """Checks a config against `default_config()`; returns the validated model config.
+
+    Raises:
+      ValueError: unknown keys, values out of range, impossible combinations.
+      TypeError: values of the wrong type.
+    """
+    for name, value, ref in _walk(config, default_config()):
+        _check_type(name, value, ref)
+    try:
+        model = UNetConfig.from_dict(dict(config.model))
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"config.model: {e}") from None
+    d, t, o = config.diffusion, config.training, config.optim
+    _one_of("diffusion.family", d.family, FAMILIES)
+    _one_of("training.sampler", t.sampler, SAMPLERS)
+    _one_of("optim.optimizer", o.optimizer, OPTIMIZERS)
+    if d.family == "ddpm":
+        _one_of("diffusion.schedule", d.schedule, ("linear", "cosine"))
+        _one_of("diffusion.loss", d.loss, DDPM_LOSSES)
+        _one_of("diffusion.variance", d.variance, VARIANCES)
+        if d.timesteps < 1:
+            raise ValueError(f"config key 'diffusion.timesteps' must be >= 1 for a DDPM, got {d.timesteps}.")
+        learned = d.variance == "learned"
+        if learned != model.learned_variance:
+            raise ValueError(
+                f"diffusion.variance={d.variance!r} needs model.learned_variance={learned}, got "
+                f"{model.learned_variance}: a learned variance needs the model's extra output channels, "
+                "and those channels are only trained with a learned variance.")
+        if d.loss == "hybrid" and not learned:
+            raise ValueError("diffusion.loss='hybrid' trains the learned variance: it needs "
+                             "diffusion.variance='learned' (and model.learned_variance=True).")
+        if learned and d.loss == "simple":
+            raise ValueError("diffusion.loss='simple' cannot train a learned variance: use 'hybrid' or 'vlb'.")
+    else:
+        _one_of("diffusion.schedule", d.schedule, ("linear", "cosine", "learned"))
+        if d.timesteps < 0:
+            raise ValueError(f"config key 'diffusion.timesteps' must be >= 0 (0 = continuous), got {d.timesteps}.")
+        if model.learned_variance:
+            raise ValueError("model.learned_variance is a DDPM option; VDM's reverse variance is the posterior's.")
+        if not d.gamma_min < d.gamma_max:
+            raise ValueError(f"diffusion.gamma_min must be < diffusion.gamma_max, got {d.gamma_min}, {d.gamma_max}.")
+    positive = {"training.batch_size": t.batch_size, "training.num_steps": t.num_steps,
+                "training.steps_per_call": t.steps_per_call, "training.log_every": t.log_every,
+                "training.eval_batch_size": t.eval_batch_size, "training.checkpoint_every": t.checkpoint_every,
+                "training.keep_checkpoints": t.keep_checkpoints, "training.num_samples": t.num_samples,
+                "optim.learning_rate": o.learning_rate}
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"config key {name!r} must be > 0, got {value}.")
+    if not 0.0 <= o.ema_decay < 1.0:
+        raise ValueError(f"config key 'optim.ema_decay' must be in [0, 1), got {o.ema_decay}.")
+    for name in ("optim.warmup_steps", "optim.grad_clip", "optim.weight_decay", "training.eval_every",
+                 "training.sample_every", "training.keep_every", "training.sample_steps"):
+        group, key = name.split(".")
+        if config[group][key] < 0:
+            raise ValueError(f"config key {name!r} must be >= 0, got {config[group][key]}.")
+    return model

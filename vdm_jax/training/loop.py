@@ -1,0 +1,272 @@
+"""`train_and_evaluate(config, workdir)`: the whole training run.
+
+Builds the data, the state and the compiled steps, resumes from the work directory's latest
+checkpoint if there is one, trains with periodic logging, checkpoints, full-test-set evaluation
+(EMA parameters) and sample grids, and saves a last checkpoint on SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdm_jax.data import eval_iterator, load_source, train_iterator
+from vdm_jax.training import parallel, steps
+from vdm_jax.training.checkpoint import Checkpointer, config_changes, save_config
+from vdm_jax.training.config import validate_config
+from vdm_jax.training.metrics import MetricWriter, image_grid, save_png
+from vdm_jax.training.state import TrainState, create_train_state
+
+log = logging.getLogger("vdm_jax")
+_LN2 = math.log(2.0)
+
+
+class WorkdirError(OSError):
+    """The work directory can't be created or written."""
+
+
+def _prepare_workdir(workdir: str) -> str:
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise WorkdirError(f"the work directory {workdir} is not writable: {e.strerror or e}.") from None
+    return workdir
+
+
+def _check_images(source, model_config, what: str) -> None:
+    image = np.asarray(source[0]["image"])
+    want = (model_config.image_size, model_config.image_size, model_config.in_channels)
+    if image.dtype != np.uint8:
+        raise TypeError(f"{what} images must be uint8, got {image.dtype}.")
+    if image.shape != want:
+        raise ValueError(f"{what} images have shape {image.shape} but the model takes {want} "
+                         "(config.model.image_size, config.model.in_channels).")
+
+
+def _initialize_distributed(t) -> None:
+    """jax.distributed.initialize with the configured coordinator, or auto-detection."""
+    kwargs = {}
+    if t.coordinator_address:
+        kwargs["coordinator_address"] = t.coordinator_address
+    if t.num_processes > 0:
+        kwargs["num_processes"] = t.num_processes
+    if t.process_id >= 0:
+        kwargs["process_id"] = t.process_id
+    jax.distributed.initialize(**kwargs)
+
+
+class _StopSignal(contextlib.AbstractContextManager):
+    """Turns SIGTERM/SIGINT into a flag the loop checks, so it can save before exiting."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class _Run:
+    """The pieces of one run; `train_and_evaluate` drives it."""
+
+    def __init__(self, config, workdir: str):
+        self.config = config
+        self.model_config = validate_config(config)
+        if config.training.distributed:
+            _initialize_distributed(config.training)
+        self.workdir = _prepare_workdir(workdir)
+        self.mesh = parallel.make_mesh()
+        parallel.check_batch_size(config.training.batch_size, self.mesh)
+        parallel.check_batch_size(config.training.eval_batch_size, self.mesh)
+        self.is_main = jax.process_index() == 0
+        key = jax.random.key(config.seed)
+        self.key_init, self.key_train, self.key_eval, self.key_sample = jax.random.split(key, 4)
+        self.train_source = load_source(config.data.source, config.data.train_split)
+        self.eval_source = load_source(config.data.source, config.data.eval_split)
+        _check_images(self.train_source, self.model_config, f"{config.data.source} {config.data.train_split}")
+        _check_images(self.eval_source, self.model_config, f"{config.data.source} {config.data.eval_split}")
+        self.train_iter = train_iterator(
+            self.train_source, global_batch_size=config.training.batch_size, seed=config.seed,
+            random_flip=config.data.random_flip, num_workers=config.data.num_workers)
+        self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=config.training.keep_checkpoints,
+                                 keep_every=config.training.keep_every)
+        self.writer = MetricWriter(os.path.join(self.workdir, "tensorboard"), enabled=self.is_main,
+                                   jsonl_path=os.path.join(self.workdir, "metrics.jsonl"))
+
+    # --- state and checkpoints ----------------------------------------------------------------
+
+    def initial_state(self) -> TrainState:
+        state = create_train_state(self.config, self.model_config, self.key_init)
+        config_dict = self.config.to_dict()
+        if self.ckpt.latest_step() is not None:
+            tree, data = self.ckpt.restore(jax.device_get(state.checkpoint_tree()))
+            state = state.replace_from_checkpoint(tree)
+            if data.get("iterator"):
+                self.train_iter.set_state(data["iterator"])
+            changes = config_changes(self.workdir, config_dict)
+            log.warning("resuming from step %d in %s", int(tree["step"]), self.workdir)
+            if changes:
+                log.warning("the config differs from the one saved in %s/config.json:\n  %s",
+                            self.workdir, "\n  ".join(changes))
+        if self.is_main:
+            save_config(self.workdir, config_dict)
+        return parallel.replicate(state, self.mesh)
+
+    def save(self, state: TrainState, *, force: bool = False) -> None:
+        data = {"iterator": self.train_iter.get_state(), "seed": self.config.seed}
+        self.ckpt.save(int(state.step), state.checkpoint_tree(), data, force=force)
+
+    # --- compiled functions ---------------------------------------------------------------------
+
+    @functools.cached_property
+    def step_fns(self):
+        rep = parallel.replicated(self.mesh)
+        one = jax.jit(steps.train_step, in_shardings=(rep, parallel.batch_sharding(self.mesh), rep),
+                      out_shardings=(rep, rep), donate_argnums=0)
+        many = jax.jit(steps.train_steps, in_shardings=(rep, parallel.batch_sharding(self.mesh, 1), rep),
+                       out_shardings=(rep, rep), donate_argnums=0)
+        return one, many
+
+    @functools.cached_property
+    def eval_fn(self):
+        rep = parallel.replicated(self.mesh)
+        return jax.jit(steps.eval_step, in_shardings=(rep, parallel.batch_sharding(self.mesh), rep),
+                       out_shardings=rep)
+
+    @functools.cached_property
+    def sample_fn(self):
+        t = self.config.training
+        return jax.jit(functools.partial(steps.sample_step, num=t.num_samples, sampler=t.sampler,
+                                         steps=t.sample_steps), out_shardings=parallel.replicated(self.mesh))
+
+    # --- work ---------------------------------------------------------------------------------
+
+    def next_batches(self, k: int):
+        batches = [next(self.train_iter) for _ in range(k)]
+        local = {"image": np.stack([b["image"] for b in batches]) if k > 1 else batches[0]["image"]}
+        return parallel.global_batch(local, self.mesh, leading_axes=1 if k > 1 else 0)
+
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        """The bound on the whole eval split, every example once, with the EMA parameters."""
+        it = eval_iterator(self.eval_source, global_batch_size=self.config.training.eval_batch_size)
+        totals = None
+        for i, batch in enumerate(it):
+            local = {"image": batch["image"], "mask": batch["mask"]}
+            sums = self.eval_fn(state, parallel.global_batch(local, self.mesh), jax.random.fold_in(self.key_eval, i))
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = jax.device_get(totals)
+        count = float(totals.pop("count"))
+        dims = state.objective.dims
+        out = {f"eval/{k}_bpd": float(v) / count / (dims * _LN2) for k, v in totals.items()}
+        out["eval/examples"] = count
+        return out
+
+    def sample(self, state: TrainState) -> str:
+        images = np.asarray(jax.device_get(self.sample_fn(state, jax.random.fold_in(self.key_sample, int(state.step)))))
+        picture = image_grid(images)
+        path = os.path.join(self.workdir, "samples", f"step_{int(state.step):08d}.png")
+        if self.is_main:
+            save_png(path, picture, scale=max(1, 512 // picture.shape[0]))
+            self.writer.image(int(state.step), "samples", picture)
+        return path
+
+
+def _crossed(prev: int, now: int, every: int) -> bool:
+    return every > 0 and now // every > prev // every
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes) a diffusion model as `config` says, writing everything to `workdir`.
+
+    Returns a summary: the final step, the last training metrics, the last full evaluation and
+    the path of the last sample grid.
+    """
+    run = _Run(config, workdir)
+    t = config.training
+    state = run.initial_state()
+    start = int(state.step)
+    one, many = run.step_fns
+    summary: dict[str, Any] = {"start_step": start}
+    progress = _progress(t, start)
+    if t.eval_at_start and start == 0:
+        run.writer.scalars(0, run.evaluate(state))
+    last_time, last_step, metrics = time.perf_counter(), start, None
+    with _StopSignal() as stop:
+        while int(state.step) < t.num_steps and stop.signum is None:
+            prev = int(state.step)
+            k = t.steps_per_call if t.num_steps - prev >= t.steps_per_call > 1 else 1
+            state, metrics = (many if k > 1 else one)(state, run.next_batches(k), run.key_train)
+            now = prev + k
+            if progress is not None:
+                progress.update(k)
+            if _crossed(prev, now, t.log_every) or now == t.num_steps:
+                values = {k_: float(v) for k_, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - last_time
+                values["steps_per_sec"] = (now - last_step) / elapsed
+                values["images_per_sec"] = values["steps_per_sec"] * t.batch_size
+                last_time, last_step = time.perf_counter(), now
+                run.writer.scalars(now, values)
+                summary["train"] = values
+                if progress is not None:
+                    progress.set_postfix(loss=f"{values['loss']:.4f}")
+            if _crossed(prev, now, t.checkpoint_every):
+                run.save(state)
+            if _crossed(prev, now, t.eval_every) and now < t.num_steps:
+                run.writer.scalars(now, run.evaluate(state))
+            if _crossed(prev, now, t.sample_every) and now < t.num_steps:
+                summary["samples"] = run.sample(state)
+        if progress is not None:
+            progress.close()
+        interrupted = stop.signum is not None
+        if run.ckpt.latest_step() != int(state.step):
+            run.save(state, force=True)
+        run.ckpt.wait()
+    if interrupted:
+        name = signal.Signals(stop.signum).name
+        log.warning("%s received: saved a checkpoint at step %d in %s; rerun the same command to resume.",
+                    name, int(state.step), run.workdir)
+        print(f"{name} received: checkpoint saved at step {int(state.step)}; rerun to resume.", flush=True)
+    else:
+        summary["eval"] = run.evaluate(state)
+        run.writer.scalars(int(state.step), summary["eval"])
+        summary["samples"] = run.sample(state)
+    summary["step"] = int(state.step)
+    summary["interrupted"] = interrupted
+    run.writer.close()
+    run.ckpt.close()
+    return summary
+
+
+def _progress(t, start):
+    if not t.progress_bar or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,210 @@
+"""What a run trains: the diffusion family, its schedule, its loss, and how the model is called.
+
+`Objective` is a small frozen (hashable) description built from the config. It is static under
+`jax.jit`, and its methods are pure functions of the parameters and the batch: the per-example
+training loss, the per-example bound used for evaluation, and the samplers' prediction function.
+All the math is the core's (`vdm_jax.losses`, `vdm_jax.elbo`, `vdm_jax.sampling`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vdm_jax import elbo, losses, sampling
+from vdm_jax.diffusion import eps_and_x, q_sample, score_from_eps, v_from_eps
+from vdm_jax.pixels import data_to_pixels, pixels_to_data
+from vdm_jax.schedules import (CosineSchedule, DiscreteSchedule, LearnedSchedule, LinearSchedule,
+                               cosine_betas, linear_betas)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A hashable description of the diffusion model being trained (see `from_config`)."""
+
+    family: str  # 'ddpm' | 'vdm'
+    prediction: str  # 'eps' | 'x' | 'v' | 'score'
+    timesteps: int  # T (0: continuous-time VDM)
+    schedule: str
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    loss: str = "simple"
+    variance: str = "posterior"
+    hybrid_lambda: float = 0.001
+    gamma_min: float = -13.3
+    gamma_max: float = 5.0
+    variance_minimisation: bool = True
+    image_shape: tuple[int, ...] = (32, 32, 3)
+
+    @classmethod
+    def from_config(cls, config, model_config) -> "Objective":
+        d = config.diffusion
+        return cls(family=d.family, prediction=model_config.prediction, timesteps=d.timesteps,
+                   schedule=d.schedule, beta_start=d.beta_start, beta_end=d.beta_end, loss=d.loss,
+                   variance=d.variance, hybrid_lambda=d.hybrid_lambda, gamma_min=d.gamma_min,
+                   gamma_max=d.gamma_max, variance_minimisation=d.variance_minimisation,
+                   image_shape=(model_config.image_size, model_config.image_size, model_config.in_channels))
+
+    @property
+    def dims(self) -> int:
+        return math.prod(self.image_shape)
+
+    @property
+    def grid(self) -> str:
+        return "ddpm" if self.family == "ddpm" else "vdm"
+
+    @property
+    def learned_schedule(self) -> bool:
+        return self.family == "vdm" and self.schedule == "learned"
+
+    # --- schedules ---------------------------------------------------------------------------
+
+    def discrete_schedule(self) -> DiscreteSchedule:
+        betas = (linear_betas(self.timesteps, self.beta_start, self.beta_end) if self.schedule == "linear"
+                 else cosine_betas(self.timesteps))
+        return DiscreteSchedule(betas)
+
+    def gamma_fn(self, schedule_model: LearnedSchedule | None = None):
+        """The continuous schedule t -> γ(t) of a VDM run."""
+        if self.learned_schedule:
+            return schedule_model
+        cls = LinearSchedule if self.schedule == "linear" else CosineSchedule
+        return cls(self.gamma_min, self.gamma_max)
+
+    def make_schedule_model(self, hidden: int, rngs: nnx.Rngs) -> LearnedSchedule | None:
+        if not self.learned_schedule:
+            return None
+        return LearnedSchedule(self.gamma_min, self.gamma_max, hidden=hidden, rngs=rngs)
+
+    # --- the network as a prediction function --------------------------------------------------
+
+    def predictor(self, model, gamma_fn=None, *, key=None):
+        """`pred_fn(z, t)` for the core's losses and samplers.
+
+        The network is conditioned on t/T (DDPM) or on γ(t) mapped to [0, 1] by the configured
+        end points (VDM, which then sees the noise level even when the schedule is learned).
+        """
+        if self.family == "ddpm":
+            def pred_fn(z, t):
+                return model(z, t.astype(z.dtype) / self.timesteps, key=key)
+        else:
+            def pred_fn(z, t):
+                cond = (gamma_fn(t) - self.gamma_min) / (self.gamma_max - self.gamma_min)
+                return model(z, cond.astype(z.dtype), key=key)
+        return pred_fn
+
+    # --- losses --------------------------------------------------------------------------------
+
+    def per_example_loss(self, model, schedule_model, batch, key) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The training loss per example [B] in nats, and its terms (each [B]).
+
+        DDPM: 'simple' = ‖target - prediction‖² of the model's own parameterisation; 'vlb' =
+        L_prior + T·L_{t-1}, an unbiased one-t estimate of the whole bound; 'hybrid' = L_simple +
+        λ T L_{t-1} with the mean under stop_gradient (Nichol & Dhariwal). VDM: its ELBO
+        (prior + diffusion + reconstruction), whose 'diffusion' term is returned for the
+        variance-minimising schedule update.
+        """
+        pixels = batch["image"]
+        x = pixels_to_data(pixels, grid=self.grid)
+        key_model, key_loss = jax.random.split(key)
+        if self.family == "vdm":
+            gamma_fn = self.gamma_fn(schedule_model)
+            pred_fn = self.predictor(model, gamma_fn, key=key_model)
+            terms = elbo.vdm_elbo(pred_fn, x, key_loss, gamma_fn, T=self.timesteps, pixels=pixels,
+                                  kind=self.prediction)
+            return terms["total"], terms
+        return self._ddpm_loss(model, x, pixels, key_model, key_loss)
+
+    def _ddpm_loss(self, model, x, pixels, key_model, key):
+        sched = self.discrete_schedule()
+        key_t, key_eps = jax.random.split(key)
+        batch = x.shape[0]
+        t = jax.random.randint(key_t, (batch,), 1, self.timesteps + 1)
+        eps = jax.random.normal(key_eps, x.shape, x.dtype)
+        gamma_s, gamma_t = sched.gamma(t - 1), sched.gamma(t)
+        z = q_sample(x, eps, gamma_t)
+        out = self.predictor(model, key=key_model)(z, t)
+        pred, v = out if self.variance == "learned" else (out, None)
+        terms = {}
+        if self.loss in ("simple", "hybrid"):
+            target = {"eps": eps, "x": x, "v": v_from_eps(z, eps, gamma_t),
+                      "score": score_from_eps(eps, gamma_t)}[self.prediction]
+            terms["simple"] = losses.simple_loss(pred, target)
+        if self.loss in ("vlb", "hybrid"):
+            if self.loss == "hybrid":
+                pred = jax.lax.stop_gradient(pred)
+            _, x_hat = eps_and_x(pred, z, gamma_t, self.prediction)
+            log_var = elbo.ddpm_log_variance(sched, t, self.variance, v)
+            terms["vlb_t"] = losses.vlb_term(x, pixels, z, x_hat, gamma_s, gamma_t, log_var)
+        if self.loss == "simple":
+            loss = terms["simple"]
+        elif self.loss == "hybrid":
+            loss = terms["simple"] + self.hybrid_lambda * self.timesteps * terms["vlb_t"]
+        else:
+            terms["prior"] = losses.prior_loss(x, sched.gamma(self.timesteps))
+            loss = terms["prior"] + self.timesteps * terms["vlb_t"]
+        return loss, terms
+
+    def per_example_bound(self, model, schedule_model, batch, key) -> dict[str, jax.Array]:
+        """An unbiased one-draw estimate of -ELBO per example, in nats, with its terms.
+
+        DDPM: prior + T·L_{t-1} for one t ~ U{1..T} (t = 1 is the decoder); VDM: its ELBO.
+        """
+        pixels = batch["image"]
+        x = pixels_to_data(pixels, grid=self.grid)
+        if self.family == "vdm":
+            gamma_fn = self.gamma_fn(schedule_model)
+            return elbo.vdm_elbo(self.predictor(model, gamma_fn), x, key, gamma_fn, T=self.timesteps,
+                                 pixels=pixels, kind=self.prediction)
+        sched = self.discrete_schedule()
+        key_t, key_eps = jax.random.split(key)
+        t = jax.random.randint(key_t, (x.shape[0],), 1, self.timesteps + 1)
+        gamma_s, gamma_t = sched.gamma(t - 1), sched.gamma(t)
+        z = q_sample(x, jax.random.normal(key_eps, x.shape, x.dtype), gamma_t)
+        out = self.predictor(model)(z, t)
+        pred, v = out if self.variance == "learned" else (out, None)
+        _, x_hat = eps_and_x(pred, z, gamma_t, self.prediction)
+        term = losses.vlb_term(x, pixels, z, x_hat, gamma_s, gamma_t, elbo.ddpm_log_variance(sched, t, self.variance, v))
+        prior = losses.prior_loss(x, sched.gamma(self.timesteps))
+        diffusion = jnp.where(t > 1, self.timesteps * term, 0.0)
+        reconstruction = jnp.where(t == 1, self.timesteps * term, 0.0)
+        return {"prior": prior, "diffusion": diffusion, "reconstruction": reconstruction,
+                "total": prior + diffusion + reconstruction}
+
+    # --- sampling ------------------------------------------------------------------------------
+
+    def sample(self, model, schedule_model, num: int, key, *, sampler: str = "ancestral", steps: int = 0):
+        """Draws `num` images as uint8 [num, H, W, C] (one lax.scan over the chain)."""
+        shape = (num, *self.image_shape)
+        if self.family == "ddpm":
+            sched = self.discrete_schedule()
+            pred_fn = self.predictor(model)
+            if sampler == "ddim":
+                times = sampling.strided_times(self.timesteps, steps or self.timesteps)
+                x = sampling.ddim_sample(pred_fn, sched.gamma, times, shape, key, kind=self.prediction,
+                                         clip_x=(-1.0, 1.0))
+            else:
+                x = sampling.ddpm_sample(pred_fn, sched, shape, key, kind=self.prediction,
+                                         variance=self.variance, clip_x=(-1.0, 1.0))
+        else:
+            gamma_fn = self.gamma_fn(schedule_model)
+            pred_fn = self.predictor(model, gamma_fn)
+            n = steps or self.timesteps or 1000
+            if sampler == "ddim":
+                times = jnp.linspace(1.0, 0.0, n + 1)
+                z0 = sampling.ddim_sample(pred_fn, gamma_fn, times, shape, key, kind=self.prediction)
+                x = z0 / jnp.exp(-0.5 * jax.nn.softplus(gamma_fn(jnp.zeros(()))))
+            else:
+                x = sampling.vdm_sample(pred_fn, gamma_fn, shape, key, num_steps=n, kind=self.prediction)
+        return data_to_pixels(x, grid=self.grid).astype(jnp.uint8)
+
+
+def model_and_schedule(graphdef: Any, params: Any, schedule_graphdef: Any, schedule_params: Any):
+    """Merges the pure states back into modules (inside traced functions)."""
+    model = nnx.merge(graphdef, params)
+    schedule_model = None if schedule_graphdef is None else nnx.merge(schedule_graphdef, schedule_params)
+    return model, schedule_model

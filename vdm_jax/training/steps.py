@@ -1,0 +1,112 @@
+"""Pure step functions: `train_step`, `train_steps` (several per call), `eval_step`, `sample_step`.
+
+Each is a function of pytrees only; the caller jits it with shardings (see `parallel.py`) and
+donates the state. Per-step randomness is `fold_in(key, state.step)`, so a run is reproducible and
+does not depend on how many steps each call makes.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vdm_jax.training.objective import model_and_schedule
+from vdm_jax.training.state import TrainState
+from vdm_jax.variance import variance_minimising_grads
+
+_LN2 = math.log(2.0)
+
+
+def _loss_fn(state: TrainState, batch, key):
+    """(model params, schedule params) -> ((loss [B], diffusion [B]), terms), in nats per dimension."""
+    objective = state.objective
+    dims = objective.dims
+
+    def loss_fn(model_params, schedule_params):
+        model, schedule_model = model_and_schedule(state.graphdef, model_params, state.schedule_graphdef,
+                                                   schedule_params)
+        loss, terms = objective.per_example_loss(model, schedule_model, batch, key)
+        diffusion = terms.get("diffusion", jnp.zeros_like(loss))
+        return (loss / dims, diffusion / dims), terms
+
+    return loss_fn
+
+
+def _grads(state: TrainState, batch, key):
+    loss_fn = _loss_fn(state, batch, key)
+    model_params, schedule_params = state.params["model"], state.params["schedule"]
+    if state.objective.learned_schedule and state.objective.variance_minimisation:
+        loss, terms, g_model, g_schedule = variance_minimising_grads(
+            loss_fn, model_params, schedule_params, has_aux=True)
+    else:
+        def mean_loss(m, s):
+            (loss, _), terms = loss_fn(m, s)
+            return loss.mean(), terms
+        (loss, terms), (g_model, g_schedule) = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(
+            model_params, schedule_params)
+    return loss, terms, {"model": g_model, "schedule": g_schedule}
+
+
+def _term_metrics(terms, dims):
+    """Batch means of the loss terms, per dimension: bits for bound terms, nats for the rest."""
+    bound = {"prior", "diffusion", "reconstruction", "total", "vlb_t"}
+    out = {}
+    for name, value in terms.items():
+        scale = dims * (_LN2 if name in bound else 1.0)
+        out[f"terms/{name}" + ("_bpd" if name in bound else "")] = jnp.mean(value) / scale
+    return out
+
+
+def train_step(state: TrainState, batch, key) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step on a batch {'image': uint8 [B, H, W, C]}.
+
+    The model follows ∇ mean(loss); with a learned VDM schedule and variance minimisation, the
+    schedule's shape follows ∇ mean(L_diffusion²) (`vdm_jax.variance_minimising_grads`). The EMA
+    of all parameters is updated after the step, with decay min(ema_decay, (1 + step)/(10 + step)).
+    """
+    rng = jax.random.fold_in(key, state.step)
+    loss, terms, grads = _grads(state, batch, rng)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # EMA with warm-up: min(decay, (1 + n)/(10 + n)) keeps early averages from dwelling on the
+    # initial weights in short runs; long runs reach `ema_decay` after ~10/(1 - decay) steps.
+    n = state.step.astype(jnp.float32)
+    decay = jnp.minimum(state.ema_decay, (1.0 + n) / (10.0 + n))
+    ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": state.learning_rate(state.step),
+               **_term_metrics(terms, state.objective.dims)}
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+    return new_state, metrics
+
+
+def train_steps(state: TrainState, batches, key) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`k` train steps in one `lax.scan`; batches have a leading micro-step axis [k, B, ...].
+
+    Metrics are averaged over the k steps. Same result as k calls of `train_step`.
+    """
+    state, metrics = jax.lax.scan(lambda s, b: train_step(s, b, key), state, batches)
+    return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+
+
+def eval_step(state: TrainState, batch, key) -> dict[str, jax.Array]:
+    """Sums of the per-example bound (nats) over the real examples of a batch, with the EMA
+    parameters. batch: {'image': uint8 [B, ...], 'mask': bool [B]} (mask optional)."""
+    params = state.ema_params
+    model, schedule_model = model_and_schedule(state.graphdef, params["model"], state.schedule_graphdef,
+                                               params["schedule"])
+    terms = state.objective.per_example_bound(model, schedule_model, batch, key)
+    mask = batch.get("mask", jnp.ones(batch["image"].shape[:1], bool)).astype(jnp.float32)
+    sums = {name: jnp.sum(value * mask) for name, value in terms.items()}
+    sums["count"] = jnp.sum(mask)
+    return sums
+
+
+def sample_step(state: TrainState, key, *, num: int, sampler: str = "ancestral", steps: int = 0):
+    """`num` samples as uint8 [num, H, W, C] from the EMA parameters."""
+    params = state.ema_params
+    model, schedule_model = model_and_schedule(state.graphdef, params["model"], state.schedule_graphdef,
+                                               params["schedule"])
+    return state.objective.sample(model, schedule_model, num, key, sampler=sampler, steps=steps)
