@@ -224,7 +224,7 @@ class DiscreteSchedule:
         i = jnp.clip(jnp.floor(pos), 0, self.T - 1).astype(jnp.int32)
         frac = pos - i
         c = self._c[i] + frac * (self._c[i + 1] - self._c[i])
-        return jnp.where((t >= 0) & (t <= 1), _log_expm1(c), jnp.nan)
+        return _inside_unit_interval(t, _log_expm1(c))
 
     def as_continuous(self) -> "ContinuousView":
         """This schedule as a function γ(t) on t ∈ [0, 1] (MATH.md §1: read at t_i = i/T)."""
@@ -273,11 +273,15 @@ def _check_t(t):
     return t
 
 
-@dataclasses.dataclass(frozen=True)
-class LinearSchedule:
-    """Fixed linear γ(t) = γ_min + (γ_max - γ_min) t on t ∈ [0, 1] (VDM; MATH.md §1).
+def _inside_unit_interval(t, gamma):
+    """γ where 0 <= t <= 1, NaN elsewhere (a traced t can't be checked eagerly)."""
+    return jnp.where((t >= 0) & (t <= 1), gamma, jnp.nan)
 
-    Defaults are VDM's CIFAR-10 values, γ_min = -13.3, γ_max = 5.0.
+
+@dataclasses.dataclass(frozen=True)
+class _FixedSchedule:
+    """A fixed continuous schedule with end points γ(0) = gamma_min < γ(1) = gamma_max.
+
     A concrete t outside [0, 1] raises ValueError; a traced one gives NaN there.
     """
 
@@ -289,14 +293,26 @@ class LinearSchedule:
 
     def __call__(self, t) -> jax.Array:
         t = _check_t(t)
-        g = self.gamma_min + (self.gamma_max - self.gamma_min) * t
-        return jnp.where((t >= 0) & (t <= 1), g, jnp.nan)
+        return _inside_unit_interval(t, self._gamma(t))
 
-    gamma = __call__
+    def gamma(self, t) -> jax.Array:
+        return self(t)
 
 
 @dataclasses.dataclass(frozen=True)
-class CosineSchedule:
+class LinearSchedule(_FixedSchedule):
+    """Fixed linear γ(t) = γ_min + (γ_max - γ_min) t on t ∈ [0, 1] (VDM; MATH.md §1).
+
+    Defaults are VDM's CIFAR-10 values, γ_min = -13.3, γ_max = 5.0.
+    A concrete t outside [0, 1] raises ValueError; a traced one gives NaN there.
+    """
+
+    def _gamma(self, t):
+        return self.gamma_min + (self.gamma_max - self.gamma_min) * t
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineSchedule(_FixedSchedule):
     """Continuous cosine schedule truncated to [γ_min, γ_max] (MATH.md §1).
 
     The continuous limit of Nichol & Dhariwal's cosine (s → 0) has ᾱ(u) = cos²(πu/2), i.e.
@@ -306,21 +322,11 @@ class CosineSchedule:
         γ(t) = 2 log tan(π (u_0 + (u_1 - u_0) t) / 2)
     """
 
-    gamma_min: float = -13.3
-    gamma_max: float = 5.0
-
-    def __post_init__(self):
-        _check_endpoints(self.gamma_min, self.gamma_max)
-
-    def __call__(self, t) -> jax.Array:
-        t = _check_t(t)
+    def _gamma(self, t):
         u0 = 2.0 / math.pi * math.atan(math.exp(0.5 * self.gamma_min))
         u1 = 2.0 / math.pi * math.atan(math.exp(0.5 * self.gamma_max))
         theta = 0.5 * math.pi * (u0 + (u1 - u0) * t)
-        g = 2.0 * (jnp.log(jnp.sin(theta)) - jnp.log(jnp.cos(theta)))
-        return jnp.where((t >= 0) & (t <= 1), g, jnp.nan)
-
-    gamma = __call__
+        return 2.0 * (jnp.log(jnp.sin(theta)) - jnp.log(jnp.cos(theta)))
 
 
 class _Endpoints(nnx.Module):
@@ -382,7 +388,6 @@ class LearnedSchedule(nnx.Module):
         t = _check_t(t)
         g0, g1 = self.endpoints()
         lo, hi = self.shape(jnp.zeros((), t.dtype)), self.shape(jnp.ones((), t.dtype))
-        g = g0 + (g1 - g0) * (self.shape(t) - lo) / (hi - lo)
-        return jnp.where((t >= 0) & (t <= 1), g, jnp.nan)
+        return _inside_unit_interval(t, g0 + (g1 - g0) * (self.shape(t) - lo) / (hi - lo))
 
     gamma = __call__
