@@ -8,6 +8,7 @@
 2. The variance of the continuous diffusion-loss estimator before and after 150 Adam steps of
    VDM's variance minimisation on a learned schedule.
 """
+import functools
 import os
 import sys
 
@@ -26,7 +27,7 @@ def elbo_figures():
     pred = optimal_eps(sched)
     B = 1_000_000
 
-    @jax.jit
+    @functools.partial(jax.jit, static_argnums=1)
     def chunk(key, T):
         kx, ke = jax.random.split(key)
         x = M + S * jax.random.normal(kx, (B, 1))
