@@ -109,12 +109,21 @@ def test_every_objective_trains(micro, diffusion):
 
 
 def test_hybrid_trains_the_variance_through_the_vlb_only(micro):
-    """With L_hybrid the variance head gets gradient only from λ·L_vlb; the mean from L_simple."""
-    config = micro(loss="hybrid", variance="learned")
-    config.model.learned_variance = True
-    state = _state(config)
-    ok = jax.jit(steps.train_step)(state, _batch(16), jax.random.key(0))[1]
-    assert "terms/vlb_t_bpd" in ok and "terms/simple" in ok
+    """With L_hybrid the variance channels get gradient only from λ·L_vlb (the mean is under
+    stop_gradient there); with λ = 0 they get none."""
+    def v_channel_grads(lam):
+        config = micro(loss="hybrid", variance="learned", hybrid_lambda=lam)
+        config.model.learned_variance = True
+        state = _state(config)
+        _, terms, grads = jax.jit(steps._grads)(state, _batch(16), jax.random.key(0))
+        kernel = grads["model"]["conv_out"]["kernel"][...]  # [3, 3, in, 2C]: ε channels, then v
+        return terms, np.abs(np.asarray(kernel)[..., 1:]).max(), np.abs(np.asarray(kernel)[..., :1]).max()
+
+    terms, v_grad, eps_grad = v_channel_grads(0.001)
+    assert "vlb_t" in terms and "simple" in terms
+    assert v_grad > 0 and eps_grad > 0
+    _, v_grad0, eps_grad0 = v_channel_grads(0.0)
+    assert v_grad0 == 0.0 and eps_grad0 > 0
 
 
 def test_eval_step_counts_only_real_examples(micro):
@@ -128,7 +137,7 @@ def test_eval_step_counts_only_real_examples(micro):
     assert np.isfinite(sums["total"]) and sums["total"] > 0
 
 
-@pytest.mark.parametrize("family,sampler", [("ddpm", "ancestral"), ("ddpm", "ddim"), ("vdm", "ancestral")])
+@pytest.mark.parametrize("family,sampler", [("ddpm", "ancestral"), ("ddpm", "ddim"), ("vdm", "ancestral"), ("vdm", "ddim")])
 def test_sample_step(micro, family, sampler):
     config = micro(family=family, timesteps=0 if family == "vdm" else 20)
     state = _state(config)

@@ -19,7 +19,7 @@ from vdm_jax import elbo, losses, sampling
 from vdm_jax.diffusion import eps_and_x, q_sample, score_from_eps, v_from_eps
 from vdm_jax.pixels import data_to_pixels, pixels_to_data
 from vdm_jax.schedules import (CosineSchedule, DiscreteSchedule, LearnedSchedule, LinearSchedule,
-                               cosine_betas, linear_betas)
+                               alpha_sigma, cosine_betas, linear_betas)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +197,7 @@ class Objective:
             if sampler == "ddim":
                 times = jnp.linspace(1.0, 0.0, n + 1)
                 z0 = sampling.ddim_sample(pred_fn, gamma_fn, times, shape, key, kind=self.prediction)
-                x = z0 / jnp.exp(-0.5 * jax.nn.softplus(gamma_fn(jnp.zeros(()))))
+                x = z0 / alpha_sigma(gamma_fn(jnp.zeros(())))[0]
             else:
                 x = sampling.vdm_sample(pred_fn, gamma_fn, shape, key, num_steps=n, kind=self.prediction)
         return data_to_pixels(x, grid=self.grid).astype(jnp.uint8)
