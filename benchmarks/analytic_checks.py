@@ -43,32 +43,11 @@ def elbo_figures():
 
 
 def variance_figures():
-    import jax
-    import jax.numpy as jnp
-    import optax
-    import vdm_jax as vj
-    from test_variance import _data, _setup
+    from test_variance import minimise_variance
 
-    sched_state, loss_fn = _setup(hidden=32, seed=1)
-    params = {"scale": jnp.float32(1.0)}
-    x_eval, key_eval = _data(jax.random.key(10), 200_000), jax.random.key(11)
-    stats = jax.jit(lambda s: (lambda d: (d.mean(), d.var()))(loss_fn(params, s, x_eval, key_eval)[1]))
-    opt = optax.adam(3e-2)
-    opt_state = opt.init(sched_state)
-
-    @jax.jit
-    def step(s, o, key):
-        kx, kl = jax.random.split(key)
-        _, _, _, g = vj.variance_minimising_grads(loss_fn, params, s, _data(kx, 4096), kl)
-        u, o = opt.update(g, o)
-        return optax.apply_updates(s, u), o
-
-    m0, v0 = stats(sched_state)
-    for i in range(150):
-        sched_state, opt_state = step(sched_state, opt_state, jax.random.key(100 + i))
-    m1, v1 = stats(sched_state)
-    print(f"diffusion-loss estimator: mean {float(m0):.4f} -> {float(m1):.4f} nats, "
-          f"variance {float(v0):.2f} -> {float(v1):.2f} ({float(v1 / v0):.2f}x)")
+    m0, v0, m1, v1 = minimise_variance()
+    print(f"diffusion-loss estimator: mean {m0:.4f} -> {m1:.4f} nats, variance {v0:.2f} -> {v1:.2f} "
+          f"({v1 / v0:.2f}x)")
 
 
 if __name__ == "__main__":
