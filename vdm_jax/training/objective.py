@@ -119,27 +119,34 @@ class Objective:
             return terms["total"], terms
         return self._ddpm_loss(model, x, pixels, key_model, key_loss)
 
-    def _ddpm_loss(self, model, x, pixels, key_model, key):
+    def _ddpm_draw(self, model, x, key, key_model=None):
+        """One draw of t ~ U{1..T} and ε per example, z_t, and the network's output at (z_t, t)."""
         sched = self.discrete_schedule()
         key_t, key_eps = jax.random.split(key)
-        batch = x.shape[0]
-        t = jax.random.randint(key_t, (batch,), 1, self.timesteps + 1)
+        t = jax.random.randint(key_t, (x.shape[0],), 1, self.timesteps + 1)
         eps = jax.random.normal(key_eps, x.shape, x.dtype)
-        gamma_s, gamma_t = sched.gamma(t - 1), sched.gamma(t)
+        gamma_t = sched.gamma(t)
         z = q_sample(x, eps, gamma_t)
         out = self.predictor(model, key=key_model)(z, t)
         pred, v = out if self.variance == "learned" else (out, None)
+        return sched, t, eps, gamma_t, z, pred, v
+
+    def _ddpm_vlb_term(self, sched, t, gamma_t, x, pixels, z, pred, v):
+        """L_{t-1} of DDPM's bound (the decoder at t = 1) for the drawn t, per example."""
+        _, x_hat = eps_and_x(pred, z, gamma_t, self.prediction)
+        log_var = elbo.ddpm_log_variance(sched, t, self.variance, v)
+        return losses.vlb_term(x, pixels, z, x_hat, sched.gamma(t - 1), gamma_t, log_var)
+
+    def _ddpm_loss(self, model, x, pixels, key_model, key):
+        sched, t, eps, gamma_t, z, pred, v = self._ddpm_draw(model, x, key, key_model)
         terms = {}
         if self.loss in ("simple", "hybrid"):
             target = {"eps": eps, "x": x, "v": v_from_eps(z, eps, gamma_t),
                       "score": score_from_eps(eps, gamma_t)}[self.prediction]
             terms["simple"] = losses.simple_loss(pred, target)
         if self.loss in ("vlb", "hybrid"):
-            if self.loss == "hybrid":
-                pred = jax.lax.stop_gradient(pred)
-            _, x_hat = eps_and_x(pred, z, gamma_t, self.prediction)
-            log_var = elbo.ddpm_log_variance(sched, t, self.variance, v)
-            terms["vlb_t"] = losses.vlb_term(x, pixels, z, x_hat, gamma_s, gamma_t, log_var)
+            mean_pred = jax.lax.stop_gradient(pred) if self.loss == "hybrid" else pred
+            terms["vlb_t"] = self._ddpm_vlb_term(sched, t, gamma_t, x, pixels, z, mean_pred, v)
         if self.loss == "simple":
             loss = terms["simple"]
         elif self.loss == "hybrid":
@@ -160,18 +167,11 @@ class Objective:
             gamma_fn = self.gamma_fn(schedule_model)
             return elbo.vdm_elbo(self.predictor(model, gamma_fn), x, key, gamma_fn, T=self.timesteps,
                                  pixels=pixels, kind=self.prediction)
-        sched = self.discrete_schedule()
-        key_t, key_eps = jax.random.split(key)
-        t = jax.random.randint(key_t, (x.shape[0],), 1, self.timesteps + 1)
-        gamma_s, gamma_t = sched.gamma(t - 1), sched.gamma(t)
-        z = q_sample(x, jax.random.normal(key_eps, x.shape, x.dtype), gamma_t)
-        out = self.predictor(model)(z, t)
-        pred, v = out if self.variance == "learned" else (out, None)
-        _, x_hat = eps_and_x(pred, z, gamma_t, self.prediction)
-        term = losses.vlb_term(x, pixels, z, x_hat, gamma_s, gamma_t, elbo.ddpm_log_variance(sched, t, self.variance, v))
+        sched, t, _, gamma_t, z, pred, v = self._ddpm_draw(model, x, key)
+        term = self.timesteps * self._ddpm_vlb_term(sched, t, gamma_t, x, pixels, z, pred, v)
         prior = losses.prior_loss(x, sched.gamma(self.timesteps))
-        diffusion = jnp.where(t > 1, self.timesteps * term, 0.0)
-        reconstruction = jnp.where(t == 1, self.timesteps * term, 0.0)
+        diffusion = jnp.where(t > 1, term, 0.0)
+        reconstruction = jnp.where(t == 1, term, 0.0)
         return {"prior": prior, "diffusion": diffusion, "reconstruction": reconstruction,
                 "total": prior + diffusion + reconstruction}
 

@@ -91,12 +91,16 @@ def train_steps(state: TrainState, batches, key) -> tuple[TrainState, dict[str, 
     return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
 
+def _ema_modules(state: TrainState):
+    """The model and schedule with the EMA parameters, which evaluation and sampling use."""
+    params = state.ema_params
+    return model_and_schedule(state.graphdef, params["model"], state.schedule_graphdef, params["schedule"])
+
+
 def eval_step(state: TrainState, batch, key) -> dict[str, jax.Array]:
     """Sums of the per-example bound (nats) over the real examples of a batch, with the EMA
     parameters. batch: {'image': uint8 [B, ...], 'mask': bool [B]} (mask optional)."""
-    params = state.ema_params
-    model, schedule_model = model_and_schedule(state.graphdef, params["model"], state.schedule_graphdef,
-                                               params["schedule"])
+    model, schedule_model = _ema_modules(state)
     terms = state.objective.per_example_bound(model, schedule_model, batch, key)
     mask = batch.get("mask", jnp.ones(batch["image"].shape[:1], bool)).astype(jnp.float32)
     sums = {name: jnp.sum(value * mask) for name, value in terms.items()}
@@ -106,7 +110,5 @@ def eval_step(state: TrainState, batch, key) -> dict[str, jax.Array]:
 
 def sample_step(state: TrainState, key, *, num: int, sampler: str = "ancestral", steps: int = 0):
     """`num` samples as uint8 [num, H, W, C] from the EMA parameters."""
-    params = state.ema_params
-    model, schedule_model = model_and_schedule(state.graphdef, params["model"], state.schedule_graphdef,
-                                               params["schedule"])
+    model, schedule_model = _ema_modules(state)
     return state.objective.sample(model, schedule_model, num, key, sampler=sampler, steps=steps)
