@@ -52,8 +52,8 @@ def parse_flags(argv):
     except (AttributeError, KeyError) as e:
         _unknown_key(e)
     except flags.Error as e:  # a bad flag value, or an error inside the config file
-        lines = str(e).strip().splitlines()
-        sys.exit("error: " + (f"{lines[0]} {lines[-1].strip()}" if len(lines) > 1 else lines[0]))
+        from experiments.common import exit_with_flag_error
+        exit_with_flag_error(e)
 
 
 if __name__ == "__main__":

@@ -126,15 +126,20 @@ def test_hybrid_trains_the_variance_through_the_vlb_only(micro):
     assert v_grad0 == 0.0 and eps_grad0 > 0
 
 
-def test_eval_step_counts_only_real_examples(micro):
-    config = micro()
+@pytest.mark.parametrize("full_vlb", [False, True])
+def test_eval_step_terms(micro, full_vlb):
+    config = micro(timesteps=10)
     state = _state(config)
-    batch = _batch(16)
-    batch["mask"] = np.arange(16) < 11
-    sums = jax.jit(steps.eval_step)(state, batch, jax.random.key(0))
-    assert float(sums["count"]) == 11
-    np.testing.assert_allclose(sums["total"], sums["prior"] + sums["diffusion"] + sums["reconstruction"], rtol=1e-5)
-    assert np.isfinite(sums["total"]) and sums["total"] > 0
+    out = jax.jit(lambda s, b, k: steps.eval_step(s, b, k, draws=3, full_vlb=full_vlb))(
+        state, _batch(16), jax.random.key(0))
+    np.testing.assert_allclose(out["total"], out["prior"] + out["diffusion"] + out["reconstruction"], rtol=1e-5)
+    assert out["total"].shape == (16,) and np.all(np.isfinite(out["total"])) and np.all(out["total"] > 0)
+    if full_vlb:
+        assert out["per_t"].shape == (16, 10)
+        np.testing.assert_allclose(out["per_t"][:, 0], out["reconstruction"], rtol=1e-6)
+        np.testing.assert_allclose(out["per_t"][:, 1:].sum(axis=1), out["diffusion"], rtol=1e-5)
+    with pytest.raises(ValueError, match="draws must be >= 1"):
+        steps.eval_step(state, _batch(16), jax.random.key(0), draws=0)
 
 
 @pytest.mark.parametrize("family,sampler", [("ddpm", "ancestral"), ("ddpm", "ddim"), ("vdm", "ancestral"), ("vdm", "ddim")])

@@ -56,7 +56,8 @@ class Checkpointer:
 
     def restore(self, target_tree: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores `step` (default: the latest) into the structure, shapes and shardings of
-        `target_tree`. Raises CheckpointMismatchError if the saved arrays don't fit it."""
+        `target_tree` (arrays, or `jax.ShapeDtypeStruct`s with shardings, e.g. from `jax.eval_shape`).
+        Raises CheckpointMismatchError if the saved arrays don't fit it."""
         step = self.latest_step() if step is None else step
         self._check_fits(step, target_tree)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_tree)
@@ -77,7 +78,7 @@ class Checkpointer:
             return
         saved = {_path(p): tuple(m.shape) for p, m in
                  jax.tree_util.tree_flatten_with_path(meta)[0] if hasattr(m, "shape")}
-        wanted = {_path(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(target_tree)[0]}
+        wanted = {_path(p): tuple(getattr(x, "shape", np.shape(x))) for p, x in jax.tree_util.tree_flatten_with_path(target_tree)[0]}
         missing = sorted(set(wanted) - set(saved))
         extra = sorted(set(saved) - set(wanted))
         differ = sorted(k for k in set(wanted) & set(saved) if wanted[k] != saved[k])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import os
 import signal
 import tempfile
@@ -17,18 +16,17 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax.data import eval_iterator, load_source, train_iterator
+from vdm_jax.data import load_source, train_iterator
 from vdm_jax.training import parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, config_changes, save_config
 from vdm_jax.training.config import validate_config
+from vdm_jax.training.evaluation import evaluate_bpd, generate_samples
 from vdm_jax.training.metrics import MetricWriter, image_grid, save_png
 from vdm_jax.training.state import TrainState, create_train_state
 
 log = logging.getLogger("vdm_jax")
-_LN2 = math.log(2.0)
 
 
 class WorkdirError(OSError):
@@ -105,7 +103,7 @@ class _Run:
         self.workdir = _prepare_workdir(workdir)
         self.mesh = parallel.make_mesh()
         parallel.check_batch_size(config.training.batch_size, self.mesh)
-        parallel.check_batch_size(config.training.eval_batch_size, self.mesh)
+        parallel.check_batch_size(config.training.eval_batch_size, self.mesh, "training.eval_batch_size")
         self.is_main = jax.process_index() == 0
         key = jax.random.key(config.seed)
         self.key_init, self.key_train, self.key_eval, self.key_sample = jax.random.split(key, 4)
@@ -155,18 +153,6 @@ class _Run:
                        out_shardings=(rep, rep), donate_argnums=0)
         return one, many
 
-    @functools.cached_property
-    def eval_fn(self):
-        rep = parallel.replicated(self.mesh)
-        return jax.jit(steps.eval_step, in_shardings=(rep, parallel.batch_sharding(self.mesh), rep),
-                       out_shardings=rep)
-
-    @functools.cached_property
-    def sample_fn(self):
-        t = self.config.training
-        return jax.jit(functools.partial(steps.sample_step, num=t.num_samples, sampler=t.sampler,
-                                         steps=t.sample_steps), out_shardings=parallel.replicated(self.mesh))
-
     # --- work ---------------------------------------------------------------------------------
 
     def next_batches(self, k: int):
@@ -176,21 +162,19 @@ class _Run:
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
         """The bound on the whole eval split, every example once, with the EMA parameters."""
-        it = eval_iterator(self.eval_source, global_batch_size=self.config.training.eval_batch_size)
-        totals = None
-        for i, batch in enumerate(it):
-            local = {"image": batch["image"], "mask": batch["mask"]}
-            sums = self.eval_fn(state, parallel.global_batch(local, self.mesh), jax.random.fold_in(self.key_eval, i))
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        totals = jax.device_get(totals)
-        count = float(totals.pop("count"))
-        dims = state.objective.dims
-        out = {f"eval/{k}_bpd": float(v) / count / (dims * _LN2) for k, v in totals.items()}
-        out["eval/examples"] = count
+        result = evaluate_bpd(state, self.eval_source, mesh=self.mesh,
+                              batch_size=self.config.training.eval_batch_size, key=self.key_eval)
+        out = {f"eval/{name}_bpd": r["mean"] for name, r in result["bpd"].items()}
+        out["eval/total_bpd_se"] = result["bpd"]["total"]["se"]
+        out["eval/examples"] = float(result["examples"])
         return out
 
     def sample(self, state: TrainState) -> str:
-        images = np.asarray(jax.device_get(self.sample_fn(state, jax.random.fold_in(self.key_sample, int(state.step)))))
+        t = self.config.training
+        n = self.mesh.devices.size
+        images = generate_samples(state, mesh=self.mesh, num=t.num_samples, batch_size=-(-t.num_samples // n) * n,
+                                  key=jax.random.fold_in(self.key_sample, int(state.step)), sampler=t.sampler,
+                                  steps=t.sample_steps)
         picture = image_grid(images)
         path = os.path.join(self.workdir, "samples", f"step_{int(state.step):08d}.png")
         if self.is_main:

@@ -175,6 +175,20 @@ class Objective:
         return {"prior": prior, "diffusion": diffusion, "reconstruction": reconstruction,
                 "total": prior + diffusion + reconstruction}
 
+    def per_example_full_vlb(self, model, batch, key) -> dict[str, jax.Array]:
+        """DDPM's whole discrete bound per example, every t = 1..T (`vdm_jax.ddpm_vlb`), in nats.
+
+        Returns 'prior', 'diffusion' (Σ_{t=2..T} L_{t-1}), 'reconstruction', 'total' ([B] each)
+        and 'per_t' [B, T]: L_{t-1} for t = 1..T, the reconstruction first.
+        """
+        if self.family != "ddpm":
+            raise ValueError(f"the full discrete VLB is a DDPM bound; this model is a {self.family!r}.")
+        out = elbo.ddpm_vlb(self.predictor(model), batch["image"], key, self.discrete_schedule(),
+                            kind=self.prediction, variance=self.variance)
+        per_t = jnp.concatenate([out["reconstruction"][:, None], out["denoising"]], axis=1)
+        return {"prior": out["prior"], "diffusion": out["denoising"].sum(axis=1),
+                "reconstruction": out["reconstruction"], "total": out["total"], "per_t": per_t}
+
     # --- sampling ------------------------------------------------------------------------------
 
     def sample(self, model, schedule_model, num: int, key, *, sampler: str = "ancestral", steps: int = 0):

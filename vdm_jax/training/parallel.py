@@ -35,13 +35,16 @@ def batch_sharding(mesh, leading_axes: int = 0) -> NamedSharding:
     return NamedSharding(mesh, P(*([None] * leading_axes), DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, mesh) -> None:
+def check_batch_size(global_batch_size: int, mesh, name: str = "training.batch_size") -> None:
+    """Raises ValueError naming `name` unless the batch splits evenly over devices and processes."""
     n = mesh.devices.size
+    if not isinstance(global_batch_size, int) or global_batch_size < 1:
+        raise ValueError(f"{name} must be a positive int, got {global_batch_size!r}.")
     if global_batch_size % n:
-        raise ValueError(f"training.batch_size={global_batch_size} must be divisible by the number of "
+        raise ValueError(f"{name}={global_batch_size} must be divisible by the number of "
                          f"devices ({n}) so that every device gets the same share.")
     if global_batch_size % jax.process_count():
-        raise ValueError(f"training.batch_size={global_batch_size} must be divisible by the number of "
+        raise ValueError(f"{name}={global_batch_size} must be divisible by the number of "
                          f"processes ({jax.process_count()}).")
 
 

@@ -97,15 +97,33 @@ def _ema_modules(state: TrainState):
     return model_and_schedule(state.graphdef, params["model"], state.schedule_graphdef, params["schedule"])
 
 
-def eval_step(state: TrainState, batch, key) -> dict[str, jax.Array]:
-    """Sums of the per-example bound (nats) over the real examples of a batch, with the EMA
-    parameters. batch: {'image': uint8 [B, ...], 'mask': bool [B]} (mask optional)."""
+def eval_step(state: TrainState, batch, key, *, draws: int = 1, full_vlb: bool = False) -> dict[str, jax.Array]:
+    """The bound -ELBO of each example (nats) and its terms, with the EMA parameters.
+
+    batch: {'image': uint8 [B, H, W, C], ...}. Returns 'prior', 'diffusion', 'reconstruction' and
+    'total', each [B]: the average of `draws` independent estimates, draw d using
+    `fold_in(key, d)` (`Objective.per_example_bound`: one t per example). With `full_vlb` (DDPM
+    only) every draw is the whole discrete bound over all T steps (`vdm_jax.ddpm_vlb`), and
+    'per_t' [B, T] adds the terms L_{t-1} for t = 1..T (t = 1: the reconstruction).
+    Padding examples are evaluated like the others; the caller masks them out.
+    """
     model, schedule_model = _ema_modules(state)
-    terms = state.objective.per_example_bound(model, schedule_model, batch, key)
-    mask = batch.get("mask", jnp.ones(batch["image"].shape[:1], bool)).astype(jnp.float32)
-    sums = {name: jnp.sum(value * mask) for name, value in terms.items()}
-    sums["count"] = jnp.sum(mask)
-    return sums
+    objective = state.objective
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}.")
+    if full_vlb and objective.family != "ddpm":
+        raise ValueError("full_vlb needs a DDPM model (a discrete bound over all T steps); for a VDM use "
+                         "more draws of its continuous-time ELBO.")
+
+    def one(d):
+        k = jax.random.fold_in(key, d)
+        if full_vlb:
+            return objective.per_example_full_vlb(model, batch, k)
+        return objective.per_example_bound(model, schedule_model, batch, k)
+
+    if draws == 1:
+        return one(0)
+    return jax.tree.map(lambda v: jnp.mean(v, axis=0), jax.lax.map(one, jnp.arange(draws)))
 
 
 def sample_step(state: TrainState, key, *, num: int, sampler: str = "ancestral", steps: int = 0):

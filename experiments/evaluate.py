@@ -1,0 +1,137 @@
+"""Evaluate a trained run: bits/dim on a whole split, and samples at scale.
+
+    python -m experiments.evaluate --workdir=DIR [--split=test] [--draws=1] [--full_vlb]
+                                   [--num_samples=N] [--sampler=ancestral|ddim] [--sample_steps=K]
+
+Reads the run's config and its latest (or `--step`) checkpoint and uses the EMA parameters.
+
+- Bits/dim: every example of the split exactly once (the count is printed), each term of the bound
+  (prior, diffusion, reconstruction, total) with its mean and standard error over the examples.
+  `--draws=K` averages K independent draws of (t, ε) per example; `--full_vlb` (DDPM) computes the
+  whole discrete bound over all T steps instead of sampling t. Writes
+  `OUT/bpd_<split>_<how>.json` (with each term per t for --full_vlb) and the per-example values
+  as `.npz`.
+- Samples (`--num_samples=N`, 0 = none): N images from any sampler, in batches sharded over all
+  devices, written as `OUT/samples_<sampler><steps>_seed<S>.npz` (uint8 'images' [N, H, W, C])
+  and a PNG grid of the first 100. The same --seed gives the same images bitwise.
+
+OUT defaults to DIR/eval/step_<step>.
+"""
+import json
+import os
+import time
+
+from absl import app, flags, logging
+
+flags.DEFINE_string("workdir", None, "The training run's work directory.")
+flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_string("split", None, "Split to evaluate (default: the run's config.data.eval_split).")
+flags.DEFINE_string("source", None, "Data spec to evaluate on (default: the run's config.data.source).")
+flags.DEFINE_boolean("bpd", True, "Compute bits/dim (--nobpd to only sample).")
+flags.DEFINE_integer("batch_size", None, "Global evaluation batch (default: config.training.eval_batch_size).")
+flags.DEFINE_integer("draws", 1, "Independent draws of (t, ε) per example, averaged.")
+flags.DEFINE_boolean("full_vlb", False, "DDPM: the whole discrete bound over all T steps (every t).")
+flags.DEFINE_integer("num_samples", 0, "Images to sample (0: none).")
+flags.DEFINE_enum("sampler", None, ["ancestral", "ddim"], "Sampler (default: config.training.sampler).")
+flags.DEFINE_integer("sample_steps", None, "Reverse steps (default: config.training.sample_steps; 0 = T).")
+flags.DEFINE_integer("sample_batch_size", 256, "Images per compiled sampling call (a multiple of the devices).")
+flags.DEFINE_integer("seed", 0, "Seed of the evaluation draws and of the samples.")
+flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval/step_<step>).")
+flags.DEFINE_boolean("progress_bar", True, "Show progress bars.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _devices() -> str:
+    import jax
+    d = jax.devices()
+    return f"{len(d)} × {d[0].device_kind} ({jax.default_backend()}, {jax.process_count()} process(es))"
+
+
+def evaluate(FLAGS) -> dict:
+    import jax
+    import numpy as np
+
+    from vdm_jax.data import load_source
+    from vdm_jax.training import make_mesh
+    from vdm_jax.training.evaluation import (evaluate_bpd, format_bpd_table, generate_samples, load_checkpoint,
+                                             save_samples)
+    from vdm_jax.training.metrics import image_grid, save_png
+
+    for name in ("draws", "sample_batch_size"):
+        if FLAGS[name].value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {FLAGS[name].value}.")
+    if FLAGS.num_samples < 0:
+        raise ValueError(f"--num_samples must be >= 0, got {FLAGS.num_samples}.")
+    mesh = make_mesh()
+    config, state = load_checkpoint(FLAGS.workdir, step=FLAGS.step, mesh=mesh)
+    step = int(state.step)
+    out_dir = FLAGS.out or os.path.join(os.path.abspath(FLAGS.workdir), "eval", f"step_{step}")
+    main = jax.process_index() == 0
+    summary = {"workdir": os.path.abspath(FLAGS.workdir), "step": step, "devices": _devices(),
+               "jax": jax.__version__}
+    if FLAGS.bpd:
+        spec = FLAGS.source or config.data.source
+        split = FLAGS.split or config.data.eval_split
+        source = load_source(spec, split)
+        batch_size = FLAGS.batch_size or config.training.eval_batch_size
+        start = time.perf_counter()
+        result = evaluate_bpd(state, source, mesh=mesh, batch_size=batch_size, key=jax.random.key(FLAGS.seed),
+                              draws=FLAGS.draws, full_vlb=FLAGS.full_vlb, progress=FLAGS.progress_bar)
+        seconds = time.perf_counter() - start
+        how = (f"the full discrete bound (all {state.objective.timesteps} steps)" if FLAGS.full_vlb else "")
+        how = ", ".join(filter(None, [how, f"{FLAGS.draws} draw{'s' if FLAGS.draws > 1 else ''} of "
+                                           f"{'ε' if FLAGS.full_vlb else '(t, ε)'} per example"]))
+        per_example = result.pop("per_example_nats")
+        tag = ("fullvlb" if FLAGS.full_vlb else "onet") + f"_draws{FLAGS.draws}_seed{FLAGS.seed}"
+        record = {**summary, "source": spec, "split": split, "batch_size": batch_size, "seed": FLAGS.seed,
+                  "seconds": seconds, **result}
+        path = os.path.join(out_dir, f"bpd_{split}_{tag}.json")
+        if main:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(record, f, indent=2)
+            np.savez_compressed(os.path.join(out_dir, f"bpd_{split}_{tag}_per_example.npz"), **per_example)
+        print(f"bits/dim of {spec} '{split}': {result['examples']} examples, each exactly once; {how}; "
+              f"EMA parameters at step {step}; {seconds:.1f} s on {summary['devices']}")
+        print(format_bpd_table(result))
+        print(f"wrote {path}")
+        summary["bpd"] = record
+    if FLAGS.num_samples:
+        sampler = FLAGS.sampler or config.training.sampler
+        sample_steps = config.training.sample_steps if FLAGS.sample_steps is None else FLAGS.sample_steps
+        start = time.perf_counter()
+        images = generate_samples(state, mesh=mesh, num=FLAGS.num_samples, key=jax.random.key(FLAGS.seed),
+                                  batch_size=FLAGS.sample_batch_size, sampler=sampler, steps=sample_steps,
+                                  progress=FLAGS.progress_bar)
+        seconds = time.perf_counter() - start
+        stem = os.path.join(out_dir, f"samples_{sampler}{sample_steps or ''}_seed{FLAGS.seed}")
+        if main:
+            save_samples(stem + ".npz", images)
+            picture = image_grid(images[:100])
+            save_png(stem + ".png", picture, scale=max(1, 512 // picture.shape[0]))
+        print(f"sampled {images.shape[0]} images ({sampler}, {sample_steps or 'all'} steps) in {seconds:.1f} s: "
+              f"{stem}.npz, {stem}.png")
+        summary["samples"] = {"path": stem + ".npz", "seconds": seconds, "num": int(images.shape[0])}
+    return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+    from experiments.common import run_or_explain
+
+    run_or_explain(evaluate, flags.FLAGS)
+
+
+def parse_flags(argv):
+    """absl's parser, with a bad flag reported in one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        from experiments.common import exit_with_flag_error
+        exit_with_flag_error(e)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

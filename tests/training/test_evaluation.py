@@ -1,0 +1,181 @@
+"""Evaluation: bits/dim over a whole split, the core's ELBO on the same draws, samples at scale, the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import jax
+import pytest
+from flax import nnx
+
+from vdm_jax import ddpm_vlb, pixels_to_data, vdm_elbo
+from vdm_jax.data.array_source import ArraySource
+from vdm_jax.training import (RunNotFoundError, create_train_state, evaluate_bpd, generate_samples, load_checkpoint,
+                              make_mesh, parallel, validate_config)
+from vdm_jax.training.evaluation import TERMS
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _source(n, seed=0):
+    images = np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+    return ArraySource(images, np.zeros(n, np.int64), name="random")
+
+
+def _state(config, mesh):
+    state = create_train_state(config, validate_config(config), jax.random.key(0))
+    # Make the EMA differ from the parameters, so that using the wrong ones would show.
+    state = state.replace(ema_params=jax.tree.map(lambda p: p * 0.9, state.params))
+    return parallel.replicate(state, mesh)
+
+
+def _ema_model(state):
+    return nnx.merge(state.graphdef, state.ema_params["model"])
+
+
+@pytest.mark.parametrize("family", ["ddpm", "vdm"])
+def test_bpd_equals_the_core_elbo_on_the_same_draws(micro, family):
+    """Every example once; the terms add up; per example it is the core's ELBO with the same key."""
+    config = micro(family=family, timesteps=0 if family == "vdm" else 20)
+    mesh = make_mesh()
+    state = _state(config, mesh)
+    source, key = _source(41), jax.random.key(3)
+    result = evaluate_bpd(state, source, mesh=mesh, batch_size=16, key=key, full_vlb=family == "ddpm")
+    assert result["examples"] == 41
+    per = result["per_example_nats"]
+    for name in TERMS:
+        assert per[name].shape == (41,) and np.all(np.isfinite(per[name]))
+    np.testing.assert_allclose(per["total"], per["prior"] + per["diffusion"] + per["reconstruction"], rtol=1e-5)
+    dims = 64 * np.log(2.0)
+    assert result["bpd"]["total"]["mean"] == pytest.approx(per["total"].mean() / dims, rel=1e-9)
+    assert result["bpd"]["total"]["se"] == pytest.approx(per["total"].std(ddof=1) / np.sqrt(41) / dims, rel=1e-9)
+
+    # The core on batch 1 (examples 16..31), with the key the evaluator documents for it.
+    model, objective = _ema_model(state), state.objective
+    pixels = source.images[16:32]
+    draw_key = jax.random.fold_in(jax.random.fold_in(key, 1), 0)
+    if family == "ddpm":
+        core = jax.jit(lambda p, k: ddpm_vlb(objective.predictor(model), p, k, objective.discrete_schedule()))(
+            pixels, draw_key)
+        assert len(result["per_t_bpd"]) == 20
+        np.testing.assert_allclose(np.sum(result["per_t_bpd"]), result["bpd"]["diffusion"]["mean"]
+                                   + result["bpd"]["reconstruction"]["mean"], rtol=1e-6)
+    else:
+        gamma_fn = objective.gamma_fn()
+        core = jax.jit(lambda p, k: vdm_elbo(objective.predictor(model, gamma_fn), pixels_to_data(p, grid="vdm"),
+                                             k, gamma_fn, pixels=p))(pixels, draw_key)
+    np.testing.assert_allclose(per["total"][16:32], core["total"], rtol=2e-5)
+    np.testing.assert_allclose(per["prior"][16:32], core["prior"], rtol=2e-5)
+    np.testing.assert_allclose(per["reconstruction"][16:32], core["reconstruction"], rtol=2e-5)
+
+
+def test_one_t_estimate_is_unbiased_for_the_full_bound(micro):
+    """The one-t DDPM estimate averaged over draws agrees with the full bound over all T steps."""
+    config = micro(timesteps=10)
+    mesh = make_mesh()
+    state = _state(config, mesh)
+    source = _source(32)
+    full = evaluate_bpd(state, source, mesh=mesh, batch_size=32, key=jax.random.key(0), full_vlb=True, draws=4)
+    one_t = evaluate_bpd(state, source, mesh=mesh, batch_size=32, key=jax.random.key(1), draws=400)
+    a, b = full["bpd"]["total"], one_t["bpd"]["total"]
+    # Same examples: compare the per-example differences (their spread is the Monte Carlo noise).
+    diff = (one_t["per_example_nats"]["total"] - full["per_example_nats"]["total"]) / (64 * np.log(2.0))
+    se = diff.std(ddof=1) / np.sqrt(diff.shape[0])
+    assert abs(diff.mean()) < 5 * se, (a, b, se)
+    assert b["se"] > a["se"]  # sampling t adds variance
+
+
+def test_full_vlb_is_a_ddpm_bound(micro):
+    config = micro(family="vdm", timesteps=0)
+    mesh = make_mesh()
+    with pytest.raises(ValueError, match="full_vlb needs a DDPM model"):
+        evaluate_bpd(_state(config, mesh), _source(8), mesh=mesh, batch_size=8, key=jax.random.key(0), full_vlb=True)
+
+
+def test_bad_batch_size(micro):
+    mesh = make_mesh()
+    state = _state(micro(), mesh)
+    with pytest.raises(ValueError, match="batch_size=12 must be divisible by the number of devices"):
+        evaluate_bpd(state, _source(8), mesh=mesh, batch_size=12, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="sampler must be 'ancestral' or 'ddim'"):
+        generate_samples(state, mesh=mesh, num=8, key=jax.random.key(0), batch_size=8, sampler="euler")
+
+
+def test_samples_are_sharded_deterministic_and_differ_across_seeds(micro):
+    mesh = make_mesh()
+    state = _state(micro(timesteps=20), mesh)
+    sample = lambda seed: generate_samples(state, mesh=mesh, num=20, key=jax.random.key(seed), batch_size=16,
+                                           sampler="ddim", steps=4)
+    a, b, c = sample(0), sample(0), sample(1)
+    assert a.shape == (20, 8, 8, 1) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # Batches are independent draws (fold_in(key, b)), not copies.
+    assert not np.array_equal(a[:4], a[16:20])
+    # The chain runs sharded: each device computes 16 / 8 = 2 images.
+    from vdm_jax.training.evaluation import _sample_fn
+    hlo = _sample_fn(mesh, 16, "ddim", 4).lower(state, jax.random.key(0)).compile().as_text()
+    assert "f32[2,8,8," in hlo and "f32[16,8,8," not in hlo
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(RunNotFoundError, match="config.json does not exist"):
+        load_checkpoint(str(tmp_path))
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+                JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+
+
+def _evaluate(*args):
+    out = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--noprogress_bar", *args], cwd=REPO,
+                         env=_env(), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_a_quickstart_checkpoint(tmp_path):
+    """Acceptance 1 and 2: the bpd table over every test image; same seed, same samples across runs."""
+    workdir = str(tmp_path / "quickstart")
+    run = subprocess.run([sys.executable, "-m", "experiments.quickstart", f"--workdir={workdir}", "--steps=2"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    first = _evaluate(f"--workdir={workdir}", "--num_samples=10", "--sample_batch_size=8", "--sampler=ddim",
+                      "--sample_steps=3", "--draws=2")
+    assert "297 examples, each exactly once" in first
+    assert "EMA parameters at step 2" in first
+    for name in TERMS:
+        assert any(line.startswith(name) for line in first.splitlines()), first
+    out_dir = os.path.join(workdir, "eval", "step_2")
+    with open(os.path.join(out_dir, "bpd_test_onet_draws2_seed0.json")) as f:
+        record = json.load(f)
+    assert record["examples"] == 297 and record["draws"] == 2 and record["step"] == 2
+    total = record["bpd"]["total"]["mean"]
+    assert np.isfinite(total) and total == pytest.approx(
+        sum(record["bpd"][k]["mean"] for k in ("prior", "diffusion", "reconstruction")), rel=1e-6)
+    per_example = np.load(os.path.join(out_dir, "bpd_test_onet_draws2_seed0_per_example.npz"))
+    assert per_example["total"].shape == (297,)
+    assert os.path.exists(os.path.join(out_dir, "samples_ddim3_seed0.png"))
+
+    _evaluate(f"--workdir={workdir}", "--nobpd", "--num_samples=10", "--sample_batch_size=8", "--sampler=ddim",
+              "--sample_steps=3", f"--out={tmp_path / 'again'}")
+    _evaluate(f"--workdir={workdir}", "--nobpd", "--num_samples=10", "--sample_batch_size=8", "--sampler=ddim",
+              "--sample_steps=3", "--seed=1", f"--out={tmp_path / 'seed1'}")
+    a = np.load(os.path.join(out_dir, "samples_ddim3_seed0.npz"))["images"]
+    b = np.load(tmp_path / "again" / "samples_ddim3_seed0.npz")["images"]
+    c = np.load(tmp_path / "seed1" / "samples_ddim3_seed1.npz")["images"]
+    assert a.shape == (10, 8, 8, 1) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_evaluate_cli_bad_input(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={tmp_path}"], cwd=REPO,
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "config.json does not exist" in out.stderr

@@ -1,0 +1,232 @@
+"""Evaluate a trained model: bits/dim on a whole split, and samples at scale.
+
+    config, state = load_checkpoint(workdir)            # EMA parameters included, replicated
+    result = evaluate_bpd(state, source, mesh=mesh, batch_size=256, key=key, draws=4)
+    images = generate_samples(state, mesh=mesh, num=10_000, key=key, sampler="ddim", steps=100)
+
+`evaluate_bpd` reads every example of the split exactly once (the data pipeline pads the last batch
+and masks the padding out), averages `draws` independent estimates of each example's bound — or,
+for a DDPM, the full discrete bound over all T steps — and reports each term's mean and standard
+error over the examples, in bits per dimension (MATH.md §5). `generate_samples` draws fixed-size
+batches sharded over the devices (one compiled program, the whole reverse chain in one
+`lax.scan`); the images depend only on the state, the key and the batch size.
+
+Keys: batch b of the split is evaluated with `fold_in(key, b)` (draw d of it with
+`fold_in(fold_in(key, b), d)`, see `steps.eval_step`); sample batch b with `fold_in(key, b)`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from vdm_jax.data import eval_iterator
+from vdm_jax.training import parallel, steps
+from vdm_jax.training.checkpoint import Checkpointer
+from vdm_jax.training.config import validate_config
+from vdm_jax.training.state import TrainState, create_train_state
+
+TERMS = ("prior", "diffusion", "reconstruction", "total")
+_LN2 = math.log(2.0)
+
+
+class RunNotFoundError(FileNotFoundError):
+    """The directory is not a training run's work directory, or it holds no checkpoint."""
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run saved in `workdir/config.json`."""
+    path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "config.json")
+    if not os.path.exists(path):
+        raise RunNotFoundError(f"{path} does not exist: --workdir must be the work directory of a training run "
+                               "(experiments.quickstart or experiments.cifar10).")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_checkpoint(workdir: str, *, step: int | None = None, mesh=None
+                    ) -> tuple[ml_collections.ConfigDict, TrainState]:
+    """The config and the train state saved in a run's work directory, replicated over `mesh`.
+
+    Builds the state's structure without initialising it (`jax.eval_shape`) and restores `step`
+    (default: the latest) straight into replicated device buffers.
+
+    Raises:
+      RunNotFoundError: no config.json, no checkpoint, or no checkpoint at `step`.
+      CheckpointMismatchError: the checkpoint does not fit the saved config's model.
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    config = read_config(workdir)
+    model_config = validate_config(config)
+    mesh = mesh or parallel.make_mesh()
+    directory = os.path.join(workdir, "checkpoints")
+    ckpt = Checkpointer(directory, async_save=False) if os.path.isdir(directory) else None
+    steps_saved = [] if ckpt is None else sorted(ckpt.manager.all_steps())
+    if not steps_saved:
+        raise RunNotFoundError(f"{workdir} has no checkpoint yet (looked in {directory}).")
+    if step is not None and step not in steps_saved:
+        raise RunNotFoundError(f"{workdir} has no checkpoint at step {step}; it has steps {steps_saved}.")
+    abstract = jax.eval_shape(lambda key: create_train_state(config, model_config, key), jax.random.key(0))
+    rep = parallel.replicated(mesh)
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), abstract.checkpoint_tree())
+    try:
+        tree, _ = ckpt.restore(target, step)
+    finally:
+        ckpt.close()
+    return config, abstract.replace_from_checkpoint(tree)
+
+
+# --- bits per dimension ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _bound_fn(mesh, draws: int, full_vlb: bool):
+    rep = parallel.replicated(mesh)
+
+    def fn(state, batch, key):
+        terms = steps.eval_step(state, {"image": batch["image"]}, key, draws=draws, full_vlb=full_vlb)
+        return terms, batch["index"], batch["mask"]
+
+    return jax.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
+
+
+def _mean_and_se(values: np.ndarray) -> tuple[float, float]:
+    n = values.shape[0]
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws: int = 1,
+                 full_vlb: bool = False, progress: bool = False) -> dict[str, Any]:
+    """The bound in bits/dim on every example of `source`, each exactly once, with the EMA parameters.
+
+    Args:
+      state: the train state (replicated over `mesh`).
+      source: a random-access source (`vdm_jax.data.load_source`); every host passes the same one.
+      mesh: the device mesh; batches are sharded over its data axis.
+      batch_size: global examples per batch (a multiple of the device count).
+      key: PRNG key; batch b uses `fold_in(key, b)`.
+      draws: independent estimates of each example's bound to average (t and ε redrawn).
+      full_vlb: DDPM only: every term of the discrete bound (all T steps) in each draw.
+      progress: show a progress bar.
+    Returns:
+      {'examples': N, 'draws', 'full_vlb', 'bpd': {term: {'mean', 'se'}} for TERMS,
+       'per_example_nats': {term: float64 [N]} ordered by the source's index, and with full_vlb
+       'per_t_bpd': [T] the mean of each L_{t-1}, t = 1..T}.
+    Raises:
+      RuntimeError: the pass did not cover every example exactly once (a data pipeline bug).
+    """
+    parallel.check_batch_size(batch_size, mesh, name="batch_size")
+    fn = _bound_fn(mesh, int(draws), bool(full_vlb))
+    it = eval_iterator(source, global_batch_size=batch_size)
+    num_batches = math.ceil(math.ceil(len(source) / jax.process_count()) / (batch_size // jax.process_count()))
+    bar = None
+    if progress and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=num_batches, desc="bpd", unit="batch", dynamic_ncols=True)
+    values: dict[str, list[np.ndarray]] = {}
+    indices: list[np.ndarray] = []
+    for b, batch in enumerate(it):
+        local = {"image": batch["image"], "index": batch["index"], "mask": batch["mask"]}
+        terms, index, mask = jax.device_get(fn(state, parallel.global_batch(local, mesh), jax.random.fold_in(key, b)))
+        mask = np.asarray(mask, bool)
+        indices.append(np.asarray(index)[mask])
+        for name, value in terms.items():
+            values.setdefault(name, []).append(np.asarray(value, np.float64)[mask])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    index = np.concatenate(indices)
+    n = len(source)
+    if index.shape[0] != n or not np.array_equal(np.sort(index), np.arange(n)):
+        raise RuntimeError(f"the evaluation pass saw {index.shape[0]} examples ({np.unique(index).shape[0]} "
+                           f"distinct) of a split of {n}; every example must be seen exactly once.")
+    order = np.argsort(index)
+    per_example = {name: np.concatenate(v)[order] for name, v in values.items()}
+    scale = state.objective.dims * _LN2
+    result: dict[str, Any] = {"examples": n, "draws": int(draws), "full_vlb": bool(full_vlb), "bpd": {}}
+    for name in TERMS:
+        mean, se = _mean_and_se(per_example[name] / scale)
+        result["bpd"][name] = {"mean": mean, "se": se}
+    per_t = per_example.pop("per_t", None)
+    if per_t is not None:
+        result["per_t_bpd"] = (per_t.mean(axis=0) / scale).tolist()
+    result["per_example_nats"] = per_example
+    return result
+
+
+def format_bpd_table(result: dict[str, Any]) -> str:
+    """The bpd result as a small text table (term, bits/dim, standard error)."""
+    lines = [f"{'term':<16}{'bits/dim':>12}{'± s.e.':>12}"]
+    for name in TERMS:
+        r = result["bpd"][name]
+        lines.append(f"{name:<16}{r['mean']:>12.5f}{r['se']:>12.5f}")
+    return "\n".join(lines)
+
+
+# --- samples ---------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _sample_fn(mesh, batch_size: int, sampler: str, sample_steps: int):
+    sharded, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+
+    def fn(state, key):
+        images = steps.sample_step(state, key, num=batch_size, sampler=sampler, steps=sample_steps)
+        # Pin the batch axis of the whole chain to the devices, then gather the (uint8) result.
+        return jax.lax.with_sharding_constraint(images, sharded)
+
+    return jax.jit(fn, in_shardings=(rep, rep), out_shardings=rep)
+
+
+def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int = 256,
+                     sampler: str = "ancestral", steps: int = 0, progress: bool = False) -> np.ndarray:
+    """`num` samples as uint8 [num, H, W, C] from the EMA parameters, in batches sharded over devices.
+
+    Args:
+      state: the train state (replicated over `mesh`).
+      mesh: the device mesh.
+      num: how many images.
+      key: PRNG key; batch b uses `fold_in(key, b)`, so the images depend only on (state, key,
+        batch_size) and the same seed gives the same images bitwise.
+      batch_size: images per compiled call (a multiple of the device count); the last batch is
+        drawn whole and trimmed, so every call has the same shape and nothing recompiles.
+      sampler: 'ancestral' (DDPM or VDM) or 'ddim'.
+      steps: reverse steps (0: T, or 1000 for a continuous-time VDM).
+      progress: show a progress bar.
+    """
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}.")
+    if sampler not in ("ancestral", "ddim"):
+        raise ValueError(f"sampler must be 'ancestral' or 'ddim', got {sampler!r}.")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}.")
+    parallel.check_batch_size(batch_size, mesh, name="batch_size")
+    fn = _sample_fn(mesh, int(batch_size), sampler, int(steps))
+    num_batches = math.ceil(num / batch_size)
+    bar = None
+    if progress and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=num, desc="samples", unit="image", dynamic_ncols=True)
+    out = []
+    for b in range(num_batches):
+        out.append(np.asarray(jax.device_get(fn(state, jax.random.fold_in(key, b)))))
+        if bar is not None:
+            bar.update(min(batch_size, num - b * batch_size))
+    if bar is not None:
+        bar.close()
+    return np.concatenate(out)[:num]
+
+
+def save_samples(path: str, images: np.ndarray) -> None:
+    """Writes uint8 images [N, H, W, C] to `path` (.npz, key 'images'), atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, images=np.asarray(images, np.uint8))
+    os.replace(tmp, path)
