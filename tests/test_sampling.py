@@ -232,6 +232,20 @@ def test_whole_chain_is_one_scan():
     assert sum(eqn.primitive.name == "scan" for eqn in jaxpr.eqns) == 1
 
 
+def test_python_loop_of_ddpm_step_reproduces_ddpm_sample():
+    """T calls of the jitted `ddpm_step` (as the sampler benchmark drives it) = `ddpm_sample`."""
+    sched = vj.DiscreteSchedule(vj.linear_betas(30, 1e-3, 0.2))
+    pred = optimal_pred(sched.gamma)
+    key = jax.random.key(4)
+    whole = jax.jit(lambda k: vj.ddpm_sample(pred, sched, (16, 1), k, clip_x=(-1.0, 1.0)))(key)
+    key_init, key_steps = jax.random.split(key)
+    step = jax.jit(lambda z, t: vj.ddpm_step(pred, sched, z, t, key_steps, clip_x=(-1.0, 1.0)))
+    z = jax.random.normal(key_init, (16, 1))
+    for t in range(30, 0, -1):
+        z = step(z, jnp.int32(t))
+    np.testing.assert_allclose(z, whole, rtol=1e-5, atol=1e-6)
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 def test_bad_sampler_arguments():

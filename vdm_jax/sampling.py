@@ -69,16 +69,29 @@ def ddpm_sample(pred_fn: Callable, schedule: DiscreteSchedule, shape: Sequence[i
     z_T = jax.random.normal(key_init, shape, dtype)
 
     def step(z, t):
-        gamma_s, gamma_t = schedule.gamma(t - 1), schedule.gamma(t)
-        t_vec = jnp.full(shape[:1], t, jnp.int32)
-        _, x_hat, v = _prediction(pred_fn, z, t_vec, gamma_t, kind, clip_x, variance == "learned")
-        mean, _ = q_posterior(x_hat, z, gamma_s, gamma_t)
-        std = jnp.where(t > 1, jnp.exp(0.5 * reverse_log_variance(gamma_s, gamma_t, variance, v)), 0.0)
-        noise = jax.random.normal(jax.random.fold_in(key_steps, t), shape, dtype)
-        return (mean + std * noise).astype(dtype), None
+        return ddpm_step(pred_fn, schedule, z, t, key_steps, kind=kind, variance=variance, clip_x=clip_x), None
 
     z_0, _ = jax.lax.scan(step, z_T, jnp.arange(schedule.T, 0, -1))
     return z_0
+
+
+def ddpm_step(pred_fn: Callable, schedule: DiscreteSchedule, z, t, key, *, kind: Prediction = "eps",
+              variance: ReverseVariance = "posterior", clip_x: tuple[float, float] | None = None) -> jax.Array:
+    """One step z_t -> z_{t-1} of `ddpm_sample` (its scan body), for a scalar integer t in 1..T.
+
+    The noise is `normal(fold_in(key, t))`, so T calls of this function from t = T down to 1 with
+    the `key_steps` half of `jax.random.split(key)` reproduce `ddpm_sample(..., key)`. Use it to
+    drive the chain from Python (e.g. to look at intermediate steps); `ddpm_sample` runs it as one
+    compiled `lax.scan`, which is much faster for small models.
+    """
+    shape = z.shape
+    gamma_s, gamma_t = schedule.gamma(t - 1), schedule.gamma(t)
+    t_vec = jnp.full(shape[:1], t, jnp.int32)
+    _, x_hat, v = _prediction(pred_fn, z, t_vec, gamma_t, kind, clip_x, variance == "learned")
+    mean, _ = q_posterior(x_hat, z, gamma_s, gamma_t)
+    std = jnp.where(t > 1, jnp.exp(0.5 * reverse_log_variance(gamma_s, gamma_t, variance, v)), 0.0)
+    noise = jax.random.normal(jax.random.fold_in(key, t), shape, z.dtype)
+    return (mean + std * noise).astype(z.dtype)
 
 
 def vdm_sample(pred_fn: Callable, gamma_fn: Callable, shape: Sequence[int], key, *, num_steps: int,

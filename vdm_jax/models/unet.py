@@ -623,3 +623,14 @@ def count_params(config: UNetConfig) -> int:
     """Number of parameters of `UNet(config)`, counted from shapes only (nothing allocated)."""
     model = nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0)))
     return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def init_model(config: UNetConfig, key) -> tuple[Any, Any]:
+    """(graphdef, params) of a new `UNet(config)`, initialised in one compiled call.
+
+    Op-by-op initialisation compiles one small program per parameter shape, which takes many
+    seconds on a CPU; `nnx.merge(graphdef, params)` gives the module back.
+    """
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0))))
+    params = jax.jit(lambda k: nnx.split(UNet(config, rngs=nnx.Rngs(params=k)))[1])(key)
+    return graphdef, params

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from vdm_jax.models import UNet, UNetConfig
+from vdm_jax.models import UNet, UNetConfig, init_model  # noqa: F401  (init_model: re-exported)
 from vdm_jax.training.objective import Objective
 
 
@@ -72,13 +72,6 @@ def _optimizer(*, optimizer, learning_rate, warmup_steps, b1, b2, eps, weight_de
         opt = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
     parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
     return optax.chain(*parts, opt), lr
-
-
-def init_model(model_config: UNetConfig, key) -> tuple[Any, Any]:
-    """(graphdef, params) of a new U-Net, initialised in one compiled call."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: UNet(model_config, rngs=nnx.Rngs(0))))
-    params = jax.jit(lambda k: nnx.split(UNet(model_config, rngs=nnx.Rngs(params=k)))[1])(key)
-    return graphdef, params
 
 
 def create_train_state(config, model_config: UNetConfig, key) -> TrainState:
