@@ -98,6 +98,11 @@ def test_bad_batch_size(micro):
     state = _state(micro(), mesh)
     with pytest.raises(ValueError, match="batch_size=12 must be divisible by the number of devices"):
         evaluate_bpd(state, _source(8), mesh=mesh, batch_size=12, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="draws must be a positive int"):
+        evaluate_bpd(state, _source(8), mesh=mesh, batch_size=8, key=jax.random.key(0), draws=0)
+    wrong = ArraySource(np.zeros((8, 16, 16, 1), np.uint8), np.zeros(8, np.int64))
+    with pytest.raises(ValueError, match=r"images have shape \(16, 16, 1\) but the model takes \(8, 8, 1\)"):
+        evaluate_bpd(state, wrong, mesh=mesh, batch_size=8, key=jax.random.key(0))
     with pytest.raises(ValueError, match="sampler must be 'ancestral' or 'ddim'"):
         generate_samples(state, mesh=mesh, num=8, key=jax.random.key(0), batch_size=8, sampler="euler")
 

@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vdm_jax.data import eval_iterator
+from vdm_jax.data import check_source, eval_iterator
 from vdm_jax.training import parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer
 from vdm_jax.training.config import validate_config
@@ -119,10 +119,18 @@ def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws
        'per_example_nats': {term: float64 [N]} ordered by the source's index, and with full_vlb
        'per_t_bpd': [T] the mean of each L_{t-1}, t = 1..T}.
     Raises:
+      ValueError: a batch size that does not split over the devices, draws < 1, images of
+        another shape than the model's, or full_vlb for a VDM.
       RuntimeError: the pass did not cover every example exactly once (a data pipeline bug).
     """
     parallel.check_batch_size(batch_size, mesh, name="batch_size")
-    fn = _bound_fn(mesh, int(draws), bool(full_vlb))
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive int, got {draws!r}.")
+    image_shape = tuple(check_source(source))
+    if image_shape != tuple(state.objective.image_shape):
+        raise ValueError(f"the source's images have shape {image_shape} but the model takes "
+                         f"{tuple(state.objective.image_shape)}.")
+    fn = _bound_fn(mesh, draws, bool(full_vlb))
     it = eval_iterator(source, global_batch_size=batch_size)
     num_batches = math.ceil(math.ceil(len(source) / jax.process_count()) / (batch_size // jax.process_count()))
     bar = None
