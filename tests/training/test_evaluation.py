@@ -71,7 +71,7 @@ def test_bpd_equals_the_core_elbo_on_the_same_draws(micro, family):
 
 
 def test_one_t_estimate_is_unbiased_for_the_full_bound(micro):
-    """The one-t DDPM estimate averaged over draws agrees with the full bound over all T steps."""
+    """The one-t DDPM estimate (t ~ U{2..T} and L_0) averaged over draws equals the full T-term bound."""
     config = micro(timesteps=10)
     mesh = make_mesh()
     state = _state(config, mesh)
@@ -83,7 +83,6 @@ def test_one_t_estimate_is_unbiased_for_the_full_bound(micro):
     diff = (one_t["per_example_nats"]["total"] - full["per_example_nats"]["total"]) / (64 * np.log(2.0))
     se = diff.std(ddof=1) / np.sqrt(diff.shape[0])
     assert abs(diff.mean()) < 5 * se, (a, b, se)
-    assert b["se"] > a["se"]  # sampling t adds variance
 
 
 def test_full_vlb_is_a_ddpm_bound(micro):

@@ -119,11 +119,14 @@ class Objective:
             return terms["total"], terms
         return self._ddpm_loss(model, x, pixels, key_model, key_loss)
 
-    def _ddpm_draw(self, model, x, key, key_model=None):
-        """One draw of t ~ U{1..T} and ε per example, z_t, and the network's output at (z_t, t)."""
-        sched = self.discrete_schedule()
+    def _ddpm_draw(self, model, x, key, key_model=None, t_min: int = 1):
+        """One draw of t ~ U{t_min..T} and ε per example, z_t, and the network's output at (z_t, t)."""
         key_t, key_eps = jax.random.split(key)
-        t = jax.random.randint(key_t, (x.shape[0],), 1, self.timesteps + 1)
+        t = jax.random.randint(key_t, (x.shape[0],), t_min, self.timesteps + 1)
+        return self._ddpm_at(model, x, t, key_eps, key_model)
+
+    def _ddpm_at(self, model, x, t, key_eps, key_model=None):
+        sched = self.discrete_schedule()
         eps = jax.random.normal(key_eps, x.shape, x.dtype)
         gamma_t = sched.gamma(t)
         z = q_sample(x, eps, gamma_t)
@@ -157,9 +160,12 @@ class Objective:
         return loss, terms
 
     def per_example_bound(self, model, schedule_model, batch, key) -> dict[str, jax.Array]:
-        """An unbiased one-draw estimate of -ELBO per example, in nats, with its terms.
+        """An unbiased estimate of -ELBO per example, in nats, with its terms.
 
-        DDPM: prior + T·L_{t-1} for one t ~ U{1..T} (t = 1 is the decoder); VDM: its ELBO.
+        DDPM: prior + (T-1)·L_{t-1} for one t ~ U{2..T} + the reconstruction term L_0 (always
+        computed: it is a large part of the bound, and sampling it with probability 1/T would
+        multiply it by T and make the estimate very noisy). Two network calls per example.
+        VDM: its ELBO (one t, plus its reconstruction term).
         """
         pixels = batch["image"]
         x = pixels_to_data(pixels, grid=self.grid)
@@ -167,11 +173,16 @@ class Objective:
             gamma_fn = self.gamma_fn(schedule_model)
             return elbo.vdm_elbo(self.predictor(model, gamma_fn), x, key, gamma_fn, T=self.timesteps,
                                  pixels=pixels, kind=self.prediction)
-        sched, t, _, gamma_t, z, pred, v = self._ddpm_draw(model, x, key)
-        term = self.timesteps * self._ddpm_vlb_term(sched, t, gamma_t, x, pixels, z, pred, v)
+        key_diffusion, key_recon = jax.random.split(key)
+        ones = jnp.ones((x.shape[0],), jnp.int32)
+        sched, t, _, gamma_t, z, pred, v = self._ddpm_at(model, x, ones, key_recon)
+        reconstruction = self._ddpm_vlb_term(sched, t, gamma_t, x, pixels, z, pred, v)
+        if self.timesteps > 1:
+            sched, t, _, gamma_t, z, pred, v = self._ddpm_draw(model, x, key_diffusion, t_min=2)
+            diffusion = (self.timesteps - 1) * self._ddpm_vlb_term(sched, t, gamma_t, x, pixels, z, pred, v)
+        else:
+            diffusion = jnp.zeros_like(reconstruction)
         prior = losses.prior_loss(x, sched.gamma(self.timesteps))
-        diffusion = jnp.where(t > 1, term, 0.0)
-        reconstruction = jnp.where(t == 1, term, 0.0)
         return {"prior": prior, "diffusion": diffusion, "reconstruction": reconstruction,
                 "total": prior + diffusion + reconstruction}
 

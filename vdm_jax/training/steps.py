@@ -102,7 +102,8 @@ def eval_step(state: TrainState, batch, key, *, draws: int = 1, full_vlb: bool =
 
     batch: {'image': uint8 [B, H, W, C], ...}. Returns 'prior', 'diffusion', 'reconstruction' and
     'total', each [B]: the average of `draws` independent estimates, draw d using
-    `fold_in(key, d)` (`Objective.per_example_bound`: one t per example). With `full_vlb` (DDPM
+    `fold_in(key, d)` (`Objective.per_example_bound`: for a DDPM one t in 2..T per example plus
+    the reconstruction term; for a VDM its one-t ELBO). With `full_vlb` (DDPM
     only) every draw is the whole discrete bound over all T steps (`vdm_jax.ddpm_vlb`), and
     'per_t' [B, T] adds the terms L_{t-1} for t = 1..T (t = 1: the reconstruction).
     Padding examples are evaluated like the others; the caller masks them out.
