@@ -10,7 +10,7 @@ from vdm_jax.data.digits import load_digits
 from vdm_jax.data.image_files import ImageFilesSource
 from vdm_jax.data.load import SPECS, load_source
 from vdm_jax.data.npz import read_npz
-from vdm_jax.data.pipeline import eval_iterator, train_iterator
+from vdm_jax.data.pipeline import eval_iterator, num_eval_batches, train_iterator
 from vdm_jax.data.tfds_source import TfdsSource
 from vdm_jax.data.validation import DataNotFoundError, check_image, check_source
 
@@ -24,6 +24,7 @@ __all__ = [
     "check_image",
     "check_source",
     "eval_iterator",
+    "num_eval_batches",
     "load_digits",
     "load_source",
     "read_cifar10_python",

@@ -181,6 +181,12 @@ def train_iterator(
     return _iterate(dataset, num_workers, num_threads)
 
 
+def num_eval_batches(length: int, global_batch_size: int, shard_count: int | None = None) -> int:
+    """How many batches `eval_iterator` yields on every host for a source of `length` examples."""
+    shard_count = jax.process_count() if shard_count is None else shard_count
+    return math.ceil(math.ceil(length / shard_count) / _host_batch_size(global_batch_size, shard_count))
+
+
 def eval_iterator(
     source: Any,
     *,
@@ -211,7 +217,7 @@ def eval_iterator(
     shard_index, shard_count = _shard(shard_index, shard_count)
     batch_size = _host_batch_size(global_batch_size, shard_count)
     image_shape = check_source(source)
-    num_batches = math.ceil(math.ceil(len(source) / shard_count) / batch_size)
+    num_batches = num_eval_batches(len(source), global_batch_size, shard_count)
     shard = _EvalShard(
         _CheckedSource(source, image_shape), shard_index, shard_count, num_batches * batch_size)
     dataset = grain.MapDataset.source(shard).batch(batch_size, batch_fn=_stack)

@@ -107,13 +107,20 @@ def save_config(workdir: str, config_dict: dict) -> None:
         json.dump(config_dict, f, indent=2, sort_keys=True, default=list)
 
 
-def config_changes(workdir: str, config_dict: dict) -> list[str]:
-    """Differences between the config saved in `workdir` and `config_dict`, as 'key: old -> new'."""
+def saved_config(workdir: str) -> dict | None:
+    """The config dict a run saved in `workdir/config.json`, or None if there is none."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        return []
+        return None
     with open(path) as f:
-        old = json.load(f)
+        return json.load(f)
+
+
+def config_changes(workdir: str, config_dict: dict) -> list[str]:
+    """Differences between the config saved in `workdir` and `config_dict`, as 'key: old -> new'."""
+    old = saved_config(workdir)
+    if old is None:
+        return []
     new = json.loads(json.dumps(config_dict, default=list))
 
     def flat(d, prefix=""):

@@ -17,7 +17,6 @@ Keys: batch b of the split is evaluated with `fold_in(key, b)` (draw d of it wit
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from typing import Any
@@ -26,10 +25,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from vdm_jax.data import check_source, eval_iterator
+from vdm_jax.data import check_source, eval_iterator, num_eval_batches
 from vdm_jax.training import parallel, steps
-from vdm_jax.training.checkpoint import Checkpointer
+from vdm_jax.training.checkpoint import Checkpointer, saved_config
 from vdm_jax.training.config import validate_config
+from vdm_jax.training.metrics import progress_bar
 from vdm_jax.training.state import TrainState, create_train_state
 
 TERMS = ("prior", "diffusion", "reconstruction", "total")
@@ -42,12 +42,12 @@ class RunNotFoundError(FileNotFoundError):
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run saved in `workdir/config.json`."""
-    path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "config.json")
-    if not os.path.exists(path):
-        raise RunNotFoundError(f"{path} does not exist: --workdir must be the work directory of a training run "
-                               "(experiments.quickstart or experiments.cifar10).")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    config = saved_config(workdir)
+    if config is None:
+        raise RunNotFoundError(f"{os.path.join(workdir, 'config.json')} does not exist: --workdir must be the work "
+                               "directory of a training run (experiments.quickstart or experiments.cifar10).")
+    return ml_collections.ConfigDict(config)
 
 
 def load_checkpoint(workdir: str, *, step: int | None = None, mesh=None
@@ -66,16 +66,19 @@ def load_checkpoint(workdir: str, *, step: int | None = None, mesh=None
     model_config = validate_config(config)
     mesh = mesh or parallel.make_mesh()
     directory = os.path.join(workdir, "checkpoints")
-    ckpt = Checkpointer(directory, async_save=False) if os.path.isdir(directory) else None
-    steps_saved = [] if ckpt is None else sorted(ckpt.manager.all_steps())
-    if not steps_saved:
+    if not os.path.isdir(directory):
         raise RunNotFoundError(f"{workdir} has no checkpoint yet (looked in {directory}).")
-    if step is not None and step not in steps_saved:
-        raise RunNotFoundError(f"{workdir} has no checkpoint at step {step}; it has steps {steps_saved}.")
-    abstract = jax.eval_shape(lambda key: create_train_state(config, model_config, key), jax.random.key(0))
-    rep = parallel.replicated(mesh)
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), abstract.checkpoint_tree())
+    ckpt = Checkpointer(directory, async_save=False)
     try:
+        steps_saved = sorted(ckpt.manager.all_steps())
+        if not steps_saved:
+            raise RunNotFoundError(f"{workdir} has no checkpoint yet (looked in {directory}).")
+        if step is not None and step not in steps_saved:
+            raise RunNotFoundError(f"{workdir} has no checkpoint at step {step}; it has steps {steps_saved}.")
+        abstract = jax.eval_shape(lambda key: create_train_state(config, model_config, key), jax.random.key(0))
+        rep = parallel.replicated(mesh)
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+                              abstract.checkpoint_tree())
         tree, _ = ckpt.restore(target, step)
     finally:
         ckpt.close()
@@ -132,11 +135,7 @@ def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws
                          f"{tuple(state.objective.image_shape)}.")
     fn = _bound_fn(mesh, draws, bool(full_vlb))
     it = eval_iterator(source, global_batch_size=batch_size)
-    num_batches = math.ceil(math.ceil(len(source) / jax.process_count()) / (batch_size // jax.process_count()))
-    bar = None
-    if progress and jax.process_index() == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=num_batches, desc="bpd", unit="batch", dynamic_ncols=True)
+    bar = progress_bar(progress, total=num_eval_batches(len(source), batch_size), desc="bpd", unit="batch")
     values: dict[str, list[np.ndarray]] = {}
     indices: list[np.ndarray] = []
     for b, batch in enumerate(it):
@@ -146,10 +145,8 @@ def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws
         indices.append(np.asarray(index)[mask])
         for name, value in terms.items():
             values.setdefault(name, []).append(np.asarray(value, np.float64)[mask])
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     index = np.concatenate(indices)
     n = len(source)
     if index.shape[0] != n or not np.array_equal(np.sort(index), np.arange(n)):
@@ -218,17 +215,12 @@ def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int 
     parallel.check_batch_size(batch_size, mesh, name="batch_size")
     fn = _sample_fn(mesh, int(batch_size), sampler, int(steps))
     num_batches = math.ceil(num / batch_size)
-    bar = None
-    if progress and jax.process_index() == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=num, desc="samples", unit="image", dynamic_ncols=True)
+    bar = progress_bar(progress, total=num, desc="samples", unit="image")
     out = []
     for b in range(num_batches):
         out.append(np.asarray(jax.device_get(fn(state, jax.random.fold_in(key, b)))))
-        if bar is not None:
-            bar.update(min(batch_size, num - b * batch_size))
-    if bar is not None:
-        bar.close()
+        bar.update(min(batch_size, num - b * batch_size))
+    bar.close()
     return np.concatenate(out)[:num]
 
 

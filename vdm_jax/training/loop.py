@@ -23,7 +23,7 @@ from vdm_jax.training import parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, config_changes, save_config
 from vdm_jax.training.config import validate_config
 from vdm_jax.training.evaluation import evaluate_bpd, generate_samples
-from vdm_jax.training.metrics import MetricWriter, image_grid, save_png
+from vdm_jax.training.metrics import MetricWriter, image_grid, progress_bar, save_png
 from vdm_jax.training.state import TrainState, create_train_state
 
 log = logging.getLogger("vdm_jax")
@@ -199,7 +199,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     start = int(state.step)
     one, many = run.step_fns
     summary: dict[str, Any] = {"start_step": start}
-    progress = _progress(t, start)
+    progress = progress_bar(t.progress_bar, total=t.num_steps, initial=start, desc="train", unit="step")
     if t.eval_at_start and start == 0:
         run.writer.scalars(0, run.evaluate(state))
     last_time, last_step, metrics = time.perf_counter(), start, None
@@ -209,8 +209,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             k = t.steps_per_call if t.num_steps - prev >= t.steps_per_call > 1 else 1
             state, metrics = (many if k > 1 else one)(state, run.next_batches(k), run.key_train)
             now = prev + k
-            if progress is not None:
-                progress.update(k)
+            progress.update(k)
             if _crossed(prev, now, t.log_every) or now == t.num_steps:
                 values = {k_: float(v) for k_, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - last_time
@@ -219,16 +218,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 last_time, last_step = time.perf_counter(), now
                 run.writer.scalars(now, values)
                 summary["train"] = values
-                if progress is not None:
-                    progress.set_postfix(loss=f"{values['loss']:.4f}")
+                progress.set_postfix(loss=f"{values['loss']:.4f}")
             if _crossed(prev, now, t.checkpoint_every):
                 run.save(state)
             if _crossed(prev, now, t.eval_every) and now < t.num_steps:
                 run.writer.scalars(now, run.evaluate(state))
             if _crossed(prev, now, t.sample_every) and now < t.num_steps:
                 summary["samples"] = run.sample(state)
-        if progress is not None:
-            progress.close()
+        progress.close()
         interrupted = stop.signum is not None
         if run.ckpt.latest_step() != int(state.step):
             run.save(state, force=True)
@@ -247,10 +244,3 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     run.writer.close()
     run.ckpt.close()
     return summary
-
-
-def _progress(t, start):
-    if not t.progress_bar or jax.process_index() != 0:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)

@@ -6,6 +6,7 @@ import math
 import os
 from typing import Mapping
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -62,3 +63,24 @@ class MetricWriter:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+class _NoBar:
+    """Stands in for a progress bar that is not shown."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(enabled: bool, **tqdm_kwargs):
+    """A tqdm bar on process 0 when `enabled`, else an object with the same no-op methods."""
+    if not enabled or jax.process_index() != 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(dynamic_ncols=True, **tqdm_kwargs)

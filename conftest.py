@@ -1,0 +1,20 @@
+"""The environment of everything the test command runs: the tests and the notebooks' kernels.
+
+Set here, before JAX is imported anywhere, so that the tests (tests/conftest.py) and the notebook
+kernels that `--nbmake` starts (they inherit this environment) run alike:
+- 8 fake CPU devices;
+- cheaper LLVM optimisation, which on XLA:CPU cuts compile times of the model and init programs
+  about 4× (e.g. 19 s -> 4.5 s) at no measurable cost to the tests' run time;
+- one persistent compilation cache, `.jax_cache/` (or $VDM_JAX_TEST_CACHE).
+"""
+import os
+
+CACHE_DIR = os.environ.get("VDM_JAX_TEST_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".jax_cache"))
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=1"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
