@@ -229,8 +229,44 @@ def test_integer_data_rejected():
 
 
 def test_q_step_beta_out_of_range():
-    with pytest.raises(ValueError, match=r"beta_t must lie in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"beta_t must lie in \[0, 1\]; got values in \[1.5, 1.5\]"):
         vj.q_step(jnp.ones((2, 2)), jnp.ones((2, 2)), 1.5)
+
+
+CONVERSIONS = [vj.x_from_eps, vj.eps_from_x, vj.v_from_eps, vj.eps_from_v, vj.x_from_v]
+
+
+@pytest.mark.parametrize("fn", CONVERSIONS, ids=lambda f: f.__name__)
+def test_conversions_check_shapes_and_dtypes_inside_jit(fn):
+    second = fn.__code__.co_varnames[1]  # eps, x or v
+    with pytest.raises(ValueError, match=rf"same shape, got z_t \(2, 2\), {second} \(2, 3\)"):
+        jax.jit(fn)(jnp.ones((2, 2)), jnp.ones((2, 3)), 0.0)
+    with pytest.raises(TypeError, match="z_t must be a floating-point array, got dtype int32"):
+        jax.jit(fn)(jnp.ones((2, 2), jnp.int32), jnp.ones((2, 2)), 0.0)
+    with pytest.raises(TypeError, match=rf"{second} must be a floating-point array, got dtype int32"):
+        jax.jit(fn)(jnp.ones((2, 2)), jnp.ones((2, 2), jnp.int32), 0.0)
+
+
+@pytest.mark.parametrize("fn, name", [(vj.score_from_eps, "eps"), (vj.eps_from_score, "score")])
+def test_score_conversions_reject_integers(fn, name):
+    with pytest.raises(TypeError, match=f"{name} must be a floating-point array"):
+        jax.jit(fn)(jnp.ones((2, 2), jnp.int32), 0.0)
+
+
+def test_eps_and_x_checks_z_t():
+    with pytest.raises(TypeError, match="z_t must be a floating-point array"):
+        jax.jit(vj.eps_and_x, static_argnums=3)(jnp.ones((2, 2)), jnp.ones((2, 2), jnp.int32), 0.0, "x")
+
+
+@pytest.mark.parametrize("gamma_s, gamma_t", [(2.0, 1.0), (1.0, 1.0), (jnp.array([0.0, 3.0]), jnp.array([1.0, 2.0]))])
+def test_q_posterior_needs_s_before_t(gamma_s, gamma_t):
+    with pytest.raises(ValueError, match="gamma_s must be < gamma_t"):
+        vj.q_posterior(jnp.ones((2, 2)), jnp.ones((2, 2)), gamma_s, gamma_t)
+
+
+def test_gamma_that_is_not_an_array():
+    with pytest.raises(TypeError, match="gamma_t must be a floating-point array, got str"):
+        vj.q_sample(jnp.ones((2, 2)), jnp.ones((2, 2)), "1.0")
 
 
 def test_unknown_prediction_kind():

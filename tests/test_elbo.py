@@ -161,3 +161,39 @@ def test_vdm_elbo_bad_decoder():
         vj.vdm_elbo(lambda z, t: z, jnp.zeros((2, 2)), jax.random.key(0), vj.LinearSchedule(), decoder="bernoulli")
     with pytest.raises(ValueError, match="needs the integer pixels"):
         vj.vdm_elbo(lambda z, t: z, jnp.zeros((2, 2)), jax.random.key(0), vj.LinearSchedule())
+
+
+SCHED = vj.DiscreteSchedule(vj.linear_betas(10))
+PIXELS = jnp.zeros((2, 3), jnp.int32)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: vj.ddpm_vlb(lambda z, t: z, PIXELS, jax.random.key(0), vj.LinearSchedule()), TypeError,
+     "schedule must be a DiscreteSchedule, got LinearSchedule; for a continuous schedule use vdm_elbo"),
+    (lambda: vj.ddpm_vlb(lambda z, t: z, PIXELS, jax.random.key(0), SCHED, variance="large"), ValueError,
+     "variance must be 'posterior', 'beta' or 'learned', got 'large'"),
+    (lambda: vj.ddpm_vlb(lambda z, t: z, PIXELS, jax.random.key(0), SCHED, kind="noise"), ValueError,
+     "kind must be one of"),
+    (lambda: vj.ddpm_vlb(lambda z, t: z, jnp.int32(3), jax.random.key(0), SCHED), ValueError,
+     r"pixels must have shape \[B, ...\]"),
+    (lambda: vj.ddpm_vlb(lambda z, t: (z, z), PIXELS, jax.random.key(0), SCHED), ValueError,
+     "pred_fn returned a tuple of 2, but without a learned variance it must return one array"),
+    (lambda: vj.ddpm_vlb(lambda z, t: z[:, :1], PIXELS, jax.random.key(0), SCHED), ValueError,
+     r"same shape, got z_t \(2, 3\), prediction \(2, 1\)"),
+    (lambda: vj.vdm_elbo(lambda z, t: (z, z), jnp.zeros((2, 3)), jax.random.key(0), vj.LinearSchedule(),
+                         decoder="gaussian"), ValueError, "pred_fn returned a tuple of 2"),
+    (lambda: vj.vdm_elbo(lambda z, t: z, jnp.float32(0.0), jax.random.key(0), vj.LinearSchedule(),
+                         decoder="gaussian"), ValueError, r"x must have shape \[B, ...\]"),
+    (lambda: vj.vdm_elbo(lambda z, t: z, jnp.zeros((2, 3)), jax.random.key(0), vj.LinearSchedule(),
+                         pixels=PIXELS.astype(jnp.float32)), TypeError, "pixels must be integers in 0..255"),
+])
+def test_elbo_bad_input_inside_jit(call, error, match):
+    with pytest.raises(error, match=match):
+        jax.jit(call)()
+
+
+def test_elbo_concrete_values_out_of_range():
+    with pytest.raises(ValueError, match=r"pixels must lie in 0..255; got values in \[256, 256\]"):
+        vj.ddpm_vlb(lambda z, t: z, PIXELS + 256, jax.random.key(0), SCHED)
+    with pytest.raises(ValueError, match=r"t must lie in 1..T = 1..10; got values in \[0, 0\]"):
+        vj.ddpm_log_variance(SCHED, 0)

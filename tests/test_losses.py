@@ -277,3 +277,78 @@ def test_reverse_variance_kind():
 def test_bits_per_dim_bad_dims():
     with pytest.raises(ValueError, match="dims must be >= 1"):
         vj.bits_per_dim(1.0, 0)
+    with pytest.raises(TypeError, match=r"dims must be an int, got 3.5 \(float\)"):
+        vj.bits_per_dim(1.0, 3.5)
+
+
+X = jnp.ones((2, 3))
+
+
+@pytest.mark.parametrize("fn", [vj.x0_matching, vj.eps_matching, vj.score_matching], ids=lambda f: f.__name__)
+def test_matching_losses_inside_jit(fn):
+    with pytest.raises(TypeError, match="must be a floating-point array, got dtype int32"):
+        jax.jit(fn)(X.astype(jnp.int32), X, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"same shape, got .* \(2, 3\), .* \(2, 2\)"):
+        jax.jit(fn)(X, jnp.ones((2, 2)), 0.0, 1.0)
+
+
+@pytest.mark.parametrize("fn", [vj.x0_matching, vj.eps_matching, vj.score_matching,
+                                lambda a, b, gs, gt: vj.reverse_log_variance(gs, gt, "beta"),
+                                lambda a, b, gs, gt: vj.denoising_kl(a, a, b, gs, gt, 0.0)])
+def test_gamma_s_must_be_below_gamma_t(fn):
+    with pytest.raises(ValueError, match=r"gamma_s must be < gamma_t .*gamma_s=1.0 and gamma_t=0.5 at index \(1,\)"):
+        fn(X, X, jnp.array([0.0, 1.0]), jnp.array([1.0, 0.5]))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda p: vj.pixels_to_data(p),
+    lambda p: vj.ddpm_decoder_nll(p, jnp.zeros(p.shape), 0.0),
+    lambda p: vj.vdm_decoder_nll(p, jnp.zeros(p.shape), -10.0),
+])
+@pytest.mark.parametrize("pixels", [[[0, 256]], [[-1, 3]]])
+def test_pixels_outside_0_255(fn, pixels):
+    with pytest.raises(ValueError, match=r"pixels must lie in 0..255; got values in \[-?\d+, \d+\]"):
+        fn(jnp.asarray(pixels, jnp.int32))
+
+
+def test_float_pixels_inside_jit():
+    with pytest.raises(TypeError, match="pixels must be integers in 0..255 .*got dtype float32"):
+        jax.jit(vj.pixels_to_data)(jnp.ones((2, 2)))
+    with pytest.raises(TypeError, match="pixels must be integers in 0..255 .*got dtype float32"):
+        jax.jit(vj.vdm_decoder_nll)(jnp.ones((2, 2)), jnp.ones((2, 2)), 0.0)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"num_steps": 0}, ValueError, "num_steps must be >= 1, got 0"),
+    ({"num_steps": 1000.0}, TypeError, "num_steps must be an int"),
+    ({"num_steps": 10, "lam": -0.1}, ValueError, r"lam must lie in \[0, inf\)"),
+])
+def test_hybrid_loss_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        vj.hybrid_loss(X, X, jnp.ones((2,)), **kwargs)
+
+
+def test_diffusion_loss_t_outside_unit_interval():
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]; got values in \[0.5, 1.5\]"):
+        vj.diffusion_loss(X, X, jnp.array([0.5, 1.5]), vj.LinearSchedule(), 0)
+
+
+@pytest.mark.parametrize("batch_size, T, error, match", [
+    (0, 0, ValueError, "batch_size must be >= 1, got 0"),
+    (4, -1, ValueError, "T must be >= 0, got -1"),
+    (4, 2.5, TypeError, "T must be an int, got 2.5"),
+])
+def test_sample_times_bad_arguments(batch_size, T, error, match):
+    with pytest.raises(error, match=match):
+        vj.sample_times(jax.random.key(0), batch_size, T=T)
+
+
+def test_normal_kl_names_shapes_that_do_not_broadcast():
+    with pytest.raises(ValueError, match=r"must broadcast together, got mean1 \(2, 3\), log_var1 \(\), "
+                                         r"mean2 \(3, 3\), log_var2 \(\)"):
+        jax.jit(vj.normal_kl)(X, 0.0, jnp.ones((3, 3)), 0.0)
+
+
+def test_learned_variance_v_of_another_batch():
+    with pytest.raises(ValueError, match=r"gamma_s must be a scalar or have shape \[B\] = \[3\] matching v's"):
+        jax.jit(vj.reverse_log_variance, static_argnums=2)(jnp.zeros(2), jnp.ones(2), "learned", jnp.ones((3, 4)))

@@ -255,7 +255,7 @@ def test_bad_sampler_arguments():
         vj.ddpm_sample(pred, sched, (2, 1), jax.random.key(0), kind="noise")
     with pytest.raises(ValueError, match="shape must be a non-empty tuple"):
         vj.ddpm_sample(pred, sched, (), jax.random.key(0))
-    with pytest.raises(ValueError, match="num_steps must be a positive int"):
+    with pytest.raises(ValueError, match="num_steps must be >= 1, got 0"):
         vj.vdm_sample(pred, vj.LinearSchedule(), (2, 1), jax.random.key(0), num_steps=0)
     with pytest.raises(ValueError, match="times must be strictly decreasing"):
         vj.ddim_sample(pred, sched.gamma, np.array([0, 10, 20]), (2, 1), jax.random.key(0))
@@ -265,3 +265,59 @@ def test_bad_sampler_arguments():
         vj.strided_times(20, 21)
     with pytest.raises(ValueError, match="must return \\(prediction, v\\)"):
         vj.ddpm_sample(pred, sched, (2, 1), jax.random.key(0), variance="learned")
+
+
+SCHED = vj.DiscreteSchedule(vj.linear_betas(10))
+KEY = jax.random.key(0)
+
+
+def _identity(z, t):
+    return z
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: vj.ddpm_sample(_identity, vj.LinearSchedule(), (2, 1), KEY), TypeError,
+     "schedule must be a DiscreteSchedule, got LinearSchedule; for a continuous schedule use vdm_sample"),
+    (lambda: vj.ddpm_sample(_identity, SCHED, (2, 1), KEY, variance="large"), ValueError,
+     "variance must be 'posterior', 'beta' or 'learned', got 'large'"),
+    (lambda: vj.ddpm_sample(_identity, SCHED, 4, KEY), TypeError, r"shape must be a tuple of ints \[B, ...\], got 4"),
+    (lambda: vj.ddpm_sample(_identity, SCHED, (2, 1), KEY, clip_x=(1.0, -1.0)), ValueError,
+     r"clip_x must be None or a pair \(lo, hi\) with lo < hi, got \(1.0, -1.0\)"),
+    (lambda: vj.ddpm_sample(lambda z, t: (z, z), SCHED, (2, 1), KEY), ValueError,
+     "pred_fn returned a tuple of 2, but without a learned variance"),
+    (lambda: vj.ddpm_sample(lambda z, t: z[:, :1], SCHED, (2, 3), KEY), ValueError,
+     r"same shape, got z_t \(2, 3\), prediction \(2, 1\)"),
+    (lambda: vj.ddpm_step(_identity, SCHED, jnp.ones((2, 1)), jnp.array([3, 4]), KEY), TypeError,
+     r"t must be a scalar integer step in 1..T, got shape \(2,\)"),
+    (lambda: vj.ddpm_step(_identity, SCHED, jnp.ones((2, 1), jnp.int32), 3, KEY), TypeError,
+     "z must be a floating-point array"),
+    (lambda: vj.vdm_sample(_identity, vj.LinearSchedule(), (2, 1), KEY, num_steps=10.0), TypeError,
+     r"num_steps must be an int, got 10.0 \(float\)"),
+    (lambda: vj.vdm_sample(_identity, SCHED.gamma, (2, 1), KEY, num_steps=4), TypeError,
+     "t must be an integer step in 0..T, got dtype float32; for continuous time"),
+    (lambda: vj.ddim_sample(_identity, SCHED.gamma, np.array([20, 10, 0]), (2, 1), KEY), ValueError,
+     r"times \(from 20 down to 0\) are not valid for gamma_fn: t must lie in 0..T = 0..10"),
+    (lambda: vj.ddim_sample(_identity, vj.LinearSchedule(), np.array([1.5, 0.5, 0.0]), (2, 1), KEY), ValueError,
+     r"times \(from 1.5 down to 0.0\) are not valid for gamma_fn: t must lie in \[0, 1\]"),
+    (lambda: vj.ddim_sample(_identity, SCHED.gamma, np.array([1.0, 0.5, 0.0]), (2, 1), KEY), TypeError,
+     "are not valid for gamma_fn: t must be an integer step"),
+])
+def test_sampler_bad_input_inside_jit(call, error, match):
+    with pytest.raises(error, match=match):
+        jax.jit(call)()
+
+
+@pytest.mark.parametrize("t", [0, 11])
+def test_ddpm_step_concrete_t_out_of_range(t):
+    with pytest.raises(ValueError, match=rf"t must lie in 1..T = 1..10; got values in \[{t}, {t}\]"):
+        vj.ddpm_step(_identity, SCHED, jnp.ones((2, 1)), t, KEY)
+
+
+@pytest.mark.parametrize("T, num_steps, error, match", [
+    (10, 2.5, TypeError, "num_steps must be an int, got 2.5"),
+    (10.0, 2, TypeError, "T must be an int, got 10.0"),
+    (10, 0, ValueError, "num_steps must be >= 1, got 0"),
+])
+def test_strided_times_bad_arguments(T, num_steps, error, match):
+    with pytest.raises(error, match=match):
+        vj.strided_times(T, num_steps)

@@ -229,7 +229,37 @@ def test_continuous_t_out_of_range(t):
 
 def test_alpha_sigma_rejects_integers():
     with pytest.raises(TypeError, match="gamma must be a floating-point array"):
-        vj.alpha_sigma(jnp.int32(3))
+        jax.jit(vj.alpha_sigma)(jnp.int32(3))
+    with pytest.raises(TypeError, match="gamma must be a floating-point array, got str"):
+        vj.alpha_sigma("3.0")
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: vj.linear_betas(10, "1e-4"), TypeError, "beta_start must be a real number, got '1e-4'"),
+    (lambda: vj.linear_betas(10, 1e-4, None), TypeError, "beta_end must be a real number, got None"),
+    (lambda: vj.cosine_betas(10, max_beta=1.0), ValueError, r"max_beta must be in \(0, 1\), got 1.0"),
+    (lambda: vj.cosine_betas(True), TypeError, "T must be an int, got True"),
+    (lambda: vj.LinearSchedule("-13", 5.0), TypeError, "gamma_min must be a real number"),
+    (lambda: vj.CosineSchedule(-13.3, float("inf")), ValueError, "gamma_max must be finite, got inf"),
+    (lambda: vj.LearnedSchedule(hidden=0, rngs=nnx.Rngs(0)), ValueError, "hidden must be >= 1, got 0"),
+    (lambda: vj.DiscreteSchedule.from_alpha_bars([0.9, 0.0]), ValueError,
+     r"alpha_bars must lie in \(0, 1\]; alpha_bars\[1\] \(step t=2\) is 0.0"),
+])
+def test_bad_schedule_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.parametrize("sched", [vj.LinearSchedule(), vj.DiscreteSchedule(vj.linear_betas(10)).as_continuous()])
+def test_integer_t_to_continuous_schedule_inside_jit(sched):
+    with pytest.raises(TypeError, match="t must be a floating-point array, got dtype int32"):
+        jax.jit(sched)(jnp.int32(1))
+
+
+def test_float_t_to_discrete_gamma_inside_jit():
+    sched = vj.DiscreteSchedule(vj.linear_betas(10))
+    with pytest.raises(TypeError, match="t must be an integer step in 0..T"):
+        jax.jit(sched.gamma)(jnp.float32(0.5))
 
 
 def test_schedule_jit_traces_once():

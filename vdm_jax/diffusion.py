@@ -49,12 +49,12 @@ def q_step(z_prev, eps, beta_t) -> jax.Array:
     Args:
       z_prev: z_{t-1} [B, ...].
       eps: standard normal noise, z_prev's shape.
-      beta_t: β_t in (0, 1), scalar or [B].
+      beta_t: β_t in [0, 1], scalar or [B].
     """
     z_prev, eps = _checks.check_float("z_prev", z_prev), _checks.check_float("eps", eps)
     _checks.check_same_shape(z_prev=z_prev, eps=eps)
     beta = _checks.per_example("beta_t", _checks.check_float("beta_t", beta_t), z_prev, "z_prev")
-    _checks.check_in_range("beta_t", beta, 0.0, 1.0, "(0, 1)")
+    _checks.check_in_range("beta_t", beta, 0.0, 1.0, "[0, 1]")
     return jnp.sqrt(1.0 - beta) * z_prev + jnp.sqrt(beta) * eps
 
 
@@ -93,6 +93,7 @@ def q_posterior(x, z_t, gamma_s, gamma_t) -> tuple[jax.Array, jax.Array]:
     _checks.check_same_shape(x=x, z_t=z_t)
     gs = _checks.check_float("gamma_s", gamma_s)
     gt = _checks.check_float("gamma_t", gamma_t)
+    _checks.check_less("gamma_s", gs, "gamma_t", gt)
     coef_z, coef_x, var = _posterior_coefficients(gs, gt)
     mean = (_checks.per_example("gamma_s/gamma_t", coef_z, x) * z_t
             + _checks.per_example("gamma_s/gamma_t", coef_x, x) * x)
@@ -103,52 +104,66 @@ def q_posterior(x, z_t, gamma_s, gamma_t) -> tuple[jax.Array, jax.Array]:
 # Conversions between predictions (MATH.md §4)
 
 
+def _latent_and(z_t, other, other_name):
+    """Checks z_t and a prediction of its shape (floats, same shape); returns both as arrays."""
+    z_t, other = _checks.check_float("z_t", z_t), _checks.check_float(other_name, other)
+    _checks.check_same_shape(z_t=z_t, **{other_name: other})
+    return z_t, other
+
+
 def x_from_eps(z_t, eps, gamma_t) -> jax.Array:
     """x̂ = (z_t - σ_t ε̂) / α_t (MATH.md §4)."""
+    z_t, eps = _latent_and(z_t, eps, "eps")
     alpha, sigma = _alpha_sigma_like(gamma_t, z_t, x_name="z_t")
     return (z_t - sigma * eps) / alpha
 
 
 def eps_from_x(z_t, x, gamma_t) -> jax.Array:
     """ε̂ = (z_t - α_t x̂) / σ_t (MATH.md §4)."""
+    z_t, x = _latent_and(z_t, x, "x")
     alpha, sigma = _alpha_sigma_like(gamma_t, z_t, x_name="z_t")
     return (z_t - alpha * x) / sigma
 
 
 def score_from_eps(eps, gamma_t) -> jax.Array:
     """ŝ = -ε̂ / σ_t, the score ∇ log p(z_t) (MATH.md §4)."""
+    eps = _checks.check_float("eps", eps)
     _, sigma = _alpha_sigma_like(gamma_t, eps, x_name="eps")
     return -eps / sigma
 
 
 def eps_from_score(score, gamma_t) -> jax.Array:
     """ε̂ = -σ_t ŝ (MATH.md §4)."""
+    score = _checks.check_float("score", score)
     _, sigma = _alpha_sigma_like(gamma_t, score, x_name="score")
     return -sigma * score
 
 
 def v_from_eps(z_t, eps, gamma_t) -> jax.Array:
     """v̂ = α_t ε̂ - σ_t x̂ = (ε̂ - σ_t z_t) / α_t (MATH.md §4; Salimans & Ho 2022)."""
+    z_t, eps = _latent_and(z_t, eps, "eps")
     alpha, sigma = _alpha_sigma_like(gamma_t, z_t, x_name="z_t")
     return (eps - sigma * z_t) / alpha
 
 
 def eps_from_v(z_t, v, gamma_t) -> jax.Array:
     """ε̂ = σ_t z_t + α_t v̂ (MATH.md §4; uses α² + σ² = 1)."""
+    z_t, v = _latent_and(z_t, v, "v")
     alpha, sigma = _alpha_sigma_like(gamma_t, z_t, x_name="z_t")
     return sigma * z_t + alpha * v
 
 
 def x_from_v(z_t, v, gamma_t) -> jax.Array:
     """x̂ = α_t z_t - σ_t v̂ (MATH.md §4)."""
+    z_t, v = _latent_and(z_t, v, "v")
     alpha, sigma = _alpha_sigma_like(gamma_t, z_t, x_name="z_t")
     return alpha * z_t - sigma * v
 
 
-def check_prediction(kind: str) -> str:
+def check_prediction(kind: str, name: str = "kind") -> str:
     """Checks a prediction kind, one of 'eps', 'x', 'score', 'v'."""
-    if kind not in PREDICTIONS:
-        raise ValueError(f"kind must be one of {PREDICTIONS}, got {kind!r}.")
+    if not isinstance(kind, str) or kind not in PREDICTIONS:
+        raise ValueError(f"{name} must be one of {PREDICTIONS}, got {kind!r}.")
     return kind
 
 
@@ -164,8 +179,7 @@ def eps_and_x(prediction, z_t, gamma_t, kind: Prediction) -> tuple[jax.Array, ja
       (eps_hat, x_hat).
     """
     check_prediction(kind)
-    prediction = _checks.check_float("prediction", prediction)
-    _checks.check_same_shape(prediction=prediction, z_t=z_t)
+    z_t, prediction = _latent_and(z_t, prediction, "prediction")
     if kind == "x":
         return eps_from_x(z_t, prediction, gamma_t), prediction
     if kind == "v":

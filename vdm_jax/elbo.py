@@ -11,29 +11,17 @@ import jax
 import jax.numpy as jnp
 
 from vdm_jax import _checks
-from vdm_jax.diffusion import Prediction, eps_and_x, q_sample
-from vdm_jax.losses import (ReverseVariance, diffusion_loss, gaussian_decoder_nll, prior_loss,
-                            reverse_log_variance, sample_times, vdm_decoder_nll, vlb_term)
+from vdm_jax.diffusion import Prediction, check_prediction, eps_and_x, q_sample
+from vdm_jax.losses import (ReverseVariance, check_variance, diffusion_loss, gaussian_decoder_nll,
+                            prior_loss, reverse_log_variance, sample_times, vdm_decoder_nll, vlb_term)
 from vdm_jax.pixels import pixels_to_data
 from vdm_jax.schedules import DiscreteSchedule
 
 
 def bits_per_dim(nats, dims: int) -> jax.Array:
     """bpd = NLL_nats / (D ln 2) (MATH.md §5). `dims` is D, the dimensions of one example."""
-    if dims < 1:
-        raise ValueError(f"dims must be >= 1, got {dims}.")
+    dims = _checks.check_int("dims", dims, 1)
     return jnp.asarray(nats) / (dims * math.log(2.0))
-
-
-def _split_prediction(out, variance):
-    if variance == "learned":
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise ValueError("with variance='learned' the prediction function must return (prediction, v).")
-        return out
-    if isinstance(out, tuple):
-        raise ValueError(f"the prediction function returned a tuple, but variance={variance!r} expects "
-                         "one array (use variance='learned' for (prediction, v)).")
-    return out, None
 
 
 def _decoder_log_variance(schedule: DiscreteSchedule, variance, v):
@@ -67,6 +55,7 @@ def ddpm_log_variance(schedule: DiscreteSchedule, t, variance: ReverseVariance =
       log σ² of t's shape, or v's shape when v has more dimensions.
     """
     t = jnp.asarray(t)
+    _checks.check_in_range("t", t, 1, schedule.T, f"1..T = 1..{schedule.T}")
     rev = reverse_log_variance(schedule.gamma(t - 1), schedule.gamma(t), variance, v)
     first = t == 1
     if jnp.ndim(rev) > first.ndim:
@@ -95,6 +84,10 @@ def ddpm_vlb(pred_fn: Callable, pixels, key, schedule: DiscreteSchedule, *,
       dict with 'prior' [B], 'denoising' [B, T-1] (t = 2..T), 'reconstruction' [B] and
       'total' [B], all nats.
     """
+    _checks.check_instance("schedule", schedule, DiscreteSchedule, "; for a continuous schedule use vdm_elbo")
+    check_prediction(kind)
+    check_variance(variance)
+    _checks.check_batched("pixels", pixels)
     x = pixels_to_data(pixels, grid="ddpm", dtype=schedule.dtype)
     batch = x.shape[0]
 
@@ -102,7 +95,7 @@ def ddpm_vlb(pred_fn: Callable, pixels, key, schedule: DiscreteSchedule, *,
         t_vec = jnp.full((batch,), t, jnp.int32)
         gamma_s, gamma_t = schedule.gamma(t - 1), schedule.gamma(t)
         z_t = q_sample(x, jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype), gamma_t)
-        pred, v = _split_prediction(pred_fn(z_t, t_vec), variance)
+        pred, v = _checks.split_prediction(pred_fn(z_t, t_vec), variance == "learned")
         _, x_hat = eps_and_x(pred, z_t, gamma_t, kind)
         log_var = ddpm_log_variance(schedule, t, variance, v)
         return None, vlb_term(x, pixels, z_t, x_hat, gamma_s, gamma_t, log_var)
@@ -135,6 +128,8 @@ def vdm_elbo(pred_fn: Callable, x, key, gamma_fn: Callable, *, T: int = 0, pixel
       dict of [B] nats: 'prior', 'diffusion', 'reconstruction', 'total'.
     """
     x = _checks.check_float("x", x)
+    _checks.check_batched("x", x)
+    check_prediction(kind)
     if decoder not in ("vdm", "gaussian"):
         raise ValueError(f"decoder must be 'vdm' or 'gaussian', got {decoder!r}.")
     if decoder == "vdm" and pixels is None:
@@ -146,7 +141,8 @@ def vdm_elbo(pred_fn: Callable, x, key, gamma_fn: Callable, *, T: int = 0, pixel
     eps = jax.random.normal(key_eps, x.shape, x.dtype)
     gamma_t = gamma_fn(t)
     z_t = q_sample(x, eps, gamma_t)
-    eps_hat, _ = eps_and_x(pred_fn(z_t, t), z_t, gamma_t, kind)
+    pred, _ = _checks.split_prediction(pred_fn(z_t, t), learned=False)
+    eps_hat, _ = eps_and_x(pred, z_t, gamma_t, kind)
     gamma_0 = gamma_fn(zero)
     z_0 = q_sample(x, jax.random.normal(key_0, x.shape, x.dtype), gamma_0)
     recon = (vdm_decoder_nll(pixels, z_0, gamma_0) if decoder == "vdm"

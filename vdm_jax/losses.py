@@ -20,7 +20,7 @@ from jax.scipy.special import log_ndtr
 
 from vdm_jax import _checks
 from vdm_jax.diffusion import q_posterior, _posterior_coefficients
-from vdm_jax.pixels import pixels_to_data
+from vdm_jax.pixels import check_pixels, pixels_to_data
 from vdm_jax.schedules import alpha_sigma
 
 _sum = _checks.sum_per_example
@@ -33,7 +33,9 @@ def _sq_err(a, b, a_name, b_name):
 
 
 def _gammas(gamma_s, gamma_t):
-    return _checks.check_float("gamma_s", gamma_s), _checks.check_float("gamma_t", gamma_t)
+    gs, gt = _checks.check_float("gamma_s", gamma_s), _checks.check_float("gamma_t", gamma_t)
+    _checks.check_less("gamma_s", gs, "gamma_t", gt)
+    return gs, gt
 
 
 def _batch_weight(weight, x, name="gamma_s/gamma_t"):
@@ -95,6 +97,14 @@ def score_matching(score_hat, eps, gamma_s, gamma_t) -> jax.Array:
 # Full KL for other reverse variances (MATH.md §5)
 
 ReverseVariance = Literal["posterior", "beta", "learned"]
+VARIANCES = ("posterior", "beta", "learned")
+
+
+def check_variance(variance: str, name: str = "variance") -> str:
+    """Checks a reverse-variance kind, one of 'posterior', 'beta', 'learned'."""
+    if not isinstance(variance, str) or variance not in VARIANCES:
+        raise ValueError(f"{name} must be 'posterior', 'beta' or 'learned', got {variance!r}.")
+    return variance
 
 
 def _log_floor(x):
@@ -115,33 +125,39 @@ def reverse_log_variance(gamma_s, gamma_t, kind: ReverseVariance = "posterior", 
       v: interpolation weights for 'learned' (any shape broadcastable with the γ's, e.g. [B, ...]
         with the γ's expanded by the caller, or [B]).
     """
+    check_variance(kind, "kind")
     gs, gt = _gammas(gamma_s, gamma_t)
     if v is not None and jnp.ndim(v) > max(gs.ndim, gt.ndim):  # per-dimension v, per-example γ
-        gs, gt = _expand("gamma_s", gs, v), _expand("gamma_t", gt, v)
+        gs, gt = _expand("gamma_s", gs, v, "v"), _expand("gamma_t", gt, v, "v")
     log_r = jnp.log(-jnp.expm1(gs - gt))
     if kind == "posterior":
         return log_r - jax.nn.softplus(-gs)
     if kind == "beta":
         return log_r - jax.nn.softplus(-gt)
-    if kind == "learned":
-        if v is None:
-            raise ValueError("v is required for kind='learned'.")
-        return v * (log_r - jax.nn.softplus(-gt)) + (1.0 - v) * _log_floor(log_r - jax.nn.softplus(-gs))
-    raise ValueError(f"kind must be 'posterior', 'beta' or 'learned', got {kind!r}.")
+    if v is None:
+        raise ValueError("v is required for kind='learned'.")
+    return v * (log_r - jax.nn.softplus(-gt)) + (1.0 - v) * _log_floor(log_r - jax.nn.softplus(-gs))
 
 
 def normal_kl(mean1, log_var1, mean2, log_var2) -> jax.Array:
-    """Elementwise KL(N(mean1, e^log_var1) ‖ N(mean2, e^log_var2)) (MATH.md §5)."""
+    """Elementwise KL(N(mean1, e^log_var1) ‖ N(mean2, e^log_var2)) (MATH.md §5); the arguments broadcast."""
+    args = {"mean1": mean1, "log_var1": log_var1, "mean2": mean2, "log_var2": log_var2}
+    mean1, log_var1, mean2, log_var2 = (_checks.check_float(n, a) for n, a in args.items())
+    try:
+        jnp.broadcast_shapes(mean1.shape, log_var1.shape, mean2.shape, log_var2.shape)
+    except ValueError:
+        shapes = ", ".join(f"{n} {jnp.shape(a)}" for n, a in args.items())
+        raise ValueError(f"normal_kl's arguments must broadcast together, got {shapes}.") from None
     return 0.5 * (log_var2 - log_var1 + jnp.exp(log_var1 - log_var2)
                   + jnp.square(mean1 - mean2) * jnp.exp(-log_var2) - 1.0)
 
 
-def _expand(name, value, x):
+def _expand(name, value, x, x_name="x"):
     """A per-example [B]/scalar value expanded against x; a full-shape one passed through."""
     value = jnp.asarray(value)
     if value.shape == jnp.shape(x):
         return value
-    return _checks.per_example(name, value, x)
+    return _checks.per_example(name, value, x, x_name)
 
 
 def denoising_kl(x, z_t, x_hat, gamma_s, gamma_t, log_var) -> jax.Array:
@@ -218,6 +234,9 @@ def hybrid_loss(eps_hat, eps, vlb, *, num_steps: int, lam: float = 0.001) -> jax
     """
     vlb = _checks.check_float("vlb", vlb)
     _checks.per_example("vlb", vlb, eps, "eps")
+    _checks.check_int("num_steps", num_steps, 1)
+    _checks.check_real("lam", lam)
+    _checks.check_in_range("lam", lam, 0.0, jnp.inf, "[0, inf)")
     return simple_loss(eps_hat, eps) + lam * num_steps * vlb
 
 
@@ -249,9 +268,7 @@ def _neg_log1m_minus_u(u):
 
 
 def _check_pixels(pixels, like, like_name):
-    pixels = jnp.asarray(pixels)
-    if not jnp.issubdtype(pixels.dtype, jnp.integer):
-        raise TypeError(f"pixels must be integers in 0..255, got dtype {pixels.dtype}.")
+    pixels = check_pixels(pixels)
     _checks.check_same_shape(pixels=pixels, **{like_name: like})
     return pixels
 
@@ -349,6 +366,7 @@ def diffusion_loss(eps, eps_hat, t, gamma_fn: Callable, T: int) -> jax.Array:
     eps_hat, eps, err = _sq_err(eps_hat, eps, "eps_hat", "eps")
     t = _checks.check_float("t", t)
     _checks.per_example("t", t, eps, "eps")
+    _checks.check_in_range("t", t, 0.0, 1.0, "[0, 1]")
     if T == 0:
         _, dgamma = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
         return 0.5 * dgamma * err
@@ -362,6 +380,8 @@ def sample_times(key, batch_size: int, *, T: int = 0, low_discrepancy: bool = Tr
     With `low_discrepancy`, t_i = (u + i/B) mod 1 for one u ~ U(0, 1): each t is still uniform,
     but the batch covers [0, 1] evenly, which lowers the variance of the batch's loss (VDM).
     """
+    batch_size = _checks.check_int("batch_size", batch_size, 1)
+    T = _checks.check_int("T", T, 0)
     if low_discrepancy:
         u = jax.random.uniform(key, (), dtype)
         t = jnp.mod(u + jnp.arange(batch_size, dtype=dtype) / batch_size, 1.0)

@@ -14,6 +14,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from vdm_jax import _checks
+
 Grid = Literal["ddpm", "vdm"]
 
 
@@ -22,13 +24,23 @@ def _check_grid(grid: str) -> None:
         raise ValueError(f"grid must be 'ddpm' or 'vdm', got {grid!r}.")
 
 
-def pixels_to_data(pixels, *, grid: Grid = "ddpm", dtype=jnp.float32) -> jax.Array:
-    """Maps integer pixels in 0..255 to data in [-1, 1] on the given grid."""
-    _check_grid(grid)
+def check_pixels(pixels) -> jax.Array:
+    """Checks that `pixels` are integers (any shape), in 0..255 where their values are concrete."""
     pixels = jnp.asarray(pixels)
     if not jnp.issubdtype(pixels.dtype, jnp.integer):
         raise TypeError(f"pixels must be integers in 0..255 (e.g. uint8), got dtype {pixels.dtype}.")
-    k = pixels.astype(dtype)
+    if pixels.dtype != jnp.uint8:
+        _checks.check_in_range("pixels", pixels, 0, 255, "0..255")
+    return pixels
+
+
+def pixels_to_data(pixels, *, grid: Grid = "ddpm", dtype=jnp.float32) -> jax.Array:
+    """Maps integer pixels in 0..255 to data in [-1, 1] on the given grid.
+
+    Raises TypeError for non-integer pixels and ValueError for concrete values outside 0..255.
+    """
+    _check_grid(grid)
+    k = check_pixels(pixels).astype(dtype)
     return 2.0 * k / 255.0 - 1.0 if grid == "ddpm" else 2.0 * (k + 0.5) / 256.0 - 1.0
 
 

@@ -15,24 +15,32 @@ import jax.numpy as jnp
 
 from vdm_jax import _checks
 from vdm_jax.diffusion import Prediction, check_prediction, eps_and_x, q_posterior
-from vdm_jax.losses import ReverseVariance, reverse_log_variance
+from vdm_jax.losses import ReverseVariance, check_variance, reverse_log_variance
 from vdm_jax.schedules import DiscreteSchedule, alpha_sigma
 
 
+_USE_CONTINUOUS = "; for a continuous schedule use vdm_sample or ddim_sample"
+
+
 def _check_shape(shape) -> tuple[int, ...]:
+    if not isinstance(shape, (tuple, list)) or not all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in shape):
+        raise TypeError(f"shape must be a tuple of ints [B, ...], got {shape!r}.")
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be a non-empty tuple of positive sizes [B, ...], got {shape}.")
     return shape
 
 
+def _check_clip(clip_x) -> None:
+    if clip_x is None:
+        return
+    if not (isinstance(clip_x, (tuple, list)) and len(clip_x) == 2 and clip_x[0] < clip_x[1]):
+        raise ValueError(f"clip_x must be None or a pair (lo, hi) with lo < hi, got {clip_x!r}.")
+
+
 def _prediction(pred_fn, z, t, gamma_t, kind, clip_x, learned=False):
-    out = pred_fn(z, t)
-    v = None
-    if learned:
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise ValueError("with variance='learned' pred_fn must return (prediction, v).")
-        out, v = out
+    out, v = _checks.split_prediction(pred_fn(z, t), learned)
     eps_hat, x_hat = eps_and_x(out, z, gamma_t, kind)
     if clip_x is not None:  # clip the data prediction and make ε̂ agree with it (DDPM's clip_denoised)
         x_hat = jnp.clip(x_hat, *clip_x)
@@ -62,7 +70,10 @@ def ddpm_sample(pred_fn: Callable, schedule: DiscreteSchedule, shape: Sequence[i
     Returns:
       samples of `shape`.
     """
+    _checks.check_instance("schedule", schedule, DiscreteSchedule, _USE_CONTINUOUS)
     check_prediction(kind)
+    check_variance(variance)
+    _check_clip(clip_x)
     shape = _check_shape(shape)
     dtype = dtype or schedule.dtype
     key_init, key_steps = jax.random.split(key)
@@ -84,6 +95,15 @@ def ddpm_step(pred_fn: Callable, schedule: DiscreteSchedule, z, t, key, *, kind:
     drive the chain from Python (e.g. to look at intermediate steps); `ddpm_sample` runs it as one
     compiled `lax.scan`, which is much faster for small models.
     """
+    _checks.check_instance("schedule", schedule, DiscreteSchedule, _USE_CONTINUOUS)
+    check_variance(variance)
+    _check_clip(clip_x)
+    z = _checks.check_float("z", z)
+    _checks.check_batched("z", z)
+    t = jnp.asarray(t)
+    if t.ndim != 0 or not jnp.issubdtype(t.dtype, jnp.integer):
+        raise TypeError(f"t must be a scalar integer step in 1..T, got shape {t.shape} and dtype {t.dtype}.")
+    _checks.check_in_range("t", t, 1, schedule.T, f"1..T = 1..{schedule.T}")
     shape = z.shape
     gamma_s, gamma_t = schedule.gamma(t - 1), schedule.gamma(t)
     t_vec = jnp.full(shape[:1], t, jnp.int32)
@@ -111,9 +131,9 @@ def vdm_sample(pred_fn: Callable, gamma_fn: Callable, shape: Sequence[int], key,
       return_latent: return z_0 instead of z_0/α_0.
     """
     check_prediction(kind)
+    _check_clip(clip_x)
     shape = _check_shape(shape)
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
+    num_steps = _checks.check_int("num_steps", num_steps, 1)
     key_init, key_steps = jax.random.split(key)
     z_1 = jax.random.normal(key_init, shape, dtype)
 
@@ -133,18 +153,30 @@ def vdm_sample(pred_fn: Callable, gamma_fn: Callable, shape: Sequence[int], key,
 
 def strided_times(T: int, num_steps: int) -> np.ndarray:
     """Evenly strided integer times T = t_N > ... > t_0 = 0 for DDIM on a T-step schedule."""
-    if not 1 <= num_steps <= T:
+    T, num_steps = _checks.check_int("T", T, 1), _checks.check_int("num_steps", num_steps, 1)
+    if not num_steps <= T:
         raise ValueError(f"num_steps must be in 1..T = 1..{T}, got {num_steps}.")
     return np.round(np.linspace(T, 0, num_steps + 1)).astype(np.int32)
 
 
-def _check_times(times):
+def _check_times(times, gamma_fn):
+    """Checks that `times` is [N + 1], strictly decreasing and (when concrete) in gamma_fn's domain."""
     value = _checks.concrete_or_none(times)
     if jnp.ndim(times) != 1 or jnp.shape(times)[0] < 2:
         raise ValueError(f"times must be a 1-D array of at least 2 times (t_N > ... > t_0), got shape "
                          f"{jnp.shape(times)}.")
-    if value is not None and np.any(np.diff(value) >= 0):
+    if value is None:
+        return jnp.asarray(times)
+    if not np.all(np.diff(value) < 0):
         raise ValueError(f"times must be strictly decreasing, got {value.tolist()}.")
+    try:  # gamma_fn checks its own domain on concrete times (e.g. 0..T, or [0, 1]), also inside jit.
+        with jax.ensure_compile_time_eval():
+            gammas = _checks.concrete_or_none(gamma_fn(jnp.asarray(value)))
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"times (from {value[0]} down to {value[-1]}) are not valid for gamma_fn: {e}") from None
+    if gammas is not None and np.any(np.isnan(gammas)):
+        raise ValueError(f"times (from {value[0]} down to {value[-1]}) are not valid for gamma_fn: it gives "
+                         f"NaN at {value[np.isnan(gammas)].tolist()}.")
     return jnp.asarray(times)
 
 
@@ -169,8 +201,9 @@ def ddim_sample(pred_fn: Callable, gamma_fn: Callable, times, shape: Sequence[in
       clip_x: optional clip of x̂.
     """
     check_prediction(kind)
+    _check_clip(clip_x)
     shape = _check_shape(shape)
-    times = _check_times(times)
+    times = _check_times(times, gamma_fn)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}.")
     key_init, key_steps = jax.random.split(key)

@@ -50,11 +50,7 @@ def snr(gamma) -> jax.Array:
 
 
 def _check_T(T) -> int:
-    if isinstance(T, bool) or not isinstance(T, (int, np.integer)):
-        raise TypeError(f"T must be an int, got {type(T).__name__}.")
-    if T < 1:
-        raise ValueError(f"T must be >= 1, got {T}.")
-    return int(T)
+    return _checks.check_int("T", T, 1)
 
 
 def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02, *, dtype=None) -> jax.Array:
@@ -68,6 +64,8 @@ def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02, *, dt
       [T] array of β.
     """
     T = _check_T(T)
+    _checks.check_real("beta_start", beta_start)
+    _checks.check_real("beta_end", beta_end)
     if not 0.0 < beta_start < 1.0:
         raise ValueError(f"beta_start must be in (0, 1), got {beta_start}.")
     if not 0.0 < beta_end < 1.0:
@@ -91,6 +89,8 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999, *, dtype=Non
       [T] array of β.
     """
     T = _check_T(T)
+    _checks.check_real("s", s)
+    _checks.check_real("max_beta", max_beta)
     if not s >= 0.0:
         raise ValueError(f"s must be >= 0, got {s}.")
     if not 0.0 < max_beta < 1.0:
@@ -155,8 +155,10 @@ class DiscreteSchedule:
         a = np.asarray(alpha_bars, dtype=np.float64)
         if a.ndim != 1 or a.shape[0] < 1:
             raise ValueError(f"alpha_bars must be a 1-D array of length T >= 1, got shape {a.shape}.")
-        if np.any(~((a > 0.0) & (a <= 1.0))):
-            raise ValueError("alpha_bars must lie in (0, 1].")
+        bad = ~((a > 0.0) & (a <= 1.0))
+        if np.any(bad):
+            i = int(np.argmax(bad))
+            raise ValueError(f"alpha_bars must lie in (0, 1]; alpha_bars[{i}] (step t={i + 1}) is {a[i]}.")
         prev = np.concatenate([[1.0], a[:-1]])
         if np.any(a >= prev):
             i = int(np.argmax(a >= prev))
@@ -260,6 +262,7 @@ class ContinuousView:
 
 def _check_endpoints(gamma_min, gamma_max):
     for name, v in (("gamma_min", gamma_min), ("gamma_max", gamma_max)):
+        _checks.check_real(name, v)
         if not math.isfinite(v):
             raise ValueError(f"{name} must be finite, got {v}.")
     if not gamma_min < gamma_max:
@@ -379,8 +382,7 @@ class LearnedSchedule(nnx.Module):
     def __init__(self, gamma_min: float = -13.3, gamma_max: float = 5.0, *, hidden: int = 1024,
                  rngs: nnx.Rngs):
         _check_endpoints(gamma_min, gamma_max)
-        if hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {hidden}.")
+        _checks.check_int("hidden", hidden, 1)
         self.endpoints = _Endpoints(gamma_min, gamma_max)
         self.shape = _MonotoneMLP(hidden, rngs=rngs)
 
