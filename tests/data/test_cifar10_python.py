@@ -68,3 +68,10 @@ def test_errors(cifar_tar, tmp_path):
     not_a_tar.write_bytes(b"junk" * 100)
     with pytest.raises(ValueError, match="cannot read CIFAR-10 archive .*junk.tar.gz"):
         read_cifar10_python(not_a_tar, "test")
+
+
+def test_truncated_archive_is_named(cifar_tar, tmp_path):
+    data = open(cifar_tar[0], "rb").read()
+    (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot read CIFAR-10 archive .*cut.tar.gz: Compressed file ended"):
+        read_cifar10_python(tmp_path / "cut.tar.gz", "test")

@@ -28,5 +28,7 @@ def test_upsampled_is_nearest_neighbour():
 def test_errors():
     with pytest.raises(ValueError, match=r"unknown split 'validation'; valid: \['test', 'train'\]"):
         load_digits("validation")
-    with pytest.raises(ValueError, match="upsample"):
+    with pytest.raises(ValueError, match="upsample must be a positive integer, got 0"):
         load_digits("train", upsample=0)
+    with pytest.raises(ValueError, match="upsample must be a positive integer, got 1.5"):
+        load_digits("train", upsample=1.5)

@@ -1,12 +1,15 @@
 """Tests for vdm_jax.data.image_files on small generated folders and zips of PNG/JPEG files."""
+import io
+import os
 import pickle
+import re
 import zipfile
 
 import numpy as np
 import PIL.Image
 import pytest
 
-from vdm_jax.data import CIFAR10_CLASSES, DataNotFoundError, ImageFilesSource
+from vdm_jax.data import CIFAR10_CLASSES, DataNotFoundError, ImageFilesSource, eval_iterator
 
 
 @pytest.fixture(params=["zip", "folder"])
@@ -75,5 +78,55 @@ def test_bad_roots_and_splits(tmp_path, image_zip):
     with pytest.raises(ValueError, match="cannot read zip file .*junk.zip"):
         ImageFilesSource(tmp_path / "junk.zip", "train")
     (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"no split 'train'.*splits found: \[\]"):
+    with pytest.raises(ValueError, match=r"no split 'train' with images .*splits found: \[\]"):
         ImageFilesSource(tmp_path / "empty", "train")
+
+
+def _encoded(image: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(image).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt, ext", [("PNG", "png"), ("JPEG", "jpg")])
+@pytest.mark.parametrize("container", ["folder", "zip"])
+def test_truncated_file_is_named(tmp_path, fmt, ext, container):
+    good = _encoded(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8), fmt)
+    files = {f"train/cat/a.{ext}": good, f"train/cat/b.{ext}": good[: len(good) * 2 // 3]}
+    if container == "zip":
+        root = tmp_path / "images.zip"
+        with zipfile.ZipFile(root, "w") as archive:
+            for name, data in files.items():
+                archive.writestr(name, data)
+        where = rf"images.zip:train/cat/b.{ext}"
+    else:
+        root = tmp_path
+        for name, data in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+        where = rf"train{re.escape(os.sep)}cat{re.escape(os.sep)}b.{ext}"
+    source = ImageFilesSource(root, "train")
+    assert source[0]["image"].shape == (16, 16, 3)
+    with pytest.raises(ValueError, match=rf"cannot decode image .*{where}: .*[Tt]runcated"):
+        list(eval_iterator(source, global_batch_size=2, shard_index=0, shard_count=1))
+
+
+def test_mixed_shapes_and_modes_name_the_file(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    PIL.Image.new("RGB", (6, 8)).save(tmp_path / "train" / "cat" / "a.png")
+    PIL.Image.new("L", (6, 8)).save(tmp_path / "train" / "cat" / "b.png")  # one channel, not three
+    PIL.Image.fromarray(np.zeros((8, 6), np.uint16)).save(tmp_path / "train" / "cat" / "c.png")
+    source = ImageFilesSource(tmp_path, "train")
+    with pytest.raises(ValueError, match=r"got \(8, 6, 1\), expected \(8, 6, 3\) \(file .*b.png\)"):
+        list(eval_iterator(source, global_batch_size=1, shard_index=0, shard_count=1))
+    with pytest.raises(ValueError, match=r"cannot decode image .*c.png: unsupported image mode 'I;16'"):
+        source[2]
+
+
+def test_split_without_images(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "a.bmp").write_bytes(b"BM")
+    (tmp_path / "train" / "b.png").write_bytes(b"")  # not inside a class folder
+    with pytest.raises(ValueError, match=r"no split 'train' with images \(expected "
+                                         r"<split>/<class>/<name>.png\|jpg\|jpeg\); splits found: \[\]"):
+        ImageFilesSource(tmp_path, "train")

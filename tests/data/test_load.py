@@ -33,3 +33,10 @@ def test_unknown_split_names_the_valid_ones(cifar_tar):
         load_source("digits16", "val")
     with pytest.raises(ValueError, match=r"valid: \['test', 'train'\]"):
         load_source(f"cifar10_tar:{cifar_tar[0]}", "val")
+
+
+@pytest.mark.parametrize("spec, split, match", [(None, "train", "spec must be a string, got None"),
+                                                ("digits", 0, "split must be a string, got 0")])
+def test_spec_and_split_must_be_strings(spec, split, match):
+    with pytest.raises(TypeError, match=match):
+        load_source(spec, split)

@@ -45,3 +45,36 @@ def test_bad_files(tmp_path):
     np.savez(tmp_path / "rank.npz", x_train=np.zeros((3, 4, 4), np.uint8), y_train=np.arange(3))
     with pytest.raises(ValueError, match=r"rank.npz.*\[N, H, W, C\]"):
         read_npz(tmp_path / "rank.npz", "train")
+
+
+@pytest.mark.parametrize("images, match", [
+    (np.full((3, 4, 4, 1), 200, np.int64), r"got int64 \(values in 200..200: convert with images.astype\(np.uint8\)\)"),
+    (np.full((3, 4, 4, 1), 1000, np.int32), r"got int32 \(values in 1000..1000, outside 0..255: rescale"),
+    (np.full((3, 4, 4, 1), 0.5), r"got float64 \(values in \[0.5, 0.5\]: convert with np.round\(images \* 255\)"),
+    (np.full((3, 4, 4, 1), -0.5, np.float32),
+     r"got float32 \(values in \[-0.5, -0.5\]: convert with np.round\(\(images \+ 1\) \* 127.5\)"),
+    (np.full((3, 4, 4, 1), np.nan), r"got float64 \(some values are NaN or Inf\)"),
+])
+def test_images_of_another_dtype_say_how_to_convert(tmp_path, images, match):
+    np.savez(tmp_path / "x.npz", x_train=images, y_train=np.arange(3))
+    with pytest.raises(TypeError, match=r"x.npz\[train\]: images must be a uint8 array in 0..255, " + match):
+        read_npz(tmp_path / "x.npz", "train")
+
+
+def test_corrupt_truncated_and_misplaced_files(tmp_path):
+    np.savez(tmp_path / "good.npz", x_train=np.zeros((30, 4, 4, 3), np.uint8), y_train=np.arange(30))
+    data = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(data[:-10])  # loses the zip's central directory
+    with pytest.raises(ValueError, match="not an npz file .*truncated.npz"):
+        read_npz(tmp_path / "truncated.npz", "train")
+    corrupt = bytearray(data)
+    corrupt[200:260] = b"x" * 60  # inside x_train.npy's bytes: the zip's CRC no longer matches
+    (tmp_path / "corrupt.npz").write_bytes(bytes(corrupt))
+    with pytest.raises(ValueError, match="cannot read npz file .*corrupt.npz: Bad CRC-32 for file 'x_train.npy'"):
+        read_npz(tmp_path / "corrupt.npz", "train")
+    (tmp_path / "folder.npz").mkdir()
+    with pytest.raises(ValueError, match="folder.npz is a directory, expected a .npz file"):
+        read_npz(tmp_path / "folder.npz", "train")
+    np.savez(tmp_path / "objects.npz", x_train=np.array([None, 1]), y_train=np.arange(2))
+    with pytest.raises(ValueError, match="cannot read npz file .*objects.npz: Object arrays cannot be loaded"):
+        read_npz(tmp_path / "objects.npz", "train")

@@ -178,6 +178,30 @@ def test_argument_errors():
         train_iterator([], global_batch_size=4, seed=0, shard_index=0, shard_count=1)
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"seed": -1}, ValueError, "seed must be >= 0, got -1"),
+    ({"seed": 1.5}, TypeError, r"seed must be an int, got 1.5 \(float\)"),
+    ({"global_batch_size": 4.0}, TypeError, r"global_batch_size must be an int, got 4.0 \(float\)"),
+    ({"global_batch_size": 0}, ValueError, "global_batch_size must be >= 1, got 0"),
+    ({"num_epochs": 0}, ValueError, "num_epochs must be >= 1, got 0"),
+    ({"num_workers": -1}, ValueError, "num_workers must be >= 0, got -1"),
+    ({"num_threads": -2}, ValueError, "num_threads must be >= 0, got -2"),
+    ({"source": 5}, TypeError, r"source must support len\(\) and \[index\] \(e.g. from load_source\), got int"),
+])
+def test_bad_train_iterator_arguments(kwargs, error, match):
+    args = {"source": indexed_source(10), "global_batch_size": 4, "seed": 0, "shard_index": 0,
+            "shard_count": 1, **kwargs}
+    with pytest.raises(error, match=match):
+        train_iterator(args.pop("source"), **args)
+
+
+def test_bad_eval_iterator_arguments():
+    with pytest.raises(TypeError, match="global_batch_size must be an int, got 2.5"):
+        eval_iterator(indexed_source(10), global_batch_size=2.5, shard_index=0, shard_count=1)
+    with pytest.raises(ValueError, match="num_workers must be >= 0, got -1"):
+        eval_iterator(indexed_source(10), global_batch_size=2, shard_index=0, shard_count=1, num_workers=-1)
+
+
 def _example(image) -> dict:
     return {"image": image, "label": 0}
 
@@ -187,8 +211,9 @@ def test_bad_images_are_caught_when_batched():
     odd_shape = [_example(good)] * 5 + [_example(np.zeros((4, 5, 3), np.uint8))]
     with pytest.raises(ValueError, match=r"got \(4, 5, 3\), expected \(4, 4, 3\) .*example 5"):
         list(eval_iterator(odd_shape, global_batch_size=2, shard_index=0, shard_count=1))
-    odd_dtype = [_example(good), _example(good.astype(np.float32))]
-    with pytest.raises(TypeError, match="uint8, got float32 .*example 1"):
+    odd_dtype = [_example(good), _example(good.astype(np.float32) / 255)]
+    with pytest.raises(TypeError, match=r"uint8, got float32 \(values in \[0, 0\]: convert with "
+                                        r"np.round\(images \* 255\).astype\(np.uint8\)\) \(example 1"):
         list(eval_iterator(odd_dtype, global_batch_size=2, shard_index=0, shard_count=1))
     with pytest.raises(ValueError, match=r"\[H, W, C\], got \(4, 4\)"):
         train_iterator([_example(good[..., 0])], global_batch_size=1, seed=0)

@@ -1,6 +1,8 @@
 """A random-access source over images and labels already in memory."""
 import numpy as np
 
+from vdm_jax.data.validation import uint8_hint
+
 
 class ArraySource:
     """Random access to `images` uint8 [N, H, W, C] and integer `labels` [N] (kept as int64).
@@ -16,9 +18,12 @@ class ArraySource:
             TypeError: images not a uint8 ndarray, or labels not integers.
             ValueError: images not [N, H, W, C], labels not [N], or N == 0.
         """
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-            got = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
-            raise TypeError(f"{name}: images must be a uint8 array, got {got}")
+        if not isinstance(images, np.ndarray):
+            raise TypeError(f"{name}: images must be a uint8 array, got {type(images).__name__}")
+        if images.dtype != np.uint8:
+            raise TypeError(
+                f"{name}: images must be a uint8 array in 0..255, got {images.dtype} "
+                f"({uint8_hint(images)})")
         if images.ndim != 4:
             raise ValueError(f"{name}: images must have shape [N, H, W, C], got {images.shape}")
         labels = np.asarray(labels)

@@ -19,8 +19,8 @@ def load_digits(split: str, *, upsample: int = 1) -> ArraySource:
     """
     if split not in ("train", "test"):
         raise ValueError(f"digits: unknown split {split!r}; valid: ['test', 'train']")
-    if upsample < 1:
-        raise ValueError(f"digits: upsample must be a positive integer, got {upsample}")
+    if isinstance(upsample, bool) or not isinstance(upsample, (int, np.integer)) or upsample < 1:
+        raise ValueError(f"digits: upsample must be a positive integer, got {upsample!r}")
     import sklearn.datasets  # Imported on use: the import takes seconds.
 
     digits = sklearn.datasets.load_digits()

@@ -93,8 +93,8 @@ class ImageFilesSource:
         tree = _split_tree(self._list())
         if split not in tree:
             raise ValueError(
-                f"{self.root}: no split {split!r} (expected <split>/<class>/<image>); "
-                f"splits found: {sorted(tree)}"
+                f"{self.root}: no split {split!r} with images (expected "
+                f"<split>/<class>/<name>.png|jpg|jpeg); splits found: {sorted(tree)}"
             )
         self.class_names = _class_names(tree)
         files = [
@@ -128,16 +128,24 @@ class ImageFilesSource:
     def __len__(self) -> int:
         return len(self._paths)
 
-    def __getitem__(self, index: int) -> dict:
+    def _location(self, index: int) -> str:
+        """Where example `index` is stored: `ROOT.zip:split/class/name` or the file's path."""
         path = self._paths[index]
+        return f"{self.root}:{path}" if self._is_zip else os.path.join(self.root, *path.split("/"))
+
+    def describe(self, index: int) -> str:
+        """Names example `index` in errors (the pipelines use it): its file."""
+        return f"file {self._location(index)}"
+
+    def __getitem__(self, index: int) -> dict:
+        where = self._location(index)
         if self._is_zip:
-            where = f"{self.root}:{path}"
             try:
-                file = io.BytesIO(self._archive().read(path))
+                file = io.BytesIO(self._archive().read(self._paths[index]))
             except (zipfile.BadZipFile, OSError, KeyError) as e:
                 raise ValueError(f"cannot read {where}: {e}") from None
         else:
-            file = where = os.path.join(self.root, *path.split("/"))
+            file = where
         return {"image": _decode(file, where), "label": int(self._labels[index])}
 
     def __getstate__(self) -> dict:

@@ -38,9 +38,13 @@ def load_source(spec: str, split: str, **kwargs: Any):
         A source: `len(source)` and `source[i] == {'image': uint8 [H, W, C], 'label': int}`.
 
     Raises:
+        TypeError: a spec or split that is not a string.
         ValueError: an unknown spec (the message lists `SPECS`) or split.
         DataNotFoundError: the data is not on this machine.
     """
+    for name, value in (("spec", spec), ("split", split)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
     kind, _, rest = spec.partition(":")
     if kind == "tfds" and rest:
         name, _, data_dir = rest.partition("@")

@@ -36,10 +36,12 @@ def read_npz(path: str | os.PathLike, split: str) -> ArraySource:
 
     Raises:
         DataNotFoundError: no such file.
-        ValueError: not a readable npz file, or none of the key pairs present (the message names
-            the keys it looked for and the keys in the file).
+        ValueError: a directory or not a readable npz file (truncated, corrupt), or none of the
+            key pairs present (the message names the keys it looked for and the keys in the file).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"npz: {path} is a directory, expected a .npz file")
     if not os.path.isfile(path):
         raise DataNotFoundError(f"npz file not found: {path}")
     if not zipfile.is_zipfile(path):

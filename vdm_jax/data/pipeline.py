@@ -35,9 +35,14 @@ class _CheckedSource:
 
     def __getitem__(self, index: int) -> dict:
         example = self.source[index]
-        where = f"example {index} of {self.source!r}"
-        check_image(example["image"], expected_shape=self.image_shape, where=where)
+        check_image(example["image"], expected_shape=self.image_shape, where=_where(self.source, index))
         return example
+
+
+def _where(source: Any, index: int) -> str:
+    """Names example `index` in errors: `source.describe(index)` (e.g. its file) where defined."""
+    describe = getattr(source, "describe", None)
+    return describe(index) if callable(describe) else f"example {index} of {source!r}"
 
 
 class _EvalShard:
@@ -86,6 +91,19 @@ def _stack(examples: list[dict]) -> dict[str, np.ndarray]:
     return batch
 
 
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_reading(num_workers: int, num_threads: int) -> None:
+    _check_int("num_workers", num_workers, 0)
+    _check_int("num_threads", num_threads, 0)
+
+
 def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
     """This host's (shard_index, shard_count): JAX's process index and count by default."""
     shard_index = jax.process_index() if shard_index is None else shard_index
@@ -96,7 +114,8 @@ def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
 
 
 def _host_batch_size(global_batch_size: int, shard_count: int) -> int:
-    if global_batch_size < 1 or global_batch_size % shard_count:
+    _check_int("global_batch_size", global_batch_size, 1)
+    if global_batch_size % shard_count:
         raise ValueError(
             f"global_batch_size {global_batch_size} must be a positive multiple of the number of "
             f"shards (hosts) {shard_count}"
@@ -143,11 +162,11 @@ def train_iterator(
     Args:
         source: random access, `source[i] = {'image': uint8 [H, W, C], 'label': int}`.
         global_batch_size: examples per step over all hosts; a multiple of `shard_count`.
-        seed: in [0, 2**32); the shuffle and the flips are functions of it and the position.
+        seed: a non-negative int; the shuffle and the flips are functions of it and the position.
         shard_index, shard_count: this host's shard; default `jax.process_index()`,
             `jax.process_count()`.
         random_flip: mirror each image left-right with probability 1/2.
-        num_epochs: passes over the shard; None repeats forever.
+        num_epochs: passes over the shard (>= 1); None repeats forever.
         num_workers: worker processes (0: read in this process). They pay on many-core hosts,
             not on 2 cores (JPEG decoding ran at ~3k images/s either way).
         num_threads: reading threads per process: 1 reads the next batches in the background,
@@ -159,12 +178,17 @@ def train_iterator(
         `get_state()` / `set_state()` (see the module docstring).
 
     Raises:
-        ValueError: bad shard arguments or batch size, an empty or too small source, or images
-            that are not [H, W, C] of one shape (named when read).
-        TypeError: images that are not uint8.
+        ValueError: bad shard arguments, batch size, seed, num_epochs, num_workers or num_threads;
+            an empty or too small source; images that are not [H, W, C] of one shape (named when
+            read, by `source.describe(index)` where the source defines it, e.g. the file).
+        TypeError: arguments that are not ints; not a source; images that are not uint8.
     """
     shard_index, shard_count = _shard(shard_index, shard_count)
     batch_size = _host_batch_size(global_batch_size, shard_count)
+    _check_int("seed", seed, 0)
+    if num_epochs is not None:
+        _check_int("num_epochs", num_epochs, 1)
+    _check_reading(num_workers, num_threads)
     image_shape = check_source(source)
     per_shard = len(source) // shard_count
     if per_shard == 0 or (num_epochs is not None and num_epochs * per_shard < batch_size):
@@ -216,6 +240,7 @@ def eval_iterator(
     """
     shard_index, shard_count = _shard(shard_index, shard_count)
     batch_size = _host_batch_size(global_batch_size, shard_count)
+    _check_reading(num_workers, num_threads)
     image_shape = check_source(source)
     num_batches = num_eval_batches(len(source), global_batch_size, shard_count)
     shard = _EvalShard(
