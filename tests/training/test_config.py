@@ -56,11 +56,42 @@ def test_wrong_type():
     ({"optim.ema_decay": 1.0}, r"'optim.ema_decay' must be in \[0, 1\)"),
     ({"diffusion.timesteps": 0}, "must be >= 1 for a DDPM"),
     ({"model.image_size": 30}, "config.model"),
+    ({"model.channel_mult": ()}, r"config.model: UNetConfig.channel_mult: expected a non-empty tuple"),
+    ({"model.num_groups": 5}, r"config.model: UNetConfig.num_groups: expected a divisor of every channel count"),
+    ({"model.attn_resolutions": (3,)}, r"config.model: UNetConfig.attn_resolutions: expected sizes among the "
+                                       r"reachable resolutions"),
+    ({"seed": -1}, "'seed' must be >= 0, got -1"),
+    ({"data.num_workers": -1}, "'data.num_workers' must be >= 0, got -1"),
+    ({"diffusion.beta_start": 0.05}, r"must satisfy 0 < beta_start <= beta_end < 1, got 0.05 and 0.02"),
+    ({"diffusion.beta_end": 1.0}, r"must satisfy 0 < beta_start <= beta_end < 1, got 0.0001 and 1.0"),
+    ({"diffusion.hybrid_lambda": -0.001}, "'diffusion.hybrid_lambda' must be >= 0"),
+    ({"diffusion.family": "vdm", "diffusion.timesteps": 0, "diffusion.schedule": "learned",
+      "diffusion.schedule_hidden": 0}, "'diffusion.schedule_hidden' must be >= 1, got 0"),
+    ({"diffusion.family": "vdm", "diffusion.gamma_max": float("inf")}, "'diffusion.gamma_max' must be a finite number"),
+    ({"optim.grad_clip": float("nan")}, "'optim.grad_clip' must be a finite number, got nan"),
+    ({"optim.b2": 1.0}, r"'optim.b2' must be in \[0, 1\), got 1.0"),
+    ({"optim.eps": 0.0}, "'optim.eps' must be > 0"),
+    ({"training.num_processes": 2, "training.process_id": 2}, "'training.process_id' must be < training.num_processes"),
+    ({"training.sample_steps": 100}, r"training.sample_steps=100: DDPM's ancestral sampler runs all T = 1000 steps"),
+    ({"training.sampler": "ddim", "training.sample_steps": 2000}, "DDIM on a DDPM with T = 1000 takes at most T"),
 ])
 def test_impossible_combinations(changes, message):
     c = default_config()
     for key, value in changes.items():
-        group, name = key.split(".")
-        c[group][name] = value
+        group, _, name = key.rpartition(".")
+        (c[group] if group else c)[name] = value
     with pytest.raises(ValueError, match=message):
         validate_config(c)
+
+
+@pytest.mark.parametrize("changes", [
+    {"training.sample_steps": 1000},  # ancestral: all T steps, said explicitly
+    {"training.sampler": "ddim", "training.sample_steps": 1000},
+    {"diffusion.family": "vdm", "diffusion.timesteps": 0, "training.sample_steps": 250},
+])
+def test_sample_steps_that_fit(changes):
+    c = default_config()
+    for key, value in changes.items():
+        group, name = key.split(".")
+        c[group][name] = value
+    assert validate_config(c).image_size == 32

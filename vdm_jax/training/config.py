@@ -6,6 +6,8 @@ message each, before anything is built.
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from vdm_jax.models import UNetConfig, tiny
@@ -111,11 +113,56 @@ def _check_type(name, value, ref):
     if not ok:
         raise TypeError(f"config key {name!r} must be of type {type(ref).__name__}, got {value!r} "
                         f"({type(value).__name__}).")
+    if isinstance(ref, float) and not math.isfinite(value):
+        raise ValueError(f"config key {name!r} must be a finite number, got {value!r}.")
 
 
 def _one_of(name, value, options):
     if value not in options:
         raise ValueError(f"config key {name!r} must be one of {options}, got {value!r}.")
+
+
+def check_sample_steps(steps: int, *, family: str, timesteps: int, sampler: str,
+                       name: str = "training.sample_steps") -> None:
+    """Raises ValueError naming `name` unless the sampler can take `steps` reverse steps.
+
+    0 means all: T (1000 for a continuous-time VDM). DDPM's ancestral sampler always runs all T
+    steps; DDIM on a DDPM takes 1..T of them; VDM's samplers take any number.
+    """
+    if steps < 0:
+        raise ValueError(f"{name} must be >= 0 (0 = all T steps), got {steps}.")
+    if family != "ddpm" or steps in (0, timesteps):
+        return
+    if sampler == "ancestral":
+        raise ValueError(f"{name}={steps}: DDPM's ancestral sampler runs all T = {timesteps} steps; "
+                         "use 0 (= T), or the 'ddim' sampler for fewer steps.")
+    if steps > timesteps:
+        raise ValueError(f"{name}={steps}: DDIM on a DDPM with T = {timesteps} takes at most T steps.")
+
+
+def _check_values(config) -> None:
+    """Values no single type check catches: ranges, and settings that only fit some families."""
+    d, t, o = config.diffusion, config.training, config.optim
+    for name, value, low in [("seed", config.seed, 0), ("data.num_workers", config.data.num_workers, 0),
+                             ("diffusion.hybrid_lambda", d.hybrid_lambda, 0),
+                             ("training.num_processes", t.num_processes, 0),
+                             ("training.process_id", t.process_id, -1)]:
+        if value < low:
+            raise ValueError(f"config key {name!r} must be >= {low}, got {value}.")
+    if d.family == "ddpm" and d.schedule == "linear" and not 0.0 < d.beta_start <= d.beta_end < 1.0:
+        raise ValueError("config keys 'diffusion.beta_start' and 'diffusion.beta_end' must satisfy "
+                         f"0 < beta_start <= beta_end < 1, got {d.beta_start} and {d.beta_end}.")
+    if d.family == "vdm" and d.schedule == "learned" and d.schedule_hidden < 1:
+        raise ValueError(f"config key 'diffusion.schedule_hidden' must be >= 1, got {d.schedule_hidden}.")
+    for name, value in (("optim.b1", o.b1), ("optim.b2", o.b2)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"config key {name!r} must be in [0, 1), got {value}.")
+    if not o.eps > 0:
+        raise ValueError(f"config key 'optim.eps' must be > 0, got {o.eps}.")
+    if t.num_processes > 0 and t.process_id >= t.num_processes:
+        raise ValueError(f"config key 'training.process_id' must be < training.num_processes = "
+                         f"{t.num_processes} (or -1 = auto-detect), got {t.process_id}.")
+    check_sample_steps(t.sample_steps, family=d.family, timesteps=d.timesteps, sampler=t.sampler)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
@@ -175,4 +222,5 @@ def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
         group, key = name.split(".")
         if config[group][key] < 0:
             raise ValueError(f"config key {name!r} must be >= 0, got {config[group][key]}.")
+    _check_values(config)
     return model
