@@ -29,8 +29,7 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # parse_flags has rejected anything but flags
     from experiments.common import run_or_explain
     from vdm_jax.training import train_and_evaluate  # after flag parsing, so --help is fast
 
@@ -46,14 +45,14 @@ def main(argv):
 
 
 def parse_flags(argv):
-    """absl's parser, with bad flags and mistyped --config.key overrides reported in one line."""
+    """absl's parser, with bad flags, stray arguments and mistyped --config.key overrides reported in
+    one line."""
+    from experiments import common
+
     try:
-        return flags.FLAGS(argv)
+        return common.parse_flags(argv)  # a bad flag value, or an error inside the config file
     except (AttributeError, KeyError) as e:
         _unknown_key(e)
-    except flags.Error as e:  # a bad flag value, or an error inside the config file
-        from experiments.common import exit_with_flag_error
-        exit_with_flag_error(e)
 
 
 if __name__ == "__main__":

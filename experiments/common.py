@@ -1,26 +1,43 @@
-"""What the experiment entry points share."""
+"""What the experiment entry points share: bad input ends the program with one line `error: ...`."""
 import os
 import sys
 
+from absl import flags
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+
 
 def run_or_explain(fn, *args):
-    """Runs fn; bad input (config, data, work directory, checkpoint) exits with its one-line message.
+    """Runs fn; bad input (config, data, files, work directory, checkpoint) exits with one line.
 
     Set VDM_JAX_TRACEBACK=1 to see the full traceback instead.
     """
-    from vdm_jax.data import DataNotFoundError
-    from vdm_jax.training import CheckpointMismatchError, RunNotFoundError, WorkdirError
-
     try:
         return fn(*args)
-    except (ValueError, TypeError, DataNotFoundError, WorkdirError, CheckpointMismatchError,
-            RunNotFoundError) as e:
+    # The project's own errors subclass these: DataNotFoundError, RunNotFoundError and WorkdirError
+    # are OSErrors, CheckpointMismatchError a ValueError. Other OSErrors (a missing config file, an
+    # output path that is a file, a full disk) are the environment's, not bugs: one line too.
+    except (ValueError, TypeError, OSError) as e:
         if os.environ.get("VDM_JAX_TRACEBACK"):
             raise
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {_one_line(e)}")
 
 
 def exit_with_flag_error(e: Exception):
     """Exits with absl's message about a bad flag value, in one line."""
     lines = str(e).strip().splitlines()
     sys.exit("error: " + (f"{lines[0]} {lines[-1].strip()}" if len(lines) > 1 else lines[0]))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser (for `app.run(main, flags_parser=parse_flags)`): a bad or unknown flag, or an
+    argument that is not a flag, exits with one line `error: ...`."""
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        exit_with_flag_error(e)
+    if len(rest) > 1:
+        sys.exit(f"error: unexpected arguments (not --flags): {' '.join(rest[1:])}")
+    return rest

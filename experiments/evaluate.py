@@ -23,18 +23,23 @@ import time
 
 from absl import app, flags, logging
 
+from experiments.common import parse_flags, run_or_explain
+
 flags.DEFINE_string("workdir", None, "The training run's work directory.")
-flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).", lower_bound=0)
 flags.DEFINE_string("split", None, "Split to evaluate (default: the run's config.data.eval_split).")
 flags.DEFINE_string("source", None, "Data spec to evaluate on (default: the run's config.data.source).")
 flags.DEFINE_boolean("bpd", True, "Compute bits/dim (--nobpd to only sample).")
-flags.DEFINE_integer("batch_size", None, "Global evaluation batch (default: config.training.eval_batch_size).")
-flags.DEFINE_integer("draws", 1, "Independent draws of (t, ε) per example, averaged.")
+flags.DEFINE_integer("batch_size", None, "Global evaluation batch (default: config.training.eval_batch_size).",
+                     lower_bound=1)
+flags.DEFINE_integer("draws", 1, "Independent draws of (t, ε) per example, averaged.", lower_bound=1)
 flags.DEFINE_boolean("full_vlb", False, "DDPM: the whole discrete bound over all T steps (every t).")
-flags.DEFINE_integer("num_samples", 0, "Images to sample (0: none).")
+flags.DEFINE_integer("num_samples", 0, "Images to sample (0: none).", lower_bound=0)
 flags.DEFINE_enum("sampler", None, ["ancestral", "ddim"], "Sampler (default: config.training.sampler).")
-flags.DEFINE_integer("sample_steps", None, "Reverse steps (default: config.training.sample_steps; 0 = T).")
-flags.DEFINE_integer("sample_batch_size", 256, "Images per compiled sampling call (a multiple of the devices).")
+flags.DEFINE_integer("sample_steps", None, "Reverse steps (default: config.training.sample_steps with its "
+                     "sampler, else 0; 0 = T).", lower_bound=0)
+flags.DEFINE_integer("sample_batch_size", 256, "Images per compiled sampling call (a multiple of the devices).",
+                     lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the evaluation draws and of the samples.")
 flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval/step_<step>).")
 flags.DEFINE_boolean("progress_bar", True, "Show progress bars.")
@@ -47,6 +52,23 @@ def _devices() -> str:
     return f"{len(d)} × {d[0].device_kind} ({jax.default_backend()}, {jax.process_count()} process(es))"
 
 
+def _sampling(FLAGS, config, objective) -> tuple[str, int]:
+    """The sampler and its number of steps: the flags', else the run's (its steps only with its sampler)."""
+    from vdm_jax.training.config import check_sample_steps
+
+    sampler = FLAGS.sampler or config.training.sampler
+    if FLAGS.sample_steps is not None:
+        steps, name = FLAGS.sample_steps, "--sample_steps"
+    elif sampler == config.training.sampler:
+        steps, name = config.training.sample_steps, "the run's training.sample_steps"
+    else:
+        steps, name = 0, "--sample_steps"
+    if FLAGS.num_samples:
+        check_sample_steps(steps, family=objective.family, timesteps=objective.timesteps, sampler=sampler,
+                           name=name)
+    return sampler, steps
+
+
 def evaluate(FLAGS) -> dict:
     import jax
     import numpy as np
@@ -56,17 +78,20 @@ def evaluate(FLAGS) -> dict:
     from vdm_jax.training.evaluation import (evaluate_bpd, format_bpd_table, generate_samples, load_checkpoint,
                                              save_samples)
     from vdm_jax.training.metrics import image_grid, save_png
+    from vdm_jax.training.parallel import check_batch_size
 
-    for name in ("draws", "sample_batch_size"):
-        if FLAGS[name].value < 1:
-            raise ValueError(f"--{name} must be >= 1, got {FLAGS[name].value}.")
-    if FLAGS.num_samples < 0:
-        raise ValueError(f"--num_samples must be >= 0, got {FLAGS.num_samples}.")
     mesh = make_mesh()
+    if FLAGS.bpd and FLAGS.batch_size is not None:
+        check_batch_size(FLAGS.batch_size, mesh, "--batch_size")
+    if FLAGS.num_samples:
+        check_batch_size(FLAGS.sample_batch_size, mesh, "--sample_batch_size")
     config, state = load_checkpoint(FLAGS.workdir, step=FLAGS.step, mesh=mesh)
     step = int(state.step)
+    sampler, sample_steps = _sampling(FLAGS, config, state.objective)
     out_dir = FLAGS.out or os.path.join(os.path.abspath(FLAGS.workdir), "eval", f"step_{step}")
     main = jax.process_index() == 0
+    if main:  # before any work, so that a bad --out loses nothing
+        os.makedirs(out_dir, exist_ok=True)
     summary = {"workdir": os.path.abspath(FLAGS.workdir), "step": step, "devices": _devices(),
                "jax": jax.__version__}
     if FLAGS.bpd:
@@ -87,7 +112,6 @@ def evaluate(FLAGS) -> dict:
                   "seconds": seconds, **result}
         path = os.path.join(out_dir, f"bpd_{split}_{tag}.json")
         if main:
-            os.makedirs(out_dir, exist_ok=True)
             with open(path, "w") as f:
                 json.dump(record, f, indent=2)
             np.savez_compressed(os.path.join(out_dir, f"bpd_{split}_{tag}_per_example.npz"), **per_example)
@@ -97,8 +121,6 @@ def evaluate(FLAGS) -> dict:
         print(f"wrote {path}")
         summary["bpd"] = record
     if FLAGS.num_samples:
-        sampler = FLAGS.sampler or config.training.sampler
-        sample_steps = config.training.sample_steps if FLAGS.sample_steps is None else FLAGS.sample_steps
         start = time.perf_counter()
         images = generate_samples(state, mesh=mesh, num=FLAGS.num_samples, key=jax.random.key(FLAGS.seed),
                                   batch_size=FLAGS.sample_batch_size, sampler=sampler, steps=sample_steps,
@@ -116,21 +138,9 @@ def evaluate(FLAGS) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # parse_flags has rejected anything but flags
     logging.set_verbosity(logging.WARNING)
-    from experiments.common import run_or_explain
-
     run_or_explain(evaluate, flags.FLAGS)
-
-
-def parse_flags(argv):
-    """absl's parser, with a bad flag reported in one line."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        from experiments.common import exit_with_flag_error
-        exit_with_flag_error(e)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ import os
 
 from absl import app, flags, logging
 
+from experiments.common import parse_flags, run_or_explain
+
 flags.DEFINE_string("workdir", os.path.join("runs", "quickstart"), "Where checkpoints, logs and samples go.")
-flags.DEFINE_integer("steps", 2500, "Training steps.")
+flags.DEFINE_integer("steps", 2500, "Training steps.", lower_bound=1)
 
 
 def get_config(steps: int = 2500):
@@ -46,9 +48,8 @@ def get_config(steps: int = 2500):
 
 
 def main(argv):
-    del argv
+    del argv  # parse_flags has rejected anything but flags
     logging.set_verbosity(logging.WARNING)
-    from experiments.common import run_or_explain
     from vdm_jax.training import train_and_evaluate
 
     summary = run_or_explain(train_and_evaluate, get_config(flags.FLAGS.steps), flags.FLAGS.workdir)
@@ -59,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,129 @@
+"""Bad command lines of the experiment entry points end with one line `error: ...`, no traceback.
+
+The entry points define their flags on absl's global FLAGS, so each module's flags are parsed in a
+subprocess of its own (importing it costs no JAX: the entry points import JAX after parsing).
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from experiments import common
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Parses each command line with the module's own parser; prints what each exits with.
+_PARSE = """
+import json, sys
+from absl import flags
+from experiments import {module} as module
+out = []
+for argv in {argvs!r}:
+    flags.FLAGS.unparse_flags()
+    try:
+        module.parse_flags(["prog", *argv])
+        out.append(None)
+    except SystemExit as e:
+        out.append(str(e.code))
+"""
+
+
+def _python(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                          capture_output=True, text=True, timeout=300)
+
+
+def _exits(module: str, argvs: list[list[str]], extra: str = "") -> list:
+    """What `module.parse_flags` exits with for each argv (None: parsed), then what `extra` appends."""
+    code = _PARSE.format(module=module, argvs=argvs) + textwrap.dedent(extra) + "\nprint(json.dumps(out))"
+    run = _python("-c", code)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+EVALUATE = {
+    "--draws=0": "error: flag --draws=0: 0 is not a positive integer",
+    "--sample_batch_size=0": "error: flag --sample_batch_size=0: 0 is not a positive integer",
+    "--batch_size=-8": "error: flag --batch_size=-8: -8 is not a positive integer",
+    "--num_samples=-1": "error: flag --num_samples=-1: -1 is not a non-negative integer",
+    "--sample_steps=-1": "error: flag --sample_steps=-1: -1 is not a non-negative integer",
+    "--step=-5": "error: flag --step=-5: -5 is not a non-negative integer",
+    "--draws=two": "error: flag --draws=two: invalid literal for int() with base 10: 'two'",
+    "--sampler=euler": "error: flag --sampler=euler: value should be one of <ancestral|ddim>",
+    "--nosuch=1": "error: Unknown command line flag 'nosuch'",
+    "extra": "error: unexpected arguments (not --flags): extra",
+}
+
+# evaluate's choice of sampler and steps: the flags', else the run's (its steps only with its
+# sampler); steps that the run's sampler can't take are named by flag.
+_SAMPLING = """
+from types import SimpleNamespace as NS
+config = NS(training=NS(sampler="ddim", sample_steps=100))
+ddpm = NS(family="ddpm", timesteps=1000)
+sampled = []
+for sampler, steps in [(None, None), ("ancestral", None), ("ddim", 20), ("ancestral", 50), ("ddim", 5000)]:
+    try:
+        sampled.append(list(module._sampling(NS(sampler=sampler, sample_steps=steps, num_samples=8), config, ddpm)))
+    except ValueError as e:
+        sampled.append(str(e))
+out.append(sampled)
+"""
+
+
+def test_evaluate_flags():
+    argvs = [["--workdir=w", *argv.split()] for argv in EVALUATE] + [[], ["--workdir=w", "--draws=3"]]
+    *exits, sampling = _exits("evaluate", argvs, extra=_SAMPLING)
+    assert exits == [*EVALUATE.values(), "error: flag --workdir=None: Flag --workdir must have a value other "
+                     "than None.", None]
+    assert sampling[:3] == [["ddim", 100], ["ancestral", 0], ["ddim", 20]]
+    assert sampling[3].startswith("--sample_steps=50: DDPM's ancestral sampler runs all T = 1000 steps")
+    assert sampling[4] == "--sample_steps=5000: DDIM on a DDPM with T = 1000 takes at most T steps."
+
+
+def test_quickstart_and_cifar10_flags():
+    assert _exits("quickstart", [["--steps=0"], ["--steps=1e3"], ["--stpes=10"], ["10"], ["--steps=5"]]) == [
+        "error: flag --steps=0: 0 is not a positive integer",
+        "error: flag --steps=1e3: invalid literal for int() with base 10: '1e3'",
+        "error: Unknown command line flag 'stpes'. Did you mean: steps ?",
+        "error: unexpected arguments (not --flags): 10",
+        None,
+    ]
+    assert _exits("cifar10", [["--workdir=w", "extra"], ["--workdir=w", "--nosuch"],
+                              ["--workdir=w", "--config=experiments/configs/cifar10.py:big"]]) == [
+        "error: unexpected arguments (not --flags): extra",
+        "error: Unknown command line flag 'nosuch'",
+        "error: flag --config=experiments/configs/cifar10.py:big: Error whilst parsing config file: ValueError: "
+        "unknown CIFAR-10 config variant 'big'; choose one of ('ddpm', 'vdm', 'small').",
+    ]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-m", "experiments.quickstart", "--steps=0"], "error: flag --steps=0: 0 is not a positive integer"),
+    (["-m", "experiments.evaluate", "--workdir=nowhere", "--num_samples=5", "--sample_batch_size=7"],
+     "error: --sample_batch_size=7 must be divisible by the number of devices (8) so that every device gets "
+     "the same share."),
+])
+def test_entry_points_exit_with_one_line(argv, message):
+    run = _python(*argv)
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == message
+
+
+def test_run_or_explain_exits_with_one_line(monkeypatch):
+    def fail(error):
+        raise error
+
+    monkeypatch.delenv("VDM_JAX_TRACEBACK", raising=False)
+    for error, message in [(ValueError("bad value"), "error: bad value"),
+                           (FileNotFoundError("no config file\n  looked in: x.py"),
+                            "error: no config file looked in: x.py")]:
+        with pytest.raises(SystemExit) as exit_info:
+            common.run_or_explain(fail, error)
+        assert exit_info.value.code == message
+    monkeypatch.setenv("VDM_JAX_TRACEBACK", "1")
+    with pytest.raises(OSError, match="disk full"):
+        common.run_or_explain(fail, OSError("disk full"))
