@@ -160,10 +160,10 @@ def x_from_v(z_t, v, gamma_t) -> jax.Array:
     return alpha * z_t - sigma * v
 
 
-def check_prediction(kind: str, name: str = "kind") -> str:
+def check_prediction(kind: str) -> str:
     """Checks a prediction kind, one of 'eps', 'x', 'score', 'v'."""
     if not isinstance(kind, str) or kind not in PREDICTIONS:
-        raise ValueError(f"{name} must be one of {PREDICTIONS}, got {kind!r}.")
+        raise ValueError(f"kind must be one of {PREDICTIONS}, got {kind!r}.")
     return kind
 
 

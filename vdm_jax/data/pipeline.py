@@ -20,6 +20,7 @@ import grain
 import jax
 import numpy as np
 
+from vdm_jax._checks import check_int
 from vdm_jax.data.validation import check_image, check_source
 
 
@@ -91,17 +92,9 @@ def _stack(examples: list[dict]) -> dict[str, np.ndarray]:
     return batch
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_reading(num_workers: int, num_threads: int) -> None:
-    _check_int("num_workers", num_workers, 0)
-    _check_int("num_threads", num_threads, 0)
+    check_int("num_workers", num_workers, 0)
+    check_int("num_threads", num_threads, 0)
 
 
 def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
@@ -114,7 +107,7 @@ def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
 
 
 def _host_batch_size(global_batch_size: int, shard_count: int) -> int:
-    _check_int("global_batch_size", global_batch_size, 1)
+    check_int("global_batch_size", global_batch_size, 1)
     if global_batch_size % shard_count:
         raise ValueError(
             f"global_batch_size {global_batch_size} must be a positive multiple of the number of "
@@ -185,9 +178,9 @@ def train_iterator(
     """
     shard_index, shard_count = _shard(shard_index, shard_count)
     batch_size = _host_batch_size(global_batch_size, shard_count)
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     if num_epochs is not None:
-        _check_int("num_epochs", num_epochs, 1)
+        check_int("num_epochs", num_epochs, 1)
     _check_reading(num_workers, num_threads)
     image_shape = check_source(source)
     per_shard = len(source) // shard_count
