@@ -1,28 +1,46 @@
-"""Orbax checkpoints in the work directory: arrays and plain JSON only, always restored to a target.
+"""Orbax checkpoints in the work directory: arrays and plain JSON only, verified when restored.
 
 Each checkpoint step holds two items: `state` (the train state's arrays: step, parameters, EMA,
-optimiser state) and `data` (the data iterator's position, JSON). The config is kept beside them
-as `config.json`. Nothing pickled is ever written, so opening a checkpoint cannot run code.
+optimiser state, fault counters) and `data` (JSON: the data iterator's position and a CRC-32 of
+every array). The config is kept beside them as `config.json`. Nothing pickled is ever written or
+read, so opening a checkpoint cannot run code.
+
+Restoring checks, before reading any array, that the saved arrays have the target's paths, shapes
+and dtypes (else `CheckpointMismatchError`: a different model), then reads them and compares every
+array's CRC-32 with the one recorded at save time. A checkpoint that can't be read or fails the
+check is corrupt (`CorruptCheckpointError`): `restore_latest` warns, names it, and falls back to
+the newest good one. Orbax writes each step into a temporary directory and renames it when
+complete, so a process killed while saving leaves a temporary directory, never a half-written step.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import zlib
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
+
+CORRUPT_DIR = "checkpoints_corrupt"
+"""Where `restore_latest` moves corrupt steps: a sibling of the checkpoint directory."""
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint in the work directory does not fit the model being trained."""
 
 
-def _path(path) -> str:
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint step that can't be read back intact (truncated, half written, altered)."""
+
+
+def path_str(path) -> str:
     """'a/b/0/c' for a key path, whether its entries are dict keys, attributes or indices."""
     parts = []
     for entry in path:
@@ -35,50 +53,126 @@ def _path(path) -> str:
     return "/".join(parts)
 
 
-class Checkpointer:
-    """Keeps the last `keep` checkpoints plus every `keep_every`-th step; saves asynchronously."""
+def fingerprint(tree: Any) -> dict[str, int]:
+    """{array path: CRC-32 of its bytes} for every array of `tree` (replicated or host arrays)."""
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    return {path_str(p): zlib.crc32(np.ascontiguousarray(x).tobytes()) for p, x in leaves}
 
-    def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True):
+
+def _shape_dtype(x) -> tuple[tuple[int, ...], str]:
+    return tuple(np.shape(x)), str(np.dtype(x.dtype)) if hasattr(x, "dtype") else str(np.asarray(x).dtype)
+
+
+class Checkpointer:
+    """Keeps the last `keep` checkpoints plus every `keep_every`-th step; saves asynchronously.
+
+    `read_only` opens a run's checkpoints without changing anything (for evaluation while the run
+    goes on); otherwise temporary directories left by a killed save are removed on opening.
+    """
+
+    def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = os.path.abspath(directory)
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, keep_period=keep_every or None, create=True,
-            enable_async_checkpointing=async_save)
+            max_to_keep=keep, keep_period=keep_every or None, create=not read_only, read_only=read_only,
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state_tree: Any, data_state: dict | None, *, force: bool = False) -> bool:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state_tree),
-                                  data=ocp.args.JsonSave(data_state or {}))
+        """Saves the arrays of `state_tree` and the JSON `data_state` (plus the arrays' CRC-32s)."""
+        data = {**(data_state or {}), "fingerprint": fingerprint(state_tree)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state_tree), data=ocp.args.JsonSave(data))
         return self.manager.save(int(step), args=args, force=force)
 
     def restore(self, target_tree: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores `step` (default: the latest) into the structure, shapes and shardings of
         `target_tree` (arrays, or `jax.ShapeDtypeStruct`s with shardings, e.g. from `jax.eval_shape`).
-        Raises CheckpointMismatchError if the saved arrays don't fit it."""
-        step = self.latest_step() if step is None else step
+
+        Raises:
+          CheckpointMismatchError: the saved arrays don't fit the target (another model).
+          CorruptCheckpointError: the step can't be read back intact.
+        """
+        step = self.latest_step() if step is None else int(step)
+        where = os.path.join(self.directory, str(step))
         self._check_fits(step, target_tree)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_tree)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
         try:
             restored = self.manager.restore(step, args=args)
-        except ValueError as e:  # shapes or structure orbax could not match to the target
-            raise CheckpointMismatchError(
-                f"the checkpoint at step {step} in {self.directory} does not fit this model: {e}") from None
-        return restored["state"], dict(restored["data"] or {})
+            tree, data = restored["state"], dict(restored["data"] or {})
+        except Exception as e:  # noqa: BLE001 - the shapes fit, so any read failure is damage
+            raise CorruptCheckpointError(f"{where} can't be read: {_one_line(e)}") from e
+        saved = data.pop("fingerprint", None)
+        if saved is not None:
+            now = fingerprint(tree)
+            bad = sorted(k for k in now if saved.get(k) != now[k])
+            if bad:
+                raise CorruptCheckpointError(
+                    f"{where}: {len(bad)} arrays differ from what was saved (CRC-32 mismatch, e.g. {bad[0]})")
+        return tree, data
+
+    def restore_latest(self, target_tree: Any) -> tuple[int, Any, dict] | None:
+        """(step, tree, data) of the newest checkpoint that restores intact, or None if there are none.
+
+        Corrupt steps newer than it are skipped with a warning naming each, and (unless read-only)
+        moved to `../checkpoints_corrupt/` so that training can write those steps again; nothing is
+        deleted. If no step is intact, nothing is moved and CorruptCheckpointError lists them all.
+        Raises CheckpointMismatchError at once for a checkpoint of another model.
+        """
+        skipped = []
+        for step in reversed(self.all_steps()):
+            try:
+                tree, data = self.restore(target_tree, step)
+            except CorruptCheckpointError as e:
+                log.warning("skipping a corrupt checkpoint: %s", e)
+                skipped.append((step, str(e)))
+                continue
+            for bad, _ in skipped:
+                self._set_aside(bad)
+            if skipped:
+                self.manager.reload()
+            return step, tree, data
+        if skipped:
+            raise CorruptCheckpointError(
+                f"no checkpoint in {self.directory} can be restored: " + "; ".join(e for _, e in skipped)
+                + ". Nothing was moved or deleted; use a new --workdir, or remove the damaged steps to start over.")
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        """Moves a corrupt step to ../checkpoints_corrupt/<step>[.n] (on process 0; all processes wait)."""
+        if self.read_only:
+            return
+        if jax.process_index() == 0:
+            aside = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR)
+            os.makedirs(aside, exist_ok=True)
+            dest, n = os.path.join(aside, str(step)), 1
+            while os.path.exists(dest):
+                dest, n = os.path.join(aside, f"{step}.{n}"), n + 1
+            shutil.move(os.path.join(self.directory, str(step)), dest)
+            log.warning("moved the corrupt checkpoint %s to %s", os.path.join(self.directory, str(step)), dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"vdm_jax checkpoint set aside {step}")
 
     def _check_fits(self, step: int, target_tree: Any) -> None:
+        """Raises CheckpointMismatchError if the step's metadata lists other arrays than the target's."""
         try:
             meta = self.manager.item_metadata(step)["state"]
-        except Exception:  # noqa: BLE001 - metadata is an optional, best-effort check
-            return
+        except Exception as e:  # noqa: BLE001 - unreadable metadata: the step is damaged
+            raise CorruptCheckpointError(
+                f"{os.path.join(self.directory, str(step))} has no readable metadata: {_one_line(e)}") from e
         if meta is None:
-            return
-        saved = {_path(p): tuple(m.shape) for p, m in
+            raise CorruptCheckpointError(f"{os.path.join(self.directory, str(step))} has no readable metadata")
+        saved = {path_str(p): _shape_dtype(m) for p, m in
                  jax.tree_util.tree_flatten_with_path(meta)[0] if hasattr(m, "shape")}
-        wanted = {_path(p): tuple(getattr(x, "shape", np.shape(x))) for p, x in jax.tree_util.tree_flatten_with_path(target_tree)[0]}
+        wanted = {path_str(p): _shape_dtype(x) for p, x in jax.tree_util.tree_flatten_with_path(target_tree)[0]}
         missing = sorted(set(wanted) - set(saved))
         extra = sorted(set(saved) - set(wanted))
         differ = sorted(k for k in set(wanted) & set(saved) if wanted[k] != saved[k])
@@ -86,7 +180,8 @@ class Checkpointer:
             detail = []
             if differ:
                 k = differ[0]
-                detail.append(f"{len(differ)} arrays differ in shape (e.g. {k}: saved {saved[k]}, model {wanted[k]})")
+                detail.append(f"{len(differ)} arrays differ in shape or dtype (e.g. {k}: saved "
+                              f"{saved[k][1]}{list(saved[k][0])}, model {wanted[k][1]}{list(wanted[k][0])})")
             if missing:
                 detail.append(f"{len(missing)} arrays missing from the checkpoint (e.g. {missing[0]})")
             if extra:
@@ -100,6 +195,11 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _one_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")
 
 
 def save_config(workdir: str, config_dict: dict) -> None:

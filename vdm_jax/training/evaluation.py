@@ -28,7 +28,7 @@ import numpy as np
 from vdm_jax.data import check_source, eval_iterator, num_eval_batches
 from vdm_jax.training import parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, saved_config
-from vdm_jax.training.config import validate_config
+from vdm_jax.training.config import check_sample_steps, validate_config
 from vdm_jax.training.metrics import progress_bar
 from vdm_jax.training.state import TrainState, create_train_state
 
@@ -55,11 +55,13 @@ def load_checkpoint(workdir: str, *, step: int | None = None, mesh=None
     """The config and the train state saved in a run's work directory, replicated over `mesh`.
 
     Builds the state's structure without initialising it (`jax.eval_shape`) and restores `step`
-    (default: the latest) straight into replicated device buffers.
+    (default: the newest intact one; damaged newer ones are skipped with a warning and left in
+    place) straight into replicated device buffers. Nothing in `workdir` is changed.
 
     Raises:
       RunNotFoundError: no config.json, no checkpoint, or no checkpoint at `step`.
       CheckpointMismatchError: the checkpoint does not fit the saved config's model.
+      CorruptCheckpointError: the checkpoint at `step` (or every one) is damaged.
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = read_config(workdir)
@@ -68,18 +70,19 @@ def load_checkpoint(workdir: str, *, step: int | None = None, mesh=None
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise RunNotFoundError(f"{workdir} has no checkpoint yet (looked in {directory}).")
-    ckpt = Checkpointer(directory, async_save=False)
+    ckpt = Checkpointer(directory, async_save=False, read_only=True)
     try:
-        steps_saved = sorted(ckpt.manager.all_steps())
+        steps_saved = ckpt.all_steps()
         if not steps_saved:
             raise RunNotFoundError(f"{workdir} has no checkpoint yet (looked in {directory}).")
         if step is not None and step not in steps_saved:
             raise RunNotFoundError(f"{workdir} has no checkpoint at step {step}; it has steps {steps_saved}.")
         abstract = jax.eval_shape(lambda key: create_train_state(config, model_config, key), jax.random.key(0))
-        rep = parallel.replicated(mesh)
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
-                              abstract.checkpoint_tree())
-        tree, _ = ckpt.restore(target, step)
+        target = parallel.replicated_like(abstract.checkpoint_tree(), mesh)
+        if step is None:
+            _, tree, _ = ckpt.restore_latest(target)
+        else:
+            tree, _ = ckpt.restore(target, step)
     finally:
         ckpt.close()
     return config, abstract.replace_from_checkpoint(tree)
@@ -210,8 +213,9 @@ def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int 
         raise ValueError(f"num must be >= 1, got {num}.")
     if sampler not in ("ancestral", "ddim"):
         raise ValueError(f"sampler must be 'ancestral' or 'ddim', got {sampler!r}.")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}.")
+    objective = state.objective
+    check_sample_steps(steps, family=objective.family, timesteps=objective.timesteps, sampler=sampler,
+                       name="steps")
     parallel.check_batch_size(batch_size, mesh, name="batch_size")
     fn = _sample_fn(mesh, int(batch_size), sampler, int(steps))
     num_batches = math.ceil(num / batch_size)

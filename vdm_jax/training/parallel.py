@@ -64,3 +64,9 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh, leading_axes: int = 0
     """Assembles each host's share of a batch into global arrays sharded over the data axis."""
     sharding = batch_sharding(mesh, leading_axes)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def replicated_like(tree: Any, mesh) -> Any:
+    """`jax.ShapeDtypeStruct`s of `tree`'s arrays, replicated over `mesh` (a restore target)."""
+    rep = replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), tree)
