@@ -1,28 +1,25 @@
-"""Small configs shared by the training tests."""
+"""Small configs shared by the training tests (defined in micro_config.py, which also serves as a
+config file for the command-line tests)."""
+import importlib.util
+import os
+
 import pytest
 
-from vdm_jax.models import tiny
-from vdm_jax.training import default_config
-
-
-def micro_config(image_size=8, channels=1, **diffusion):
-    """A very small run: an 8×8×1 U-Net of ~30k parameters, batch 16, T = 50."""
-    c = default_config()
-    c.model.update(tiny(image_size=image_size, in_channels=channels, base_channels=8, num_groups=4,
-                        embedding_dim=16).to_dict())
-    c.diffusion.timesteps = 50
-    c.diffusion.schedule_hidden = 16
-    for k, v in diffusion.items():
-        c.diffusion[k] = v
-    c.training.batch_size = 16
-    c.training.eval_batch_size = 16
-    c.training.num_samples = 8
-    c.training.sample_steps = 5
-    c.training.sampler = "ddim"
-    c.training.progress_bar = False
-    return c
+_spec = importlib.util.spec_from_file_location("micro_config", os.path.join(os.path.dirname(__file__),
+                                                                             "micro_config.py"))
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+micro_config = _module.micro_config
+MICRO_CONFIG_FILE = _module.__file__
+get_micro_run_config = _module.get_config
 
 
 @pytest.fixture
 def micro():
     return micro_config
+
+
+@pytest.fixture(scope="session")
+def micro_run():
+    """A config that trains the micro model on the digits for a few steps (`micro_config.get_config`)."""
+    return get_micro_run_config

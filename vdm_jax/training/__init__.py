@@ -1,8 +1,9 @@
 """Training: the config schema, the objective, pure steps, data parallelism, checkpoints, the loop."""
-from vdm_jax.training.checkpoint import Checkpointer, CheckpointMismatchError
+from vdm_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
 from vdm_jax.training.config import default_config, validate_config
 from vdm_jax.training.evaluation import (RunNotFoundError, evaluate_bpd, format_bpd_table, generate_samples,
                                          load_checkpoint, save_samples)
+from vdm_jax.training.faults import NonFiniteError
 from vdm_jax.training.loop import WorkdirError, train_and_evaluate
 from vdm_jax.training.objective import Objective
 from vdm_jax.training.parallel import make_mesh

@@ -11,6 +11,7 @@ import math
 import ml_collections
 
 from vdm_jax.models import UNetConfig, tiny
+from vdm_jax.training.faults import ON_NONFINITE
 
 FAMILIES = ("ddpm", "vdm")
 DDPM_LOSSES = ("simple", "vlb", "hybrid")
@@ -78,6 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.training.num_processes = 0  # 0 = auto-detect
     c.training.process_id = -1  # -1 = auto-detect
     c.training.progress_bar = True
+    c.training.on_nonfinite = "stop"  # a NaN/Inf loss or gradient: 'stop' (raise) or 'skip' the step
+    c.training.max_consecutive_skips = 100  # with 'skip': raise after this many bad steps in a row (0 = never)
     return c
 
 
@@ -182,6 +185,7 @@ def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
     _one_of("diffusion.family", d.family, FAMILIES)
     _one_of("training.sampler", t.sampler, SAMPLERS)
     _one_of("optim.optimizer", o.optimizer, OPTIMIZERS)
+    _one_of("training.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
     if d.family == "ddpm":
         _one_of("diffusion.schedule", d.schedule, ("linear", "cosine"))
         _one_of("diffusion.loss", d.loss, DDPM_LOSSES)
@@ -218,7 +222,8 @@ def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
     if not 0.0 <= o.ema_decay < 1.0:
         raise ValueError(f"config key 'optim.ema_decay' must be in [0, 1), got {o.ema_decay}.")
     for name in ("optim.warmup_steps", "optim.grad_clip", "optim.weight_decay", "training.eval_every",
-                 "training.sample_every", "training.keep_every", "training.sample_steps"):
+                 "training.sample_every", "training.keep_every", "training.sample_steps",
+                 "training.max_consecutive_skips"):
         group, key = name.split(".")
         if config[group][key] < 0:
             raise ValueError(f"config key {name!r} must be >= 0, got {config[group][key]}.")

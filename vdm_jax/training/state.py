@@ -11,6 +11,7 @@ import optax
 from flax import nnx, struct
 
 from vdm_jax.models import UNet, UNetConfig, init_model  # noqa: F401  (init_model: re-exported)
+from vdm_jax.training.faults import init_faults
 from vdm_jax.training.objective import Objective
 
 
@@ -19,30 +20,33 @@ class TrainState:
     """Everything a training step reads and writes.
 
     `params` and `ema_params` are `{'model': nnx.State, 'schedule': nnx.State or {}}` (the
-    schedule's state only for a learned VDM schedule). The static fields (graph definitions,
-    optimiser, objective) are part of the pytree's structure, so `train_step` stays a pure
-    function of this state.
+    schedule's state only for a learned VDM schedule). `faults` records non-finite steps
+    (`vdm_jax.training.faults`). The static fields (graph definitions, optimiser, objective,
+    what to do with a non-finite step) are part of the pytree's structure, so `train_step` stays
+    a pure function of this state.
     """
 
     step: jax.Array
     params: Any
     ema_params: Any
     opt_state: Any
+    faults: dict[str, jax.Array]
     graphdef: Any = struct.field(pytree_node=False)
     schedule_graphdef: Any = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     learning_rate: Callable = struct.field(pytree_node=False)
     objective: Objective = struct.field(pytree_node=False)
     ema_decay: float = struct.field(pytree_node=False)
+    on_nonfinite: str = struct.field(pytree_node=False, default="stop")
 
     def checkpoint_tree(self) -> dict[str, Any]:
         """The arrays a checkpoint holds (no code, no static structure)."""
         return {"step": self.step, "params": self.params, "ema_params": self.ema_params,
-                "opt_state": self.opt_state}
+                "opt_state": self.opt_state, "faults": self.faults}
 
     def replace_from_checkpoint(self, tree: dict[str, Any]) -> "TrainState":
         return self.replace(step=tree["step"], params=tree["params"], ema_params=tree["ema_params"],
-                            opt_state=tree["opt_state"])
+                            opt_state=tree["opt_state"], faults=tree["faults"])
 
 
 def make_optimizer(optim) -> tuple[optax.GradientTransformation, Callable]:
@@ -100,5 +104,6 @@ def create_train_state(config, model_config: UNetConfig, key) -> TrainState:
     schedule_graphdef = None if schedule_model is None else nnx.split(schedule_model)[0]
     params, ema_params, opt_state = jax.jit(init)(key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params, opt_state=opt_state,
-                      graphdef=graphdef, schedule_graphdef=schedule_graphdef, tx=tx, learning_rate=lr,
-                      objective=objective, ema_decay=float(config.optim.ema_decay))
+                      faults=init_faults(), graphdef=graphdef, schedule_graphdef=schedule_graphdef, tx=tx,
+                      learning_rate=lr, objective=objective, ema_decay=float(config.optim.ema_decay),
+                      on_nonfinite=config.training.on_nonfinite)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vdm_jax.training import faults
+from vdm_jax.training.checkpoint import path_str
 from vdm_jax.training.objective import model_and_schedule
 from vdm_jax.training.state import TrainState
 from vdm_jax.variance import variance_minimising_grads
@@ -65,30 +67,54 @@ def train_step(state: TrainState, batch, key) -> tuple[TrainState, dict[str, jax
     The model follows ∇ mean(loss); with a learned VDM schedule and variance minimisation, the
     schedule's shape follows ∇ mean(L_diffusion²) (`vdm_jax.variance_minimising_grads`). The EMA
     of all parameters is updated after the step, with decay min(ema_decay, (1 + step)/(10 + step)).
+    A step whose loss, loss terms or gradients are not all finite is not applied: the state
+    records it and, as `state.on_nonfinite` says, freezes or skips it (`vdm_jax.training.faults`).
     """
     rng = jax.random.fold_in(key, state.step)
     loss, terms, grads = _grads(state, batch, rng)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # EMA with warm-up: min(decay, (1 + n)/(10 + n)) keeps early averages from dwelling on the
-    # initial weights in short runs; long runs reach `ema_decay` after ~10/(1 - decay) steps.
-    n = state.step.astype(jnp.float32)
-    decay = jnp.minimum(state.ema_decay, (1.0 + n) / (10.0 + n))
-    ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    report = faults.inspect(loss, terms, grads)
+
+    def update(_):
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # EMA with warm-up: min(decay, (1 + n)/(10 + n)) keeps early averages from dwelling on the
+        # initial weights in short runs; long runs reach `ema_decay` after ~10/(1 - decay) steps.
+        n = state.step.astype(jnp.float32)
+        decay = jnp.minimum(state.ema_decay, (1.0 + n) / (10.0 + n))
+        ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
+        return params, ema, opt_state
+
+    def keep(_):
+        return state.params, state.ema_params, state.opt_state
+
+    apply = faults.should_apply(state.faults, report["ok"], state.on_nonfinite)
+    params, ema, opt_state = jax.lax.cond(apply, update, keep, None)
+    record, advance = faults.record(state.faults, report, state.step, state.on_nonfinite)
+    new_state = state.replace(step=state.step + advance, params=params, ema_params=ema, opt_state=opt_state,
+                              faults=record)
+    metrics = {"loss": loss, "grad_norm": report["grad_norm"],
                "learning_rate": state.learning_rate(state.step),
-               **_term_metrics(terms, state.objective.dims)}
-    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+               **_term_metrics(terms, state.objective.dims),
+               "finite": report["ok"].astype(jnp.float32),
+               "skipped_steps": record["skipped"].astype(jnp.float32)}
     return new_state, metrics
 
 
 def train_steps(state: TrainState, batches, key) -> tuple[TrainState, dict[str, jax.Array]]:
     """`k` train steps in one `lax.scan`; batches have a leading micro-step axis [k, B, ...].
 
-    Metrics are averaged over the k steps. Same result as k calls of `train_step`.
+    Metrics are averaged over the finite steps among the k (NaN if none was finite); `finite` is
+    the fraction of finite steps and `skipped_steps` the count after the last. Same result as k
+    calls of `train_step`.
     """
     state, metrics = jax.lax.scan(lambda s, b: train_step(s, b, key), state, batches)
-    return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    finite = metrics.pop("finite")
+    skipped = metrics.pop("skipped_steps")
+    ok = finite > 0
+    count = jnp.sum(finite)
+    out = jax.tree.map(lambda m: jnp.where(count > 0, jnp.sum(jnp.where(ok, m, 0.0), axis=0) / count, jnp.nan),
+                       metrics)
+    return state, {**out, "finite": jnp.mean(finite), "skipped_steps": skipped[-1]}
 
 
 def _ema_modules(state: TrainState):
@@ -131,3 +157,11 @@ def sample_step(state: TrainState, key, *, num: int, sampler: str = "ancestral",
     """`num` samples as uint8 [num, H, W, C] from the EMA parameters."""
     model, schedule_model = _ema_modules(state)
     return state.objective.sample(model, schedule_model, num, key, sampler=sampler, steps=steps)
+
+
+def explain_fault(state: TrainState) -> str:
+    """Names the step and the non-finite loss terms and gradient that `state.faults` records."""
+    spec = {"image": jax.ShapeDtypeStruct((1, *state.objective.image_shape), jnp.uint8)}
+    _, terms, _ = jax.eval_shape(_grads, state, spec, jax.random.key(0))
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
+    return faults.describe(jax.device_get(state.faults), faults.term_names(terms), paths)

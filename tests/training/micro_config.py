@@ -1,0 +1,45 @@
+"""A very small run for the training tests, usable as a config file on the command line:
+
+    python -m experiments.cifar10 --workdir=DIR --config=tests/training/micro_config.py[:ddpm|vdm]
+
+An 8×8×1 U-Net of ~30k parameters; `get_config` trains it on scikit-learn's digits (offline).
+"""
+from vdm_jax.models import tiny
+from vdm_jax.training import default_config
+
+
+def micro_config(image_size=8, channels=1, **diffusion):
+    """An 8×8×1 U-Net of ~30k parameters, batch 16, T = 50 (any diffusion.* key may be changed)."""
+    c = default_config()
+    c.model.update(tiny(image_size=image_size, in_channels=channels, base_channels=8, num_groups=4,
+                        embedding_dim=16).to_dict())
+    c.diffusion.timesteps = 50
+    c.diffusion.schedule_hidden = 16
+    for k, v in diffusion.items():
+        c.diffusion[k] = v
+    c.training.batch_size = 16
+    c.training.eval_batch_size = 16
+    c.training.num_samples = 8
+    c.training.sample_steps = 5
+    c.training.sampler = "ddim"
+    c.training.progress_bar = False
+    return c
+
+
+def get_config(family: str = "ddpm"):
+    """`micro_config` on the digits: 12 steps, a log line and a metrics record every step,
+    checkpoints every 3 steps, evaluation and samples only at the end."""
+    c = micro_config(family=family, timesteps=20 if family == "ddpm" else 0)
+    c.data.source = "digits"
+    c.data.random_flip = False
+    c.optim.warmup_steps = 0
+    c.optim.learning_rate = 1e-3
+    c.training.num_steps = 12
+    c.training.log_every = 1
+    c.training.checkpoint_every = 3
+    c.training.eval_every = 0
+    c.training.sample_every = 0
+    c.training.eval_batch_size = 304
+    c.training.num_samples = 8
+    c.training.sample_steps = 4
+    return c
