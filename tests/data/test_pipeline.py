@@ -60,27 +60,34 @@ def test_same_seed_same_batches_other_seed_other_order():
     assert not all((indices(a) == indices(b)).all() for a, b in zip(first, other))
 
 
-def test_shards_are_disjoint_and_cover_each_epoch():
-    n, shards, per_host = 48, 2, 4  # 24 examples per shard: exactly 6 batches per epoch
+@pytest.mark.parametrize("shard_count", [2, 4])
+def test_hosts_read_their_rows_of_the_same_global_batches(shard_count):
+    """Host i's batch is rows [i·b, (i+1)·b) of the one-host batch, flips included, so the global
+    batches do not depend on the number of hosts (and a run may resume on another topology)."""
+    source = indexed_source(20)  # batches of 8 span epochs: 20 is not a multiple of 8
+    one_host = take(train_iterator(source, global_batch_size=8, seed=3, shard_index=0, shard_count=1), 7)
+    hosts = [take(train_iterator(source, global_batch_size=8, seed=3, shard_index=i, shard_count=shard_count), 7)
+             for i in range(shard_count)]
+    for step, whole in enumerate(one_host):
+        joined = {key: np.concatenate([host[step][key] for host in hosts]) for key in whole}
+        assert_same_batches([joined], [whole])
+
+
+def test_every_epoch_covers_the_source_once_reshuffled():
+    n, batch = 48, 8  # 6 global batches per epoch
+    iterator = train_iterator(indexed_source(n), global_batch_size=batch, seed=0, shard_index=0, shard_count=1)
+    epochs = [np.concatenate([indices(b) for b in take(iterator, n // batch)]) for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(n))
+    assert (epochs[0] != epochs[1]).any()
+
+
+def test_uneven_source_drops_only_the_last_partial_global_batch():
     seen = []
-    for shard_index in range(shards):
-        iterator = train_iterator(indexed_source(n), global_batch_size=shards * per_host, seed=0,
-                                  shard_index=shard_index, shard_count=shards)
-        epochs = [np.concatenate([indices(b) for b in take(iterator, 6)]) for _ in range(2)]
-        assert sorted(epochs[0]) == sorted(epochs[1])  # every epoch: the same examples ...
-        assert len(set(epochs[0])) == n // shards  # ... each once
-        assert (epochs[0] != epochs[1]).any()  # ... reshuffled
-        seen.append(set(epochs[0]))
-    assert seen[0].isdisjoint(seen[1])
-    assert seen[0] | seen[1] == set(range(n))
-
-
-def test_hosts_get_equal_shards_of_an_uneven_source():
-    for shard_index in range(3):  # 23 examples: 7 per shard, the last 2 never read
-        iterator = train_iterator(indexed_source(23), global_batch_size=21, seed=0,
-                                  shard_index=shard_index, shard_count=3, num_epochs=1)
-        (batch,) = list(iterator)
-        assert sorted(indices(batch)) == list(range(shard_index, 21, 3))
+    for shard_index in range(3):  # 23 examples, one epoch, global batches of 21: one batch, 2 unread
+        (batch,) = list(train_iterator(indexed_source(23), global_batch_size=21, seed=0, shard_index=shard_index,
+                                       shard_count=3, num_epochs=1))
+        seen += indices(batch).tolist()
+    assert len(seen) == len(set(seen)) == 21 and set(seen) <= set(range(23))
 
 
 def test_random_flip():
@@ -163,6 +170,19 @@ def test_eval_covers_every_example_exactly_once(n, global_batch_size, shard_coun
     assert sorted(seen) == list(range(n))
 
 
+@pytest.mark.parametrize("shard_count", [2, 4])
+def test_eval_global_batches_do_not_depend_on_the_hosts(shard_count):
+    source = indexed_source(21)
+    one = list(eval_iterator(source, global_batch_size=8, shard_index=0, shard_count=1))
+    hosts = [list(eval_iterator(source, global_batch_size=8, shard_index=i, shard_count=shard_count))
+             for i in range(shard_count)]
+    assert [len(h) for h in hosts] == [len(one)] * shard_count == [3] * shard_count
+    for step, whole in enumerate(one):
+        joined = {key: np.concatenate([host[step][key] for host in hosts]) for key in whole}
+        assert_same_batches([joined], [whole])
+    np.testing.assert_array_equal(one[0]["index"], np.arange(8))
+
+
 def test_argument_errors():
     source = indexed_source(10)
     with pytest.raises(ValueError, match="global_batch_size 10 must be a positive multiple .* 3"):
@@ -171,7 +191,7 @@ def test_argument_errors():
         eval_iterator(source, global_batch_size=10, shard_index=0, shard_count=4)
     with pytest.raises(ValueError, match="shard_index < shard_count"):
         train_iterator(source, global_batch_size=4, seed=0, shard_index=2, shard_count=2)
-    with pytest.raises(ValueError, match="cannot fill one batch of 16"):
+    with pytest.raises(ValueError, match="10 examples for 1 epochs cannot fill one batch of 16"):
         train_iterator(source, global_batch_size=16, seed=0, shard_index=0, shard_count=1,
                        num_epochs=1)
     with pytest.raises(ValueError, match="source is empty"):

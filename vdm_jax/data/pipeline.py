@@ -4,6 +4,13 @@ Both are built with grain's dataset API (`grain.MapDataset` -> `to_iter_dataset`
 `grain.DatasetIterator`). Batches are dicts of numpy arrays; images stay uint8 (the device
 scales them to [-1, 1]).
 
+Sharding: the global batch at every step is the same whatever the number of hosts. Every host
+computes the same global stream (a seeded shuffle of the whole source, every epoch, and seeded
+flips) and reads only its rows of each global batch: host i of n takes rows
+[i·b, (i+1)·b) with b = global_batch_size / n, which is where
+`jax.make_array_from_process_local_data` puts them. So a run on 2 hosts × 4 devices trains on
+exactly the batches of a run on 1 host × 8 devices, and a run may resume on another topology.
+
 Checkpointing: `iterator.get_state()` is a small JSON-able dict: `{'next_index': 12}`, the
 number of batches already returned (with worker processes, a dict of each worker's position).
 `iterator.set_state(state)` on a freshly built iterator with the same arguments (num_workers
@@ -46,28 +53,42 @@ def _where(source: Any, index: int) -> str:
     return describe(index) if callable(describe) else f"example {index} of {source!r}"
 
 
-class _EvalShard:
-    """One host's eval examples, padded: item j is source[shard_index + j * shard_count].
+def _global_row(j: int, shard_index: int, shard_count: int, batch_size: int) -> int:
+    """The position in the global stream of host `shard_index`'s j-th example (`batch_size` per host)."""
+    batch, row = divmod(j, batch_size)
+    return (batch * shard_count + shard_index) * batch_size + row
 
-    Items past the end of the source are padding: a zero image with `mask` False, `index` -1.
-    """
 
-    def __init__(self, source: _CheckedSource, shard_index: int, shard_count: int, length: int):
-        self.source = source
+class _HostRows:
+    """Host `shard_index`'s rows of each global batch of `stream` (a random-access dataset)."""
+
+    def __init__(self, stream: Any, shard_index: int, shard_count: int, batch_size: int, length: int):
+        self.stream = stream
         self.shard_index = shard_index
         self.shard_count = shard_count
+        self.batch_size = batch_size
         self.length = length
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, j: int) -> dict:
-        index = self.shard_index + j * self.shard_count
-        if index < len(self.source):
-            example = self.source[index]
+        return self.stream[_global_row(j, self.shard_index, self.shard_count, self.batch_size)]
+
+
+class _EvalShard(_HostRows):
+    """One host's rows of the padded eval pass: global batch g holds examples g·B .. g·B + B - 1.
+
+    Items past the end of the source are padding: a zero image with `mask` False, `index` -1.
+    """
+
+    def __getitem__(self, j: int) -> dict:
+        index = _global_row(j, self.shard_index, self.shard_count, self.batch_size)
+        if index < len(self.stream):
+            example = self.stream[index]
             return {"image": example["image"], "label": example["label"], "index": index,
                     "mask": True}
-        image = np.zeros(self.source.image_shape, np.uint8)
+        image = np.zeros(self.stream.image_shape, np.uint8)
         return {"image": image, "label": 0, "index": -1, "mask": False}
 
 
@@ -144,13 +165,14 @@ def train_iterator(
     num_workers: int = 0,
     num_threads: int = 1,
 ) -> grain.DatasetIterator:
-    """Shuffled, randomly flipped training batches of this host's shard, forever by default.
+    """Shuffled, randomly flipped training batches: this host's rows of each global batch.
 
-    Host `shard_index` of `shard_count` reads examples shard_index, shard_index + shard_count,
-    ... of the first `len(source) // shard_count * shard_count` (so every host has as many),
-    reshuffled every epoch from `seed` (the same on every host), and yields
-    `global_batch_size // shard_count` of them per batch. Batches may span an epoch boundary;
-    an incomplete last batch (only with `num_epochs`) is dropped.
+    The global stream is the whole source reshuffled every epoch from `seed`, each example
+    flipped with a coin that depends on (seed, position); it is the same on every host. Global
+    batch g is stream[g·B .. g·B + B - 1] (B = `global_batch_size`) and host `shard_index` of
+    `shard_count` yields rows [shard_index·b, (shard_index + 1)·b) of it, b = B / shard_count:
+    the global batches do not depend on the number of hosts. Batches may span an epoch
+    boundary; an incomplete last global batch (only with `num_epochs`) is dropped.
 
     Args:
         source: random access, `source[i] = {'image': uint8 [H, W, C], 'label': int}`.
@@ -159,7 +181,7 @@ def train_iterator(
         shard_index, shard_count: this host's shard; default `jax.process_index()`,
             `jax.process_count()`.
         random_flip: mirror each image left-right with probability 1/2.
-        num_epochs: passes over the shard (>= 1); None repeats forever.
+        num_epochs: passes over the source (>= 1); None repeats forever.
         num_workers: worker processes (0: read in this process). They pay on many-core hosts,
             not on 2 cores (JPEG decoding ran at ~3k images/s either way).
         num_threads: reading threads per process: 1 reads the next batches in the background,
@@ -183,25 +205,24 @@ def train_iterator(
         check_int("num_epochs", num_epochs, 1)
     _check_reading(num_workers, num_threads)
     image_shape = check_source(source)
-    per_shard = len(source) // shard_count
-    if per_shard == 0 or (num_epochs is not None and num_epochs * per_shard < batch_size):
+    if num_epochs is not None and num_epochs * len(source) < global_batch_size:
         raise ValueError(
-            f"{len(source)} examples over {shard_count} shards for {num_epochs} epochs cannot "
-            f"fill one batch of {batch_size}"
-        )
-    dataset = grain.MapDataset.source(_CheckedSource(source, image_shape))
-    dataset = dataset[: per_shard * shard_count][shard_index::shard_count]
-    dataset = dataset.seed(seed).shuffle().repeat(num_epochs)
+            f"{len(source)} examples for {num_epochs} epochs cannot fill one batch of {global_batch_size}")
+    stream = grain.MapDataset.source(_CheckedSource(source, image_shape))
+    stream = stream.seed(seed).shuffle().repeat(num_epochs)
     if random_flip:
-        dataset = dataset.random_map(_RandomFlip())
-    dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=_stack)
+        stream = stream.random_map(_RandomFlip())
+    length = len(stream) // global_batch_size * batch_size  # whole global batches only
+    rows = _HostRows(stream, shard_index, shard_count, batch_size, length)
+    dataset = grain.MapDataset.source(rows).batch(batch_size, drop_remainder=True, batch_fn=_stack)
     return _iterate(dataset, num_workers, num_threads)
 
 
 def num_eval_batches(length: int, global_batch_size: int, shard_count: int | None = None) -> int:
     """How many batches `eval_iterator` yields on every host for a source of `length` examples."""
     shard_count = jax.process_count() if shard_count is None else shard_count
-    return math.ceil(math.ceil(length / shard_count) / _host_batch_size(global_batch_size, shard_count))
+    _host_batch_size(global_batch_size, shard_count)
+    return math.ceil(length / global_batch_size)
 
 
 def eval_iterator(
@@ -215,10 +236,11 @@ def eval_iterator(
 ) -> grain.DatasetIterator:
     """One pass over the whole source, in order, each example on exactly one host, once.
 
-    Host `shard_index` reads examples shard_index, shard_index + shard_count, ...; every host
-    yields the same number of batches, ceil(ceil(N / shard_count) / b) with
-    b = global_batch_size // shard_count, padding the rest with `mask` False examples (a zero
-    image, label 0, index -1). Average a metric as sum(value * mask) / sum(mask) over all hosts.
+    Global batch g holds examples g·B .. g·B + B - 1 (B = `global_batch_size`), the last one
+    padded with `mask` False examples (a zero image, label 0, index -1); host `shard_index`
+    yields rows [shard_index·b, (shard_index + 1)·b) of each, b = B / shard_count. Every host
+    yields ceil(N / B) batches, and the global batches do not depend on the number of hosts.
+    Average a metric as sum(value * mask) / sum(mask) over all hosts.
 
     Args:
         source, global_batch_size, shard_index, shard_count, num_workers, num_threads: as for
@@ -236,7 +258,7 @@ def eval_iterator(
     _check_reading(num_workers, num_threads)
     image_shape = check_source(source)
     num_batches = num_eval_batches(len(source), global_batch_size, shard_count)
-    shard = _EvalShard(
-        _CheckedSource(source, image_shape), shard_index, shard_count, num_batches * batch_size)
+    shard = _EvalShard(_CheckedSource(source, image_shape), shard_index, shard_count, batch_size,
+                       num_batches * batch_size)
     dataset = grain.MapDataset.source(shard).batch(batch_size, batch_fn=_stack)
     return _iterate(dataset, num_workers, num_threads)
