@@ -19,8 +19,12 @@ def run_or_explain(fn, *args):
     # The project's own errors subclass these: DataNotFoundError, RunNotFoundError and WorkdirError
     # are OSErrors, CheckpointMismatchError a ValueError. Other OSErrors (a missing config file, an
     # output path that is a file, a full disk) are the environment's, not bugs: one line too.
-    except (ValueError, TypeError, OSError) as e:
-        if os.environ.get("VDM_JAX_TRACEBACK"):
+    # A run that stopped on a non-finite step, or whose checkpoints are all damaged, says so too.
+    except Exception as e:  # noqa: BLE001 - re-raised below unless it is one of those
+        from vdm_jax.training import CorruptCheckpointError, NonFiniteError
+
+        explained = (ValueError, TypeError, OSError, NonFiniteError, CorruptCheckpointError)
+        if not isinstance(e, explained) or os.environ.get("VDM_JAX_TRACEBACK"):
             raise
         sys.exit(f"error: {_one_line(e)}")
 

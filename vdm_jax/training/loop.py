@@ -1,8 +1,17 @@
 """`train_and_evaluate(config, workdir)`: the whole training run.
 
-Builds the data, the state and the compiled steps, resumes from the work directory's latest
-checkpoint if there is one, trains with periodic logging, checkpoints, full-test-set evaluation
-(EMA parameters) and sample grids, and saves a last checkpoint on SIGTERM/SIGINT.
+Builds the data, the state and the compiled steps, resumes from the work directory's newest
+intact checkpoint if there is one, trains with periodic logging, checkpoints, full-test-set
+evaluation (EMA parameters) and sample grids.
+
+Never losing a run (the README's "Running long jobs" lists the tests):
+- A restarted run continues exactly: the checkpoint holds the data iterator's position, all
+  randomness is `fold_in(key, step)`, and multi-step calls start at multiples of `steps_per_call`.
+- SIGTERM/SIGINT save a checkpoint and return (processes agree at the next log/checkpoint step).
+- Damaged checkpoints are skipped and set aside (`Checkpointer.restore_latest`).
+- A non-finite step is never applied or saved (`faults`); the host checks at log, checkpoint,
+  evaluation and sample steps only, so the loop does not wait on the device in between.
+- A data error saves the steps done before it is raised (one process).
 """
 from __future__ import annotations
 
@@ -17,9 +26,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from vdm_jax.data import load_source, train_iterator
-from vdm_jax.training import parallel, steps
+from vdm_jax.training import faults, parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, config_changes, save_config
 from vdm_jax.training.config import validate_config
 from vdm_jax.training.evaluation import evaluate_bpd, generate_samples
@@ -116,31 +126,79 @@ class _Run:
             random_flip=config.data.random_flip, num_workers=config.data.num_workers)
         self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=config.training.keep_checkpoints,
                                  keep_every=config.training.keep_every)
-        self.writer = MetricWriter(os.path.join(self.workdir, "tensorboard"), enabled=self.is_main,
-                                   jsonl_path=os.path.join(self.workdir, "metrics.jsonl"))
+        self.writer: MetricWriter | None = None
+        self.skipped_seen = 0
+        self.read_position = self.train_iter.get_state()
 
     # --- state and checkpoints ----------------------------------------------------------------
 
     def initial_state(self) -> TrainState:
+        """A new state, or the newest intact checkpoint's (with the data iterator's position)."""
         state = create_train_state(self.config, self.model_config, self.key_init)
         config_dict = self.config.to_dict()
-        if self.ckpt.latest_step() is not None:
-            tree, data = self.ckpt.restore(jax.device_get(state.checkpoint_tree()))
+        restored = self.ckpt.restore_latest(parallel.replicated_like(state.checkpoint_tree(), self.mesh))
+        resume_step = None
+        if restored is not None:
+            resume_step, tree, data = restored
             state = state.replace_from_checkpoint(tree)
             if data.get("iterator"):
                 self.train_iter.set_state(data["iterator"])
+            self.skipped_seen = int(jax.device_get(state.faults["skipped"]))
             changes = config_changes(self.workdir, config_dict)
-            log.warning("resuming from step %d in %s", int(tree["step"]), self.workdir)
+            log.warning("resuming from step %d in %s", resume_step, self.workdir)
             if changes:
                 log.warning("the config differs from the one saved in %s/config.json:\n  %s",
                             self.workdir, "\n  ".join(changes))
         if self.is_main:
             save_config(self.workdir, config_dict)
+        self.writer = MetricWriter(os.path.join(self.workdir, "tensorboard"), enabled=self.is_main,
+                                   jsonl_path=os.path.join(self.workdir, "metrics.jsonl"), resume_step=resume_step)
         return parallel.replicate(state, self.mesh)
 
-    def save(self, state: TrainState, *, force: bool = False) -> None:
-        data = {"iterator": self.train_iter.get_state(), "seed": self.config.seed}
-        self.ckpt.save(int(state.step), state.checkpoint_tree(), data, force=force)
+    def check_faults(self, state: TrainState) -> None:
+        """Reports newly skipped steps; raises NonFiniteError if training must stop (`faults.check`)."""
+        record = jax.device_get(state.faults)
+        skipped = int(record["skipped"])
+        if skipped > self.skipped_seen:
+            log.warning("%d training steps with non-finite values skipped so far; the last: %s", skipped,
+                        steps.explain_fault(state))
+            self.skipped_seen = skipped
+        try:
+            faults.check(record, state.on_nonfinite, self.config.training.max_consecutive_skips,
+                         lambda: steps.explain_fault(state))
+        except faults.NonFiniteError as e:
+            self.ckpt.wait()
+            latest = self.ckpt.latest_step()
+            last = "no checkpoint was saved" if latest is None else f"the last checkpoint is step {latest}"
+            raise faults.NonFiniteError(f"{e} {last[0].upper()}{last[1:]} in {self.ckpt.directory}.") from None
+
+    def save(self, state: TrainState, *, force: bool = False, iterator_state: dict | None = None) -> None:
+        self.check_faults(state)  # never save a state that stopped on a non-finite step
+        position = self.train_iter.get_state() if iterator_state is None else iterator_state
+        self.ckpt.save(int(state.step), state.checkpoint_tree(), {"iterator": position, "seed": self.config.seed},
+                       force=force)
+
+    def save_before_failing(self, state: TrainState, error: Exception) -> None:
+        """After a data error: saves the (good) state with the iterator's position before the failed
+        read, so fixing the data and rerunning loses no steps. One process only (saving is collective)."""
+        if jax.process_count() > 1 or self.ckpt.latest_step() == int(state.step):
+            return
+        try:
+            self.save(state, force=True, iterator_state=self.read_position)
+            self.ckpt.wait()
+            log.warning("reading the training data failed (%s): saved a checkpoint at step %d first",
+                        error, int(state.step))
+        except Exception as e:  # noqa: BLE001 - the data error is the one to report
+            log.warning("reading the training data failed, and saving a checkpoint then failed too: %s", e)
+
+    def close(self) -> None:
+        """Waits for checkpoints being written, then closes the checkpointer and the logs."""
+        try:
+            self.ckpt.wait()
+        finally:
+            self.ckpt.close()
+            if self.writer is not None:
+                self.writer.close()
 
     # --- compiled functions ---------------------------------------------------------------------
 
@@ -156,6 +214,7 @@ class _Run:
     # --- work ---------------------------------------------------------------------------------
 
     def next_batches(self, k: int):
+        self.read_position = self.train_iter.get_state()
         batches = [next(self.train_iter) for _ in range(k)]
         local = {"image": np.stack([b["image"] for b in batches]) if k > 1 else batches[0]["image"]}
         return parallel.global_batch(local, self.mesh, leading_axes=1 if k > 1 else 0)
@@ -187,46 +246,99 @@ def _crossed(prev: int, now: int, every: int) -> bool:
     return every > 0 and now // every > prev // every
 
 
+def _steps_in_call(step: int, num_steps: int, per_call: int) -> int:
+    """Micro-steps for the call starting at `step`: `per_call` at multiples of it, else 1.
+
+    Calls start at the same steps however often the run was stopped and resumed, so a resumed
+    run computes exactly what the uninterrupted one does.
+    """
+    if per_call > 1 and step % per_call == 0 and num_steps - step >= per_call:
+        return per_call
+    return 1
+
+
+def _stop_requested(stop: _StopSignal, sync: bool) -> bool:
+    """Whether to stop for a signal. With several processes they agree, at sync points only."""
+    if jax.process_count() == 1:
+        return stop.signum is not None
+    if not sync:
+        return False
+    signums = multihost_utils.process_allgather(np.asarray(stop.signum or 0, np.int32))
+    signum = int(np.max(signums))
+    if signum and stop.signum is None:
+        log.warning("another process received %s: stopping too", signal.Signals(signum).name)
+        stop.signum = signum
+    return signum != 0
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) a diffusion model as `config` says, writing everything to `workdir`.
 
     Returns a summary: the final step, the last training metrics, the last full evaluation and
     the path of the last sample grid.
+
+    Raises:
+      NonFiniteError: a NaN/Inf loss or gradient (`training.on_nonfinite`); nothing from that
+        step on was saved.
+      CorruptCheckpointError: the work directory has checkpoints but none can be restored.
+      CheckpointMismatchError: its checkpoints belong to another model.
     """
     run = _Run(config, workdir)
+    try:
+        return _train(run)
+    finally:
+        run.close()
+
+
+def _train(run: _Run) -> dict[str, Any]:
+    config = run.config
     t = config.training
     state = run.initial_state()
-    start = int(state.step)
+    start = step = int(state.step)
     one, many = run.step_fns
     summary: dict[str, Any] = {"start_step": start}
     progress = progress_bar(t.progress_bar, total=t.num_steps, initial=start, desc="train", unit="step")
     if t.eval_at_start and start == 0:
         run.writer.scalars(0, run.evaluate(state))
-    last_time, last_step, metrics = time.perf_counter(), start, None
+    last_time, last_step = time.perf_counter(), start
     with _StopSignal() as stop:
-        while int(state.step) < t.num_steps and stop.signum is None:
-            prev = int(state.step)
-            k = t.steps_per_call if t.num_steps - prev >= t.steps_per_call > 1 else 1
-            state, metrics = (many if k > 1 else one)(state, run.next_batches(k), run.key_train)
-            now = prev + k
+        while step < t.num_steps:
+            prev = step
+            k = _steps_in_call(prev, t.num_steps, t.steps_per_call)
+            try:
+                batches = run.next_batches(k)
+            except Exception as e:
+                run.save_before_failing(state, e)
+                raise
+            state, metrics = (many if k > 1 else one)(state, batches, run.key_train)
+            step = prev + k
             progress.update(k)
-            if _crossed(prev, now, t.log_every) or now == t.num_steps:
+            log_now = _crossed(prev, step, t.log_every) or step == t.num_steps
+            save_now = _crossed(prev, step, t.checkpoint_every)
+            eval_now = _crossed(prev, step, t.eval_every) and step < t.num_steps
+            sample_now = _crossed(prev, step, t.sample_every) and step < t.num_steps
+            sync = log_now or save_now or eval_now or sample_now
+            if sync:  # the host reads the state only here (no sync inside the loop otherwise)
+                run.check_faults(state)
+            if log_now:
                 values = {k_: float(v) for k_, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - last_time
-                values["steps_per_sec"] = (now - last_step) / elapsed
+                values["steps_per_sec"] = (step - last_step) / elapsed
                 values["images_per_sec"] = values["steps_per_sec"] * t.batch_size
-                last_time, last_step = time.perf_counter(), now
-                run.writer.scalars(now, values)
+                last_time, last_step = time.perf_counter(), step
+                run.writer.scalars(step, values)
                 summary["train"] = values
                 progress.set_postfix(loss=f"{values['loss']:.4f}")
-            if _crossed(prev, now, t.checkpoint_every):
+            if save_now:
                 run.save(state)
-            if _crossed(prev, now, t.eval_every) and now < t.num_steps:
-                run.writer.scalars(now, run.evaluate(state))
-            if _crossed(prev, now, t.sample_every) and now < t.num_steps:
+            if eval_now:
+                run.writer.scalars(step, run.evaluate(state))
+            if sample_now:
                 summary["samples"] = run.sample(state)
+            if _stop_requested(stop, sync):
+                break
         progress.close()
-        interrupted = stop.signum is not None
+        interrupted = _stop_requested(stop, True)
         if run.ckpt.latest_step() != int(state.step):
             run.save(state, force=True)
         run.ckpt.wait()
@@ -241,6 +353,4 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         summary["samples"] = run.sample(state)
     summary["step"] = int(state.step)
     summary["interrupted"] = interrupted
-    run.writer.close()
-    run.ckpt.close()
     return summary

@@ -36,14 +36,22 @@ def save_png(path: str, picture: np.ndarray, scale: int = 1) -> None:
 
 class MetricWriter:
     """Scalars and images to TensorBoard event files in `logdir`, and scalars as JSON lines to
-    `jsonl_path` (one `{"step": ..., name: value}` object a line); only on process 0."""
+    `jsonl_path` (one `{"step": ..., name: value}` object a line); only on process 0.
 
-    def __init__(self, logdir: str, enabled: bool = True, jsonl_path: str | None = None):
+    `resume_step`: a run resumed from this step drops what it logged after it before being
+    stopped (TensorBoard's purge; those lines of the JSON file), so each step appears once.
+    """
+
+    def __init__(self, logdir: str, enabled: bool = True, jsonl_path: str | None = None,
+                 resume_step: int | None = None):
         self._writer = None
         self._jsonl = jsonl_path if enabled else None
         if enabled:
             from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(logdir)
+            purge = None if resume_step is None else resume_step + 1
+            self._writer = SummaryWriter(logdir, purge_step=purge)
+            if resume_step is not None and jsonl_path and os.path.exists(jsonl_path):
+                _drop_lines_after(jsonl_path, resume_step)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self._writer is None:
@@ -63,6 +71,24 @@ class MetricWriter:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def _drop_lines_after(path: str, step: int) -> None:
+    """Rewrites a metrics JSON-lines file without the records of steps > `step` (atomically)."""
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] > step:
+                continue
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill: drop it
+            continue
+        keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
 
 class _NoBar:
