@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 import jax
-import jax.numpy as jnp
 import pytest
 
-from vdm_jax.training import (Checkpointer, NonFiniteError, create_train_state, faults, steps, train_and_evaluate,
-                              validate_config)
+from vdm_jax.training import (Checkpointer, NonFiniteError, create_train_state, faults, parallel, steps,
+                              train_and_evaluate, validate_config)
+from vdm_jax.training.loop import compiled_steps
 
 
 def _state(config):
@@ -22,9 +22,9 @@ def _batch(seed=0):
 
 def _poison(state, value=np.nan):
     """The state with one bias of the model set to `value`: every loss and gradient goes non-finite."""
-    params = jax.tree.map(lambda x: x, state.params)  # a copy: `state` keeps its values
+    params = jax.tree.map(np.array, state.params)  # a copy: `state` keeps its values
     bias = params["model"]["conv_out"]["bias"]
-    bias[...] = jnp.full_like(bias[...], value)
+    bias[...] = np.full_like(bias[...], value)
     return state.replace(params=params)
 
 
@@ -34,24 +34,37 @@ def _same(a, b):
 
 
 @pytest.fixture(scope="module")
-def step_fn():
-    return jax.jit(steps.train_step)
+def run_step():
+    """state (host) -> (state, metrics) (host) after one step, compiled exactly as the loop compiles it
+    (so the compilation cache serves these tests and the loop's alike)."""
+    mesh = parallel.make_mesh()
+    one, many = compiled_steps(mesh)
+
+    def run(state, seed=0, k=1):
+        if k == 1:
+            batch = parallel.global_batch(_batch(seed), mesh)
+            out = one(parallel.replicate(state, mesh), batch, jax.random.key(1))
+        else:
+            stacked = {"image": np.stack([_batch(seed + i)["image"] for i in range(k)])}
+            out = many(parallel.replicate(state, mesh), parallel.global_batch(stacked, mesh, 1), jax.random.key(1))
+        return jax.device_get(out)
+
+    return run
 
 
-def test_stop_freezes_at_the_first_bad_step_and_names_it(micro, step_fn):
-    good = _state(micro())
-    good, _ = step_fn(good, _batch(0), jax.random.key(1))  # one good step: step 1
+@pytest.mark.xdist_group("micro_run")
+def test_stop_freezes_at_the_first_bad_step_and_names_it(micro_run, run_step):
+    good, _ = run_step(jax.device_get(_state(micro_run())))  # one good step: step 1
     bad = _poison(good)
-    after, metrics = step_fn(bad, _batch(1), jax.random.key(1))
+    after, metrics = run_step(bad, 1)
     assert int(after.step) == 1 and float(metrics["finite"]) == 0.0
     _same(after.params, bad.params)
     _same(after.ema_params, bad.ema_params)
     _same(after.opt_state, bad.opt_state)
-    record = jax.device_get(after.faults)
+    record = after.faults
     assert int(record["step"]) == 1 and int(record["grad_leaf"]) >= 0
     # Frozen: a later step, even a finite one, changes nothing and keeps the first record.
-    healed = after.replace(params=good.params)
-    again, _ = step_fn(healed, _batch(2), jax.random.key(1))
+    again, _ = run_step(after.replace(params=good.params), 2)
     assert int(again.step) == 1
     _same(again.params, good.params)
     assert int(again.faults["step"]) == 1
@@ -62,36 +75,36 @@ def test_stop_freezes_at_the_first_bad_step_and_names_it(micro, step_fn):
         faults.check(record, "stop", 100, lambda: steps.explain_fault(after))
 
 
-def test_skip_drops_bad_steps_counts_them_and_goes_on(micro, step_fn):
-    config = micro()
+def _skipping(micro_run):
+    config = micro_run()
     config.training.on_nonfinite = "skip"
-    good = _state(config)
+    return config
+
+
+@pytest.mark.xdist_group("micro_run")
+def test_skip_drops_bad_steps_counts_them_and_goes_on(micro_run, run_step):
+    good = jax.device_get(_state(_skipping(micro_run)))
     bad = _poison(good, np.inf)
-    after, metrics = step_fn(bad, _batch(0), jax.random.key(1))
+    after, metrics = run_step(bad, 0)
     assert int(after.step) == 1 and float(metrics["skipped_steps"]) == 1.0
     _same(after.params, bad.params)
     _same(after.opt_state, bad.opt_state)
-    after, _ = step_fn(after, _batch(1), jax.random.key(1))
-    record = jax.device_get(after.faults)
+    after, _ = run_step(after, 1)
+    record = after.faults
     assert (int(after.step), int(record["skipped"]), int(record["consecutive"]), int(record["step"])) == (2, 2, 2, 1)
     with pytest.raises(NonFiniteError, match=r"after 2 non-finite steps in a row \(training.max_consecutive_skips=2\)"):
         faults.check(record, "skip", 2, lambda: steps.explain_fault(after))
     faults.check(record, "skip", 3, lambda: "")  # under the limit: goes on
     # A finite step applies again and resets the run of bad ones (the total stays).
-    healed, metrics = step_fn(after.replace(params=good.params), _batch(2), jax.random.key(1))
-    record = jax.device_get(healed.faults)
+    healed, metrics = run_step(after.replace(params=good.params), 2)
+    record = healed.faults
     assert int(healed.step) == 3 and float(metrics["finite"]) == 1.0
     assert (int(record["skipped"]), int(record["consecutive"])) == (2, 0)
-    assert any(not np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(jax.device_get(healed.params)), jax.tree.leaves(jax.device_get(good.params))))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(healed.params), jax.tree.leaves(good.params)))
 
 
-def test_steps_per_call_average_only_finite_steps(micro):
-    config = micro()
-    config.training.on_nonfinite = "skip"
-    state = _poison(_state(config))
-    batches = {"image": np.stack([_batch(i)["image"] for i in range(2)])}
-    state, metrics = jax.jit(steps.train_steps)(state, batches, jax.random.key(0))
+def test_steps_per_call_average_only_finite_steps(micro_run, run_step):
+    state, metrics = run_step(_poison(jax.device_get(_state(_skipping(micro_run)))), 0, k=2)
     assert int(state.step) == 2 and float(metrics["skipped_steps"]) == 2.0 and float(metrics["finite"]) == 0.0
     assert np.isnan(metrics["loss"])
 
@@ -106,6 +119,7 @@ def _resume_poisoned(workdir, config):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("micro_run")
 def test_loop_stops_on_a_non_finite_step_and_keeps_the_last_good_checkpoint(tmp_path, micro_run):
     with pytest.raises(NonFiniteError) as info:
         _resume_poisoned(tmp_path, micro_run())
@@ -117,9 +131,9 @@ def test_loop_stops_on_a_non_finite_step_and_keeps_the_last_good_checkpoint(tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("micro_run")
 def test_loop_skips_non_finite_steps_and_logs_the_count(tmp_path, micro_run):
-    config = micro_run()
-    config.training.on_nonfinite = "skip"
+    config = _skipping(micro_run)
     config.training.max_consecutive_skips = 4
     with pytest.raises(NonFiniteError, match=r"after 4 non-finite steps in a row"):
         _resume_poisoned(tmp_path, config)

@@ -4,11 +4,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import jax
 
-from vdm_jax.training import CheckpointMismatchError, WorkdirError, train_and_evaluate
+from vdm_jax.training import (Checkpointer, CheckpointMismatchError, WorkdirError, create_train_state,
+                              train_and_evaluate, validate_config)
 
 CIFAR_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs", "cifar10.py")
 
@@ -41,8 +41,9 @@ def _cli(workdir, *overrides, mock=True):
 
 
 @pytest.mark.slow
-def test_entry_point_trains_checkpoints_and_resumes(tmp_path):
-    """Acceptance 3: the real entry point on mock CIFAR-10: steps, checkpoints, logs, samples, resume."""
+def test_entry_point_trains_and_writes_its_outputs(tmp_path):
+    """The real entry point on mock CIFAR-10: steps, checkpoints, logs, samples, the config.
+    (Resuming is `test_resume.py`'s, on the smaller digits run.)"""
     workdir = tmp_path / "run"
     first = _cli(workdir, "--config.training.num_steps=3")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -51,13 +52,6 @@ def test_entry_point_trains_checkpoints_and_resumes(tmp_path):
     assert glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
     assert os.path.exists(workdir / "samples" / "step_00000003.png")
     assert os.path.exists(workdir / "config.json")
-    # The same command with more steps resumes at step 3 and reports the changed config.
-    second = _cli(workdir, "--config.training.num_steps=5")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from step 3" in second.stderr
-    assert "training.num_steps: 3 -> 5" in second.stderr
-    assert "step 5: test bpd" in second.stdout
-    assert "5" in os.listdir(workdir / "checkpoints")
 
 
 def test_bad_workdir(tmp_path, micro):
@@ -91,15 +85,13 @@ def test_unknown_config_key_on_the_command_line(tmp_path):
         'error: unknown config key bacth_size; did you mean "batch_size" instead of "bacth_size"?')
 
 
-@pytest.mark.slow
-def test_checkpoint_from_a_different_model(tmp_path, micro):
-    config = micro()
-    config.data.source = "digits"
-    config.training.num_steps = 1
-    config.training.eval_every = 0
-    config.training.sample_every = 0
-    config.data.eval_split = "test"
-    train_and_evaluate(config, str(tmp_path))
+def test_checkpoint_from_a_different_model(tmp_path, micro_run):
+    """Resuming a work directory whose checkpoint another model wrote stops before training."""
+    config = micro_run()
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt.save(1, create_train_state(config, validate_config(config), jax.random.key(0)).checkpoint_tree(), {})
+    ckpt.close()
     config.model.base_channels = 16
     with pytest.raises(CheckpointMismatchError, match="different model"):
         train_and_evaluate(config, str(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]  # nothing moved: a mismatch is not damage

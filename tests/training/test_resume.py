@@ -5,6 +5,7 @@ The runs are the real entry point (`python -m experiments.cifar10`) on the micro
 (`micro_config.get_config`: 12 steps on the digits, a metrics line every step, checkpoints every 3).
 """
 import json
+import logging
 import os
 import re
 import signal
@@ -89,6 +90,7 @@ def reference(tmp_path_factory, micro_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("micro_run")
 def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, reference):
     ref_dir, _ = reference
     workdir = tmp_path / "interrupted"
@@ -143,6 +145,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("micro_run")
 def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, reference):
     ref_dir, ref_summary = reference
     workdir = tmp_path / "two_processes"
@@ -188,7 +191,8 @@ class _FailingSource:
 
 
 @pytest.mark.slow
-def test_a_data_error_saves_the_steps_done_before_failing(tmp_path, micro_run, monkeypatch):
+@pytest.mark.xdist_group("micro_run")
+def test_a_data_error_saves_the_steps_done_before_failing(tmp_path, micro_run, monkeypatch, caplog):
     real = loop_module.load_source
     # Batches of 16: the 120th read falls in the 8th batch (after a few reads that check the source).
     monkeypatch.setattr(loop_module, "load_source",
@@ -198,7 +202,11 @@ def test_a_data_error_saves_the_steps_done_before_failing(tmp_path, micro_run, m
         train_and_evaluate(micro_run(), str(tmp_path))
     saved = max(int(d) for d in os.listdir(tmp_path / "checkpoints"))
     assert 0 < saved < 12 and saved % 3 != 0  # saved when the read failed, not at a checkpoint step
-    # With the data mended, the run goes on from there.
+    # With the data mended, the run goes on from there; a changed setting is reported.
     monkeypatch.setattr(loop_module, "load_source", real)
-    summary = train_and_evaluate(micro_run(), str(tmp_path))
+    config = micro_run()
+    config.training.log_every = 2
+    with caplog.at_level(logging.WARNING, logger="vdm_jax"):
+        summary = train_and_evaluate(config, str(tmp_path))
     assert (summary["start_step"], summary["step"]) == (saved, 12)
+    assert "training.log_every: 1 -> 2" in caplog.text

@@ -204,12 +204,7 @@ class _Run:
 
     @functools.cached_property
     def step_fns(self):
-        rep = parallel.replicated(self.mesh)
-        one = jax.jit(steps.train_step, in_shardings=(rep, parallel.batch_sharding(self.mesh), rep),
-                      out_shardings=(rep, rep), donate_argnums=0)
-        many = jax.jit(steps.train_steps, in_shardings=(rep, parallel.batch_sharding(self.mesh, 1), rep),
-                       out_shardings=(rep, rep), donate_argnums=0)
-        return one, many
+        return compiled_steps(self.mesh)
 
     # --- work ---------------------------------------------------------------------------------
 
@@ -240,6 +235,16 @@ class _Run:
             save_png(path, picture, scale=max(1, 512 // picture.shape[0]))
             self.writer.image(int(state.step), "samples", picture)
         return path
+
+
+def compiled_steps(mesh):
+    """(train_step, train_steps) jitted as the loop runs them: state replicated and donated, batch sharded."""
+    rep = parallel.replicated(mesh)
+    one = jax.jit(steps.train_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep),
+                  out_shardings=(rep, rep), donate_argnums=0)
+    many = jax.jit(steps.train_steps, in_shardings=(rep, parallel.batch_sharding(mesh, 1), rep),
+                   out_shardings=(rep, rep), donate_argnums=0)
+    return one, many
 
 
 def _crossed(prev: int, now: int, every: int) -> bool:
