@@ -84,7 +84,7 @@ def record(faults: dict[str, jax.Array], report: dict[str, jax.Array], step: jax
 
 
 def describe(faults: dict[str, Any], names: Sequence[str], grad_paths: Sequence[str]) -> str:
-    """'step N (the update from step N to N+1): non-finite loss terms a, b; gradients: p (first of them)'."""
+    """'step N+1 (the update from step N): non-finite loss terms a, b; the first non-finite gradient is p'."""
     step, bits, leaf = int(faults["step"]), int(faults["terms"]), int(faults["grad_leaf"])
     bad = [name for i, name in enumerate(names) if bits >> i & 1]
     parts = [f"non-finite loss terms {', '.join(bad)}" if bad else "finite loss terms"]
