@@ -17,13 +17,13 @@ With `--torch`, the same train step and sampling chain with diffusers' `UNet2DMo
 parameter count, batch and optimiser (`benchmarks/torch_reference.py`), in the same process, and
 the ratios torch time / vdm_jax time. Prints a table and writes JSON (device, versions, config).
 """
-import json
 import os
 import platform
-import statistics
 import time
 
 from absl import app, flags
+
+from benchmarks.common import median_time, write_result
 
 flags.DEFINE_enum("model", "tiny32", ["tiny8", "tiny32", "ddpm_cifar10"],
                   "tiny8: the quickstart U-Net (8×8×1); tiny32: the same on 32×32×3; ddpm_cifar10: 35.7M.")
@@ -61,15 +61,6 @@ def _model_config(name: str, dtype: str):
               "tiny32": lambda: tiny(embedding_dim=24),
               "ddpm_cifar10": ddpm_cifar10}[name]()
     return config.replace(dtype=dtype, dropout=0.0)
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _timed_compile(jitted, *args):
@@ -130,7 +121,7 @@ def bench_jax(model_config, batch: int) -> dict:
             state, out = compiled(state, data, key)
         jax.block_until_ready(out)
 
-    step_s = _median_time(run_steps, FLAGS.repeats) / FLAGS.train_steps
+    step_s = median_time(run_steps, FLAGS.repeats) / FLAGS.train_steps
     result.update(train_step_s=step_s, train_steps_per_s=1 / step_s, train_images_per_s=batch / step_s)
     if flops is not None:
         # cost_analysis counts one device's program: the whole batch's FLOPs are that × devices.
@@ -145,7 +136,7 @@ def bench_jax(model_config, batch: int) -> dict:
     sample = jax.jit(lambda s, k: steps.sample_step(s, k, num=n, sampler="ancestral", steps=0),
                      in_shardings=(rep, rep), out_shardings=rep)
     compiled_sample, result["sample_compile_s"] = _timed_compile(sample, state, key)
-    result["sample_chain_s"] = _median_time(lambda: jax.block_until_ready(compiled_sample(state, key)),
+    result["sample_chain_s"] = median_time(lambda: jax.block_until_ready(compiled_sample(state, key)),
                                             max(1, FLAGS.repeats - 1))
     result["sample_ms_per_step"] = 1e3 * result["sample_chain_s"] / FLAGS.sample_steps
 
@@ -155,7 +146,7 @@ def bench_jax(model_config, batch: int) -> dict:
     evaluate = jax.jit(steps.eval_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
     compiled_eval, result["eval_compile_s"] = _timed_compile(evaluate, state, eval_data, key)
     jax.block_until_ready(compiled_eval(state, eval_data, key))
-    eval_s = _median_time(lambda: jax.block_until_ready(compiled_eval(state, eval_data, key)), FLAGS.repeats)
+    eval_s = median_time(lambda: jax.block_until_ready(compiled_eval(state, eval_data, key)), FLAGS.repeats)
     result["eval_images_per_s"] = FLAGS.eval_batch / eval_s
     result["peak_memory_bytes"] = _peak_memory()
     return result
@@ -189,12 +180,7 @@ def main(argv):
         record["torch_over_vdm_jax"] = {"train_step": theirs["train_step_s"] / ours["train_step_s"],
                                         "sample_chain": theirs["sample_chain_s"] / ours["sample_chain_s"]}
     _print(record)
-    out = FLAGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"run_{jax.default_backend()}_{FLAGS.model}_{FLAGS.dtype}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {out}")
+    write_result(record, FLAGS.out, f"run_{jax.default_backend()}_{FLAGS.model}_{FLAGS.dtype}.json")
 
 
 def _print(record: dict) -> None:

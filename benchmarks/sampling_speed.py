@@ -12,13 +12,14 @@ Prints and writes (`--out`, default benchmarks/results/sampling_speed_<backend>_
 compile times, the median wall time of a whole chain, images/s and the loop/scan ratio. The weights
 are a fresh initialisation (speed does not depend on them).
 """
-import json
 import os
 import platform
 import statistics
 import time
 
 from absl import app, flags
+
+from benchmarks.common import write_result
 
 flags.DEFINE_enum("model", "tiny8", ["tiny8", "tiny32", "ddpm_cifar10"],
                   "tiny8: the quickstart U-Net on 8×8×1; tiny32: on 32×32×3; ddpm_cifar10: the 35.7M DDPM U-Net.")
@@ -113,12 +114,7 @@ def main(argv):
               f"{result['images_per_s'][name]:>12.1f}")
     print(f"one compiled scan is {result['loop_over_scan']:.2f}× faster than the Python loop of jitted steps "
           f"(max |difference| of the samples {max_diff:.1e})")
-    out = FLAGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"sampling_speed_{jax.default_backend()}_{FLAGS.model}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out}")
+    write_result(result, FLAGS.out, f"sampling_speed_{jax.default_backend()}_{FLAGS.model}.json")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ with diffusers' `DDPMScheduler` (β linear, posterior variance). Needs `pip inst
 (the CPU wheel of torch on a CPU machine).
 """
 import os
-import statistics
-import time
+
+from benchmarks.common import median_time
 
 
 def versions() -> dict:
@@ -35,15 +35,6 @@ def diffusers_unet(config):
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
         add_attention=config.mid_attention, dropout=config.dropout, flip_sin_to_cos=False, freq_shift=1)
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench(config, batch: int, sample_batch: int, sample_steps: int, train_steps: int, repeats: int) -> dict:
@@ -97,7 +88,7 @@ def bench(config, batch: int, sample_batch: int, sample_steps: int, train_steps:
         loss.item()
         sync()
 
-    step_s = _median_time(run_steps, repeats) / train_steps
+    step_s = median_time(run_steps, repeats) / train_steps
 
     @torch.inference_mode()
     def sample():
@@ -109,7 +100,7 @@ def bench(config, batch: int, sample_batch: int, sample_steps: int, train_steps:
         return z
 
     model.eval()
-    chain_s = _median_time(sample, max(1, repeats - 1))
+    chain_s = median_time(sample, max(1, repeats - 1))
     return {"params": params, "device": device, "threads": torch.get_num_threads(), "train_step_s": step_s,
             "train_steps_per_s": 1 / step_s, "train_images_per_s": batch / step_s, "sample_chain_s": chain_s,
             "sample_ms_per_step": 1e3 * chain_s / sample_steps}
