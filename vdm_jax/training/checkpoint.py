@@ -87,9 +87,16 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state_tree: Any, data_state: dict | None, *, force: bool = False) -> bool:
-        """Saves the arrays of `state_tree` and the JSON `data_state` (plus the arrays' CRC-32s)."""
-        data = {**(data_state or {}), "fingerprint": fingerprint(state_tree)}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state_tree), data=ocp.args.JsonSave(data))
+        """Saves the arrays of `state_tree` and the JSON `data_state` (plus the arrays' CRC-32s).
+
+        The arrays must be replicated (every process holds the same values): their host copy, which
+        the CRC-32s need anyway, is what is written, by process 0. Writing orbax's device arrays
+        instead cost ~4 s a save for the 8-device micro model (per-shard bookkeeping over 584 arrays
+        × 8 replicas) against ~0.5 s; restoring reads either into any sharding.
+        """
+        host_tree = jax.device_get(state_tree)
+        data = {**(data_state or {}), "fingerprint": fingerprint(host_tree)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(host_tree), data=ocp.args.JsonSave(data))
         return self.manager.save(int(step), args=args, force=force)
 
     def restore(self, target_tree: Any, step: int | None = None) -> tuple[Any, dict]:
