@@ -78,6 +78,10 @@ class UNetConfig:
       dtype: compute dtype of activations (e.g. 'bfloat16'; a dtype object is stored by its
         name); the output is cast to z's dtype.
       param_dtype: dtype of the parameters (float32 by default).
+      remat: rematerialise each ResBlock and attention block in the backward pass
+        (`jax.checkpoint`): only their inputs are kept from the forward pass, so activation
+        memory falls to about one tensor per block for about one more forward pass of compute.
+        Changes neither the parameters nor the result.
     """
 
     in_channels: int = 3
@@ -101,6 +105,7 @@ class UNetConfig:
     zero_init_output: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: bool = False
 
     def __post_init__(self):
         for name in _TUPLE_FIELDS:  # Lists from JSON/YAML become tuples, so configs hash.
@@ -156,6 +161,10 @@ def _check_fields(c: UNetConfig) -> None:
         _fail("embedding_dim", "an even int >= 4", c.embedding_dim)
     if not (isinstance(c.dropout, (int, float)) and 0.0 <= c.dropout < 1.0):
         _fail("dropout", "a rate in [0, 1)", c.dropout)
+    for name in ("mid_attention", "downsample", "skip_input", "learned_variance", "emb_proj_bias",
+                 "zero_init_residual", "zero_init_output", "remat"):
+        if not isinstance(getattr(c, name), bool):
+            _fail(name, "a bool", getattr(c, name))
     if c.prediction not in PREDICTIONS:
         _fail("prediction", f"one of {PREDICTIONS}", c.prediction)
     for name in ("dtype", "param_dtype"):
@@ -591,14 +600,14 @@ class UNet(nnx.Module):
         hs = [self.conv_in(h.astype(self.config.dtype))]
         for layer in self.down:
             hs.append(layer(hs[-1]) if isinstance(layer, Downsample)
-                      else layer(hs[-1], emb, next(keys)))
+                      else self._block(layer, hs[-1], emb, next(keys)))
         return hs
 
     def _middle(self, h: jax.Array, emb: jax.Array, keys: Iterator) -> jax.Array:
-        h = self.mid_res1(h, emb, next(keys))
+        h = self._block(self.mid_res1, h, emb, next(keys))
         if self.mid_attn is not None:
-            h = self.mid_attn(h)
-        return self.mid_res2(h, emb, next(keys))
+            h = self._block(self.mid_attn, h)
+        return self._block(self.mid_res2, h, emb, next(keys))
 
     def _decode(self, h: jax.Array, hs: list[jax.Array], emb: jax.Array,
                 keys: Iterator) -> jax.Array:
@@ -607,8 +616,15 @@ class UNet(nnx.Module):
             if isinstance(layer, Upsample):
                 h = layer(h)
             else:
-                h = layer(jnp.concatenate([h, hs.pop()], axis=-1), emb, next(keys))
+                h = self._block(layer, jnp.concatenate([h, hs.pop()], axis=-1), emb, next(keys))
         return h
+
+    def _block(self, layer: nnx.Module, *args) -> jax.Array:
+        """Calls a block; with `config.remat` its activations are recomputed in the backward pass."""
+        if not self.config.remat:
+            return layer(*args)
+        graphdef, params = nnx.split(layer)
+        return jax.checkpoint(lambda p, *a: nnx.merge(graphdef, p)(*a))(params, *args)
 
     def _output(self, out: jax.Array, z: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Casts to z's dtype, splits off v, adds the base measure z if configured."""
