@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from vdm_jax import compiler
 from vdm_jax.data import load_source, train_iterator
 from vdm_jax.training import faults, parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, config_changes, save_config
@@ -240,10 +241,10 @@ class _Run:
 def compiled_steps(mesh):
     """(train_step, train_steps) jitted as the loop runs them: state replicated and donated, batch sharded."""
     rep = parallel.replicated(mesh)
-    one = jax.jit(steps.train_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep),
-                  out_shardings=(rep, rep), donate_argnums=0)
-    many = jax.jit(steps.train_steps, in_shardings=(rep, parallel.batch_sharding(mesh, 1), rep),
-                   out_shardings=(rep, rep), donate_argnums=0)
+    one = compiler.jit(steps.train_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep),
+                       out_shardings=(rep, rep), donate_argnums=0)
+    many = compiler.jit(steps.train_steps, in_shardings=(rep, parallel.batch_sharding(mesh, 1), rep),
+                        out_shardings=(rep, rep), donate_argnums=0)
     return one, many
 
 
