@@ -40,6 +40,8 @@ flags.DEFINE_integer("sample_steps", None, "Reverse steps (default: config.train
                      "sampler, else 0; 0 = T).", lower_bound=0)
 flags.DEFINE_integer("sample_batch_size", 256, "Images per compiled sampling call (a multiple of the devices).",
                      lower_bound=1)
+flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16"],
+                  "The U-Net's activation dtype (default: the run's model.dtype; 'auto' = bfloat16 on GPU/TPU).")
 flags.DEFINE_integer("seed", 0, "Seed of the evaluation draws and of the samples.")
 flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval/step_<step>).")
 flags.DEFINE_boolean("progress_bar", True, "Show progress bars.")
@@ -74,7 +76,7 @@ def evaluate(FLAGS) -> dict:
     import numpy as np
 
     from vdm_jax.data import load_source
-    from vdm_jax.training import make_mesh
+    from vdm_jax.training import compute_dtype, make_mesh
     from vdm_jax.training.evaluation import (evaluate_bpd, format_bpd_table, generate_samples, load_checkpoint,
                                              save_samples)
     from vdm_jax.training.metrics import image_grid, save_png
@@ -85,7 +87,7 @@ def evaluate(FLAGS) -> dict:
         check_batch_size(FLAGS.batch_size, mesh, "--batch_size")
     if FLAGS.num_samples:
         check_batch_size(FLAGS.sample_batch_size, mesh, "--sample_batch_size")
-    config, state = load_checkpoint(FLAGS.workdir, step=FLAGS.step, mesh=mesh)
+    config, state = load_checkpoint(FLAGS.workdir, step=FLAGS.step, mesh=mesh, dtype=FLAGS.dtype)
     step = int(state.step)
     sampler, sample_steps = _sampling(FLAGS, config, state.objective)
     out_dir = FLAGS.out or os.path.join(os.path.abspath(FLAGS.workdir), "eval", f"step_{step}")
@@ -93,7 +95,7 @@ def evaluate(FLAGS) -> dict:
     if main:  # before any work, so that a bad --out loses nothing
         os.makedirs(out_dir, exist_ok=True)
     summary = {"workdir": os.path.abspath(FLAGS.workdir), "step": step, "devices": _devices(),
-               "jax": jax.__version__}
+               "jax": jax.__version__, "dtype": compute_dtype(config.model.dtype)}
     if FLAGS.bpd:
         spec = FLAGS.source or config.data.source
         split = FLAGS.split or config.data.eval_split
@@ -116,7 +118,8 @@ def evaluate(FLAGS) -> dict:
                 json.dump(record, f, indent=2)
             np.savez_compressed(os.path.join(out_dir, f"bpd_{split}_{tag}_per_example.npz"), **per_example)
         print(f"bits/dim of {spec} '{split}': {result['examples']} examples, each exactly once; {how}; "
-              f"EMA parameters at step {step}; {seconds:.1f} s on {summary['devices']}")
+              f"EMA parameters at step {step}, {summary['dtype']} activations; {seconds:.1f} s on "
+              f"{summary['devices']}")
         print(format_bpd_table(result))
         print(f"wrote {path}")
         summary["bpd"] = record
@@ -131,7 +134,8 @@ def evaluate(FLAGS) -> dict:
             save_samples(stem + ".npz", images)
             picture = image_grid(images[:100])
             save_png(stem + ".png", picture, scale=max(1, 512 // picture.shape[0]))
-        print(f"sampled {images.shape[0]} images ({sampler}, {sample_steps or 'all'} steps) in {seconds:.1f} s: "
+        print(f"sampled {images.shape[0]} images ({sampler}, {sample_steps or 'all'} steps, {summary['dtype']} "
+              f"activations) in {seconds:.1f} s: "
               f"{stem}.npz, {stem}.png")
         summary["samples"] = {"path": stem + ".npz", "seconds": seconds, "num": int(images.shape[0])}
     return summary

@@ -23,12 +23,12 @@ flags.DEFINE_integer("steps", 2500, "Training steps.", lower_bound=1)
 
 def get_config(steps: int = 2500):
     from vdm_jax.models import tiny
-    from vdm_jax.training import default_config
+    from vdm_jax.training import default_config, set_model
 
     c = default_config()
     c.data.source = "digits"
     c.data.random_flip = False  # digits are not mirror-symmetric
-    c.model.update(tiny(image_size=8, in_channels=1, dropout=0.0).to_dict())
+    set_model(c, tiny(image_size=8, in_channels=1, dropout=0.0))
     c.diffusion.family = "ddpm"
     c.diffusion.timesteps = 1000
     c.optim.learning_rate = 1e-3

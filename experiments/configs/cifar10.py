@@ -27,7 +27,7 @@ Offline data: add --config.data.source=images:../shared/data/cifar10_jpeg.zip (o
 cifar10_tar:PATH, npz:PATH); see `vdm_jax.data.load_source`.
 """
 from vdm_jax.models import ddpm_cifar10, tiny, vdm_cifar10
-from vdm_jax.training import default_config
+from vdm_jax.training import default_config, set_model
 
 VARIANTS = ("ddpm", "vdm", "small")
 
@@ -40,7 +40,7 @@ def get_config(variant: str = "small"):
 
 def ddpm():
     c = default_config()
-    c.model.update(ddpm_cifar10().to_dict())
+    set_model(c, ddpm_cifar10())
     c.diffusion.family = "ddpm"
     c.diffusion.timesteps = 1000
     c.diffusion.schedule = "linear"
@@ -59,7 +59,7 @@ def ddpm():
 
 def vdm():
     c = default_config()
-    c.model.update(vdm_cifar10().to_dict())
+    set_model(c, vdm_cifar10())
     c.data.random_flip = False
     c.diffusion.family = "vdm"
     c.diffusion.timesteps = 0
@@ -84,7 +84,7 @@ def vdm():
 
 def small():
     c = default_config()
-    c.model.update(tiny().to_dict())
+    set_model(c, tiny())
     c.diffusion.family = "ddpm"
     c.optim.learning_rate = 3e-4
     c.optim.warmup_steps = 200

@@ -1,7 +1,7 @@
 """Config validation: unknown keys, wrong types, impossible combinations."""
 import pytest
 
-from vdm_jax.training import default_config, validate_config
+from vdm_jax.training import compute_dtype, default_config, validate_config
 
 from experiments.configs import cifar10
 
@@ -95,3 +95,28 @@ def test_sample_steps_that_fit(changes):
         group, name = key.split(".")
         c[group][name] = value
     assert validate_config(c).image_size == 32
+
+
+@pytest.mark.parametrize("backend, expected", [("cpu", "float32"), ("gpu", "bfloat16"), ("cuda", "bfloat16"),
+                                               ("rocm", "bfloat16"), ("tpu", "bfloat16"), ("METAL", "float32")])
+def test_auto_dtype_is_bfloat16_on_accelerators_only(backend, expected):
+    assert compute_dtype("auto", backend) == expected
+    assert compute_dtype("float32", backend) == "float32"
+    assert compute_dtype("bfloat16", backend) == "bfloat16"
+
+
+@pytest.mark.parametrize("variant", ["ddpm", "vdm", "small"])
+def test_experiment_configs_choose_the_dtype_by_backend(variant):
+    """The named configs leave the activation dtype to the backend; here (CPU) that is float32."""
+    config = cifar10.get_config(variant)
+    assert config.model.dtype == "auto"
+    assert validate_config(config).dtype == "float32"
+    config.model.dtype = "bfloat16"
+    assert validate_config(config).dtype == "bfloat16"
+
+
+def test_bad_dtype_is_named():
+    c = default_config()
+    c.model.dtype = "half-ish"
+    with pytest.raises(ValueError, match=r"config.model: UNetConfig.dtype: expected a floating dtype"):
+        validate_config(c)

@@ -1,6 +1,6 @@
 """Training: the config schema, the objective, pure steps, data parallelism, checkpoints, the loop."""
 from vdm_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
-from vdm_jax.training.config import default_config, validate_config
+from vdm_jax.training.config import compute_dtype, default_config, set_model, validate_config
 from vdm_jax.training.evaluation import (RunNotFoundError, evaluate_bpd, format_bpd_table, generate_samples,
                                          load_checkpoint, save_samples)
 from vdm_jax.training.faults import NonFiniteError

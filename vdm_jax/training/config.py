@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import ml_collections
 
 from vdm_jax.models import UNetConfig, tiny
@@ -18,6 +19,19 @@ DDPM_LOSSES = ("simple", "vlb", "hybrid")
 VARIANCES = ("posterior", "beta", "learned")
 SAMPLERS = ("ancestral", "ddim")
 OPTIMIZERS = ("adam", "adamw")
+# model.dtype = 'auto': bfloat16 activations on these backends (float32 parameters, loss and optimiser
+# state either way), float32 elsewhere. XLA:CPU has no fast bfloat16 convolutions.
+MIXED_PRECISION_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def compute_dtype(dtype: str, backend: str | None = None) -> str:
+    """The U-Net's activation dtype for `model.dtype`: 'auto' is 'bfloat16' on GPU/TPU, else 'float32'.
+
+    Any other value is returned as it is (UNetConfig checks it).
+    """
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if (backend or jax.default_backend()) in MIXED_PRECISION_BACKENDS else "float32"
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -32,7 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.random_flip = True
     c.data.num_workers = 0  # grain worker processes
 
-    c.model = ml_collections.ConfigDict(tiny().to_dict())
+    c.model = ml_collections.ConfigDict(tiny(dtype="float32").to_dict())
+    c.model.dtype = "auto"  # activations: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16'
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.family = "ddpm"  # 'ddpm' (discrete, β schedule) or 'vdm' (γ schedule, ELBO)
@@ -82,6 +97,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.training.on_nonfinite = "stop"  # a NaN/Inf loss or gradient: 'stop' (raise) or 'skip' the step
     c.training.max_consecutive_skips = 100  # with 'skip': raise after this many bad steps in a row (0 = never)
     return c
+
+
+def set_model(config: ml_collections.ConfigDict, model: UNetConfig, *, dtype: str = "auto") -> None:
+    """Sets `config.model` to `model`'s architecture, with activations in `dtype` (default 'auto':
+    bfloat16 on GPU/TPU, float32 on CPU; see `compute_dtype`)."""
+    config.model.update({**model.to_dict(), "dtype": dtype})
 
 
 def _walk(config, reference, path=""):
@@ -171,6 +192,8 @@ def _check_values(config) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
     """Checks a config against `default_config()`; returns the validated model config.
 
+    `model.dtype = 'auto'` is resolved for JAX's default backend (`compute_dtype`).
+
     Raises:
       ValueError: unknown keys, values out of range, impossible combinations.
       TypeError: values of the wrong type.
@@ -178,7 +201,9 @@ def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
     for name, value, ref in _walk(config, default_config()):
         _check_type(name, value, ref)
     try:
-        model = UNetConfig.from_dict(dict(config.model))
+        fields = dict(config.model)
+        fields["dtype"] = compute_dtype(fields.get("dtype", "float32"))
+        model = UNetConfig.from_dict(fields)
     except (ValueError, TypeError) as e:
         raise type(e)(f"config.model: {e}") from None
     d, t, o = config.diffusion, config.training, config.optim

@@ -51,13 +51,17 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(config)
 
 
-def load_checkpoint(workdir: str, *, step: int | None = None, mesh=None
+def load_checkpoint(workdir: str, *, step: int | None = None, mesh=None, dtype: str | None = None
                     ) -> tuple[ml_collections.ConfigDict, TrainState]:
     """The config and the train state saved in a run's work directory, replicated over `mesh`.
 
     Builds the state's structure without initialising it (`jax.eval_shape`) and restores `step`
     (default: the newest intact one; damaged newer ones are skipped with a warning and left in
     place) straight into replicated device buffers. Nothing in `workdir` is changed.
+
+    `dtype` ('auto', 'float32', 'bfloat16') replaces the run's `model.dtype`, the U-Net's
+    activation dtype: e.g. sample in bfloat16 from a run trained in float32, or evaluate the bound
+    in float32. The parameters are float32 either way.
 
     Raises:
       RunNotFoundError: no config.json, no checkpoint, or no checkpoint at `step`.
@@ -66,6 +70,8 @@ def load_checkpoint(workdir: str, *, step: int | None = None, mesh=None
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = read_config(workdir)
+    if dtype is not None:
+        config.model.dtype = dtype
     model_config = validate_config(config)
     mesh = mesh or parallel.make_mesh()
     directory = os.path.join(workdir, "checkpoints")
