@@ -45,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "test"
     c.data.random_flip = True
     c.data.num_workers = 0  # grain worker processes
+    c.data.prefetch = 2  # calls' batches read and put on the devices ahead, on a background thread (0: none)
 
     c.model = ml_collections.ConfigDict(tiny(dtype="float32").to_dict())
     c.model.dtype = "auto"  # activations: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16'
@@ -168,6 +169,7 @@ def _check_values(config) -> None:
     """Values no single type check catches: ranges, and settings that only fit some families."""
     d, t, o = config.diffusion, config.training, config.optim
     for name, value, low in [("seed", config.seed, 0), ("data.num_workers", config.data.num_workers, 0),
+                             ("data.prefetch", config.data.prefetch, 0),
                              ("diffusion.hybrid_lambda", d.hybrid_lambda, 0),
                              ("training.num_processes", t.num_processes, 0),
                              ("training.process_id", t.process_id, -1)]:

@@ -35,6 +35,7 @@ from vdm_jax.training.checkpoint import Checkpointer, config_changes, save_confi
 from vdm_jax.training.config import validate_config
 from vdm_jax.training.evaluation import evaluate_bpd, generate_samples
 from vdm_jax.training.metrics import MetricWriter, image_grid, progress_bar, save_png
+from vdm_jax.training.prefetch import DevicePrefetcher, call_sizes
 from vdm_jax.training.state import TrainState, create_train_state
 
 log = logging.getLogger("vdm_jax")
@@ -129,7 +130,7 @@ class _Run:
                                  keep_every=config.training.keep_every)
         self.writer: MetricWriter | None = None
         self.skipped_seen = 0
-        self.read_position = self.train_iter.get_state()
+        self.batches: DevicePrefetcher | None = None  # made by `start_batches` once the state is restored
 
     # --- state and checkpoints ----------------------------------------------------------------
 
@@ -175,7 +176,10 @@ class _Run:
 
     def save(self, state: TrainState, *, force: bool = False, iterator_state: dict | None = None) -> None:
         self.check_faults(state)  # never save a state that stopped on a non-finite step
-        position = self.train_iter.get_state() if iterator_state is None else iterator_state
+        if iterator_state is not None:
+            position = iterator_state
+        else:  # the position after the last batches trained on, however far the prefetcher has read
+            position = self.train_iter.get_state() if self.batches is None else self.batches.position
         self.ckpt.save(int(state.step), state.checkpoint_tree(), {"iterator": position, "seed": self.config.seed},
                        force=force)
 
@@ -185,7 +189,7 @@ class _Run:
         if jax.process_count() > 1 or self.ckpt.latest_step() == int(state.step):
             return
         try:
-            self.save(state, force=True, iterator_state=self.read_position)
+            self.save(state, force=True, iterator_state=self.batches.read_position)
             self.ckpt.wait()
             log.warning("reading the training data failed (%s): saved a checkpoint at step %d first",
                         error, int(state.step))
@@ -193,8 +197,10 @@ class _Run:
             log.warning("reading the training data failed, and saving a checkpoint then failed too: %s", e)
 
     def close(self) -> None:
-        """Waits for checkpoints being written, then closes the checkpointer and the logs."""
+        """Stops the prefetcher, waits for checkpoints being written, closes the checkpointer and the logs."""
         try:
+            if self.batches is not None:
+                self.batches.close()
             self.ckpt.wait()
         finally:
             self.ckpt.close()
@@ -209,11 +215,12 @@ class _Run:
 
     # --- work ---------------------------------------------------------------------------------
 
-    def next_batches(self, k: int):
-        self.read_position = self.train_iter.get_state()
-        batches = [next(self.train_iter) for _ in range(k)]
-        local = {"image": np.stack([b["image"] for b in batches]) if k > 1 else batches[0]["image"]}
-        return parallel.global_batch(local, self.mesh, leading_axes=1 if k > 1 else 0)
+    def start_batches(self, start: int) -> DevicePrefetcher:
+        """The device batches of every call from step `start` on, `data.prefetch` calls ahead."""
+        t = self.config.training
+        sizes = call_sizes(start, t.num_steps, lambda step: _steps_in_call(step, t.num_steps, t.steps_per_call))
+        self.batches = DevicePrefetcher(self.train_iter, self.mesh, sizes, depth=self.config.data.prefetch)
+        return self.batches
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
         """The bound on the whole eval split, every example once, with the EMA parameters."""
@@ -302,6 +309,7 @@ def _train(run: _Run) -> dict[str, Any]:
     state = run.initial_state()
     start = step = int(state.step)
     one, many = run.step_fns
+    batches = run.start_batches(start)
     summary: dict[str, Any] = {"start_step": start}
     progress = progress_bar(t.progress_bar, total=t.num_steps, initial=start, desc="train", unit="step")
     if t.eval_at_start and start == 0:
@@ -312,11 +320,11 @@ def _train(run: _Run) -> dict[str, Any]:
             prev = step
             k = _steps_in_call(prev, t.num_steps, t.steps_per_call)
             try:
-                batches = run.next_batches(k)
+                batch = next(batches)
             except Exception as e:
                 run.save_before_failing(state, e)
                 raise
-            state, metrics = (many if k > 1 else one)(state, batches, run.key_train)
+            state, metrics = (many if k > 1 else one)(state, batch, run.key_train)
             step = prev + k
             progress.update(k)
             log_now = _crossed(prev, step, t.log_every) or step == t.num_steps

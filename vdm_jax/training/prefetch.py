@@ -1,0 +1,116 @@
+"""Training batches read ahead on a background thread and put on the devices before they are needed.
+
+The loop dispatches a step asynchronously, so the host has the device's step time to prepare the
+next call's batch: read it from the data pipeline, stack the micro-steps of a multi-step call,
+assemble the global array and copy it to the devices. `DevicePrefetcher` does that `depth` calls
+ahead on its own thread, so the loop's thread only dispatches.
+
+Exact resume is kept: every prepared call carries the data iterator's position before and after
+it, and `position` is the position after the last call handed out — what a checkpoint must save —
+however far the thread has read ahead. A data error is raised when the loop takes the call whose
+batch failed, with `read_position` the position before it, so the steps before it are saved.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from vdm_jax.training import parallel
+
+
+def call_sizes(start: int, num_steps: int, steps_in_call: Callable[[int], int]) -> Iterator[int]:
+    """The micro-steps of each call from step `start` to `num_steps`, as the loop makes them."""
+    step = start
+    while step < num_steps:
+        k = steps_in_call(step)
+        yield k
+        step += k
+
+
+def stack_batches(batches: list[dict[str, np.ndarray]], mesh) -> dict[str, Any]:
+    """One call's host batches as global device arrays: [B, ...], or [k, B, ...] for k > 1 micro-steps."""
+    k = len(batches)
+    local = {"image": np.stack([b["image"] for b in batches]) if k > 1 else batches[0]["image"]}
+    return parallel.global_batch(local, mesh, leading_axes=1 if k > 1 else 0)
+
+
+class DevicePrefetcher:
+    """Device batches for a sequence of calls, prepared `depth` calls ahead (0: when asked for).
+
+    Args:
+      iterator: the host data iterator (`get_state()`, `next()`); after construction only this
+        object reads it.
+      mesh: the device mesh the batches are sharded over.
+      sizes: the micro-steps of each call, in order (`call_sizes`).
+      depth: calls prepared ahead on a background thread; 0 reads in `next()`.
+    """
+
+    def __init__(self, iterator, mesh, sizes: Iterable[int], depth: int = 2):
+        if not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"depth must be an int >= 0, got {depth!r}.")
+        self._iterator = iterator
+        self._mesh = mesh
+        self._sizes = iter(sizes)
+        self.position = iterator.get_state()  # after the last call handed out
+        self.read_position = self.position  # before the last call handed out (or asked for)
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        if depth > 0:
+            self._queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._work, name="vdm_jax-prefetch", daemon=True)
+            self._thread.start()
+
+    def _prepare(self, k: int) -> tuple[Any, Any, Any, BaseException | None]:
+        before = self._iterator.get_state()
+        try:
+            batch = stack_batches([next(self._iterator) for _ in range(k)], self._mesh)
+        except BaseException as e:  # noqa: BLE001 - handed to the loop's thread, raised there
+            return before, None, None, e
+        return before, batch, self._iterator.get_state(), None
+
+    def _work(self) -> None:
+        for k in self._sizes:
+            item = self._prepare(k)
+            if not self._put(item) or item[3] is not None:
+                return
+        self._put((self._iterator.get_state(), None, None, StopIteration()))
+
+    def _put(self, item) -> bool:
+        """Queues `item` unless stopped first; whether it was queued."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._queue is None:
+            k = next(self._sizes)
+            before, batch, after, error = self._prepare(k)
+        else:
+            before, batch, after, error = self._queue.get()
+        self.read_position = before
+        if error is not None:
+            raise error
+        self.position = after
+        return batch
+
+    def close(self) -> None:
+        """Stops the thread (it finishes the batch it is reading)."""
+        self._stop.set()
+        if self._queue is not None:
+            while self._thread.is_alive():
+                try:
+                    self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            self._thread.join()
