@@ -29,12 +29,17 @@ flags.DEFINE_enum("model", "tiny32", ["tiny8", "tiny32", "ddpm_cifar10"],
                   "tiny8: the quickstart U-Net (8×8×1); tiny32: the same on 32×32×3; ddpm_cifar10: 35.7M.")
 flags.DEFINE_integer("batch", 32, "Global training batch.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activation dtype (parameters stay float32).")
+flags.DEFINE_boolean("remat", False, "Rematerialise the U-Net's blocks in the backward pass (model.remat).")
 flags.DEFINE_integer("train_steps", 10, "Timed training steps per repeat.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats (the median is reported).")
 flags.DEFINE_integer("sample_batch", 16, "Images per sampling chain.")
 flags.DEFINE_integer("sample_steps", 1000, "Steps of the sampling chain (T).")
 flags.DEFINE_integer("eval_batch", 64, "Images per evaluation batch.")
 flags.DEFINE_boolean("torch", False, "Also run the PyTorch (diffusers) reference and report the ratios.")
+flags.DEFINE_enum("xla_options", "vdm_jax", ["vdm_jax", "none"],
+                  "vdm_jax: compile with vdm_jax.compiler_options() as training does; none: XLA's defaults.")
+flags.DEFINE_float("peak_tflops", None, "Peak FLOP/s of one device in TFLOP/s, for devices the table lacks (a CPU: "
+                   "cores × GHz × FLOPs per cycle per core, e.g. 2 × 2.45 × 32 / 1000 for 2 AVX2 cores with 2 FMA units).")
 flags.DEFINE_string("out", None, "JSON output (default benchmarks/results/run_<backend>_<model>_<dtype>.json).")
 FLAGS = flags.FLAGS
 
@@ -60,7 +65,7 @@ def _model_config(name: str, dtype: str):
     config = {"tiny8": lambda: tiny(image_size=8, in_channels=1, embedding_dim=24),
               "tiny32": lambda: tiny(embedding_dim=24),
               "ddpm_cifar10": ddpm_cifar10}[name]()
-    return config.replace(dtype=dtype, dropout=0.0)
+    return config.replace(dtype=dtype, dropout=0.0, remat=FLAGS.remat)
 
 
 def _timed_compile(jitted, *args):
@@ -76,12 +81,29 @@ def _flops(compiled) -> float | None:
     return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
+def _temp_bytes(compiled) -> int | None:
+    """XLA's buffer assignment: the temporary (activation) memory one device's program needs."""
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+
+
 def _peak_memory() -> int | None:
     import jax
 
     stats = [d.memory_stats() for d in jax.local_devices()]
     peaks = [s.get("peak_bytes_in_use") for s in stats if s]
     return max(peaks) if peaks and all(p is not None for p in peaks) else None
+
+
+def _jit(fn, **kwargs):
+    import jax
+
+    import vdm_jax
+
+    options = dict(vdm_jax.compiler_options()) if FLAGS.xla_options == "vdm_jax" else None
+    return jax.jit(fn, compiler_options=options, **kwargs)
 
 
 def bench_jax(model_config, batch: int) -> dict:
@@ -107,10 +129,11 @@ def bench_jax(model_config, batch: int) -> dict:
     result = {"params": count_params(model_config), "devices": mesh.devices.size}
 
     # Train: the step as the loop compiles it (replicated state, sharded batch, state donated).
-    train = jax.jit(steps.train_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep),
+    train = _jit(steps.train_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep),
                     out_shardings=(rep, rep), donate_argnums=0)
     compiled, result["train_compile_s"] = _timed_compile(train, state, data, key)
     flops = _flops(compiled)
+    result["train_temp_bytes"] = _temp_bytes(compiled)
     for _ in range(2):  # warm-up
         state, metrics = compiled(state, data, key)
     jax.block_until_ready(metrics)
@@ -128,12 +151,13 @@ def bench_jax(model_config, batch: int) -> dict:
         total = flops * mesh.devices.size
         result["train_flops_per_image"] = total / batch
         result["train_flops_per_s"] = total / step_s
-        peak = _peak(jax.devices()[0].device_kind)
+        peak = FLAGS.peak_tflops * 1e12 if FLAGS.peak_tflops else _peak(jax.devices()[0].device_kind)
+        result["peak_flops_per_device"] = peak
         result["mfu"] = total / step_s / (peak * mesh.devices.size) if peak else "unknown (no peak for this device)"
 
     # Sample: one ancestral chain, the whole chain one compiled scan.
     n = FLAGS.sample_batch
-    sample = jax.jit(lambda s, k: steps.sample_step(s, k, num=n, sampler="ancestral", steps=0),
+    sample = _jit(lambda s, k: steps.sample_step(s, k, num=n, sampler="ancestral", steps=0),
                      in_shardings=(rep, rep), out_shardings=rep)
     compiled_sample, result["sample_compile_s"] = _timed_compile(sample, state, key)
     result["sample_chain_s"] = median_time(lambda: jax.block_until_ready(compiled_sample(state, key)),
@@ -143,7 +167,7 @@ def bench_jax(model_config, batch: int) -> dict:
     # Evaluate: the one-t bound per image.
     eval_images = np.resize(images, (FLAGS.eval_batch, *shape))
     eval_data = parallel.global_batch({"image": eval_images}, mesh)
-    evaluate = jax.jit(steps.eval_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
+    evaluate = _jit(steps.eval_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
     compiled_eval, result["eval_compile_s"] = _timed_compile(evaluate, state, eval_data, key)
     jax.block_until_ready(compiled_eval(state, eval_data, key))
     eval_s = median_time(lambda: jax.block_until_ready(compiled_eval(state, eval_data, key)), FLAGS.repeats)
@@ -165,6 +189,7 @@ def main(argv):
         "benchmark": "run", "model": FLAGS.model, "dtype": FLAGS.dtype, "batch": FLAGS.batch,
         "sample_batch": FLAGS.sample_batch, "sample_steps": FLAGS.sample_steps, "eval_batch": FLAGS.eval_batch,
         "train_steps": FLAGS.train_steps, "repeats": FLAGS.repeats, "model_config": model_config.to_dict(),
+        "xla_options": FLAGS.xla_options, "remat": FLAGS.remat,
         "device": f"{jax.device_count()} × {device.device_kind} ({jax.default_backend()})",
         "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "versions": {"python": platform.python_version(), "jax": jax.__version__},
@@ -180,7 +205,8 @@ def main(argv):
         record["torch_over_vdm_jax"] = {"train_step": theirs["train_step_s"] / ours["train_step_s"],
                                         "sample_chain": theirs["sample_chain_s"] / ours["sample_chain_s"]}
     _print(record)
-    write_result(record, FLAGS.out, f"run_{jax.default_backend()}_{FLAGS.model}_{FLAGS.dtype}.json")
+    suffix = "_remat" if FLAGS.remat else ""
+    write_result(record, FLAGS.out, f"run_{jax.default_backend()}_{FLAGS.model}_{FLAGS.dtype}{suffix}.json")
 
 
 def _print(record: dict) -> None:
@@ -202,6 +228,9 @@ def _print(record: dict) -> None:
         mfu = ours["mfu"]
         print(f"train: {ours['train_flops_per_image'] / 1e9:.3g} GFLOP per image, "
               f"{ours['train_flops_per_s'] / 1e12:.3g} TFLOP/s, MFU " + (f"{mfu:.1%}" if isinstance(mfu, float) else mfu))
+    if ours.get("train_temp_bytes"):
+        print(f"train step temporary memory (XLA buffer assignment, per device): "
+              f"{ours['train_temp_bytes'] / 2**30:.2f} GiB")
     if ours.get("peak_memory_bytes"):
         print(f"peak device memory: {ours['peak_memory_bytes'] / 2**30:.2f} GiB")
     if "torch_over_vdm_jax" in record:
