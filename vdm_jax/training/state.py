@@ -8,6 +8,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 from flax import nnx, struct
 
 from vdm_jax.models import UNet, UNetConfig, init_model  # noqa: F401  (init_model: re-exported)
@@ -20,7 +21,10 @@ class TrainState:
     """Everything a training step reads and writes.
 
     `params` and `ema_params` are `{'model': nnx.State, 'schedule': nnx.State or {}}` (the
-    schedule's state only for a learned VDM schedule). `faults` records non-finite steps
+    schedule's state only for a learned VDM schedule). `opt_state` is the optimiser's state for
+    all parameters raveled into one vector (`jax.flatten_util.ravel_pytree` order): the step
+    updates the parameters, the optimiser state and the EMA as a few loops over that vector
+    rather than several per parameter array. `faults` records non-finite steps
     (`vdm_jax.training.faults`). The static fields (graph definitions, optimiser, objective,
     what to do with a non-finite step) are part of the pytree's structure, so `train_step` stays
     a pure function of this state.
@@ -97,7 +101,7 @@ def create_train_state(config, model_config: UNetConfig, key) -> TrainState:
         model, schedule_model = modules(key)
         params = {"model": nnx.split(model)[1],
                   "schedule": {} if schedule_model is None else nnx.split(schedule_model)[1]}
-        return params, jax.tree.map(jnp.copy, params), tx.init(params)
+        return params, jax.tree.map(jnp.copy, params), tx.init(ravel_pytree(params)[0])
 
     model, schedule_model = nnx.eval_shape(lambda: modules(jax.random.key(0)))
     graphdef = nnx.split(model)[0]

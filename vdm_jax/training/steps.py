@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 from vdm_jax.training import faults
 from vdm_jax.training.checkpoint import path_str
@@ -75,14 +76,18 @@ def train_step(state: TrainState, batch, key) -> tuple[TrainState, dict[str, jax
     report = faults.inspect(loss, terms, grads)
 
     def update(_):
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        # On one flat vector: a few fused loops instead of several per parameter array.
+        flat_grads, unravel = ravel_pytree(grads)
+        flat_params, _ = ravel_pytree(state.params)
+        updates, opt_state = state.tx.update(flat_grads, state.opt_state, flat_params)
+        flat_params = optax.apply_updates(flat_params, updates)
         # EMA with warm-up: min(decay, (1 + n)/(10 + n)) keeps early averages from dwelling on the
         # initial weights in short runs; long runs reach `ema_decay` after ~10/(1 - decay) steps.
         n = state.step.astype(jnp.float32)
         decay = jnp.minimum(state.ema_decay, (1.0 + n) / (10.0 + n))
-        ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
-        return params, ema, opt_state
+        flat_ema, _ = ravel_pytree(state.ema_params)
+        flat_ema = flat_ema + (1.0 - decay) * (flat_params - flat_ema)
+        return unravel(flat_params), unravel(flat_ema), opt_state
 
     def keep(_):
         return state.params, state.ema_params, state.opt_state
