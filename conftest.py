@@ -1,38 +1,31 @@
 """The environment of everything the test command runs: the tests and the notebooks' kernels.
 
-Set here, before JAX is imported anywhere, so that the tests (tests/conftest.py) and the notebook
+Set here, before JAX's first computation, so that the tests (tests/conftest.py) and the notebook
 kernels that `--nbmake` starts (they inherit this environment) run alike:
 - 8 fake CPU devices;
 - cheaper LLVM optimisation, which on XLA:CPU cuts compile times of the model and init programs
   about 4× (e.g. 19 s -> 4.5 s) at no measurable cost to the tests' run time (-O0 compiles a train
   step another 35% faster but slows the Monte Carlo tests and the notebook's training 1.5-3×: the
   whole suite took as long);
-- XLA's own CPU convolutions instead of YNNPACK's, as `vdm_jax.compiler_options()` chooses, but
-  for every program (the tests' own `jax.jit`s too), so that a test and the library compile the
-  same program and share its cache entry;
+- XLA's own CPU convolutions instead of YNNPACK's, and XLA's memory-minimising schedule, as
+  `vdm_jax.compiler_options()` chooses, but for every program (the tests' own `jax.jit`s too), so
+  that a test and the library compile the same program and share its cache entry;
 - one persistent compilation cache, `.jax_cache/` (or $VDM_JAX_TEST_CACHE).
 """
-import importlib.metadata
 import os
 
 CACHE_DIR = os.environ.get("VDM_JAX_TEST_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".jax_cache"))
 
-
-def _jaxlib_has_ynn_option() -> bool:
-    """Whether XLA_FLAGS may name the YNNPACK option: an unknown flag there aborts the process.
-    It is in jaxlib 0.10.2 and 0.12.0.1 (checked), and 0.11 lies between them."""
-    try:
-        major, minor = (int(p) for p in importlib.metadata.version("jaxlib").split(".")[:2])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return False
-    return (0, 10) <= (major, minor) <= (0, 12)
-
-
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=1"
-    + (" --xla_cpu_experimental_ynn_fusion_type=" if _jaxlib_has_ynn_option() else "")
-).strip()
+# JAX reads its JAX_* variables when it is imported, XLA_FLAGS when its backends start (the first
+# computation).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+from vdm_jax import compiler  # noqa: E402
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=1 "
+    + compiler.cpu_xla_flags(with_compiler_options=True)
+).strip()

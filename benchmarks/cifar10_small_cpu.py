@@ -27,6 +27,9 @@ flags.DEFINE_string("out", "benchmarks/results/cifar10_small_cpu.json", "Where t
 
 def main(argv):
     del argv
+    from vdm_jax import set_cpu_xla_flags
+
+    set_cpu_xla_flags()  # as the entry points do, before the first computation
     import shutil
 
     import jax

@@ -57,6 +57,9 @@ def _steady_steps_per_sec(workdir: str) -> float:
 
 def main(argv):
     del argv
+    from vdm_jax import set_cpu_xla_flags
+
+    set_cpu_xla_flags()  # as the entry points do, before the first computation
     logging.set_verbosity(logging.WARNING)
     import jax
 

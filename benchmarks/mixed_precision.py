@@ -63,6 +63,9 @@ def _bpd(workdir: str, dtype: str) -> dict:
 
 def main(argv):
     del argv
+    from vdm_jax import set_cpu_xla_flags
+
+    set_cpu_xla_flags()  # as the entry points do, before the first computation
     logging.set_verbosity(logging.WARNING)
     import jax
     import numpy as np

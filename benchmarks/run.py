@@ -37,7 +37,8 @@ flags.DEFINE_integer("sample_steps", 1000, "Steps of the sampling chain (T).")
 flags.DEFINE_integer("eval_batch", 64, "Images per evaluation batch.")
 flags.DEFINE_boolean("torch", False, "Also run the PyTorch (diffusers) reference and report the ratios.")
 flags.DEFINE_enum("xla_options", "vdm_jax", ["vdm_jax", "none"],
-                  "vdm_jax: compile with vdm_jax.compiler_options() as training does; none: XLA's defaults.")
+                  "vdm_jax: compile as training does (vdm_jax.compiler_options(), set_cpu_xla_flags()); "
+                  "none: XLA's defaults.")
 flags.DEFINE_float("peak_tflops", None, "Peak FLOP/s of one device in TFLOP/s, for devices the table lacks (a CPU: "
                    "cores × GHz × FLOPs per cycle per core, e.g. 2 × 2.45 × 32 / 1000 for 2 AVX2 cores with 2 FMA units).")
 flags.DEFINE_string("out", None, "JSON output (default benchmarks/results/run_<backend>_<model>_<dtype>.json).")
@@ -180,6 +181,10 @@ def main(argv):
     del argv
     import jax
 
+    from vdm_jax import set_cpu_xla_flags
+
+    if FLAGS.xla_options == "vdm_jax":
+        set_cpu_xla_flags()  # before the first computation
     model_config = _model_config(FLAGS.model, FLAGS.dtype)
     timesteps = 1000
     if FLAGS.sample_steps != timesteps:

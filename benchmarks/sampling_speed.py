@@ -53,6 +53,9 @@ def _timed(fn, repeats):
 
 def main(argv):
     del argv
+    from vdm_jax import set_cpu_xla_flags
+
+    set_cpu_xla_flags()  # as the entry points do, before the first computation
     import jax
     import jax.numpy as jnp
     import numpy as np

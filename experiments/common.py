@@ -37,7 +37,13 @@ def exit_with_flag_error(e: Exception):
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parser (for `app.run(main, flags_parser=parse_flags)`): a bad or unknown flag, or an
-    argument that is not a flag, exits with one line `error: ...`."""
+    argument that is not a flag, exits with one line `error: ...`.
+
+    First (before a config file can start JAX's backends) it adds vdm_jax's XLA:CPU flags to
+    XLA_FLAGS (`vdm_jax.set_cpu_xla_flags`)."""
+    from vdm_jax import set_cpu_xla_flags
+
+    set_cpu_xla_flags()
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:

@@ -195,7 +195,7 @@ def test_mixed_precision_keeps_float32_params_and_output():
 @pytest.mark.parametrize("config", [GRAY16, MICRO_VDM], ids=["ddpm", "vdm"])
 def test_remat_changes_memory_not_results(config):
     """Rematerialised blocks: the same prediction and gradient (dropout included), and the
-    compiled gradient keeps less in memory."""
+    compiled gradient keeps clearly less in memory."""
     graphdef, params = _split(config)
     z, t = _inputs(config)
     key = jax.random.key(3)
@@ -212,7 +212,9 @@ def test_remat_changes_memory_not_results(config):
         results[name] = compiled(params)
         temp_bytes[name] = compiled.memory_analysis().temp_size_in_bytes
     chex.assert_trees_all_close(results["remat"], results["plain"], rtol=1e-5, atol=1e-6)
-    assert temp_bytes["remat"] < temp_bytes["plain"]
+    # Measured 0.63 (ddpm) and 0.80 (vdm, a 4-channel net whose activations are a small share);
+    # ~0.99 under jaxlib 0.10's default CPU schedule (conftest sets vdm_jax's XLA flags).
+    assert temp_bytes["remat"] < 0.85 * temp_bytes["plain"], temp_bytes
 
 
 def test_bfloat16_activations_track_float32():
