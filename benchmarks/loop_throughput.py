@@ -31,7 +31,7 @@ FLAGS = flags.FLAGS
 
 
 def _config(prefetch: int, steps_per_call: int):
-    from experiments.quickstart import get_config
+    from experiments.configs.quickstart import get_config
     from vdm_jax.models import tiny
     from vdm_jax.training import set_model
 

@@ -31,7 +31,7 @@ DTYPES = ("float32", "bfloat16")
 
 
 def _config(dtype: str):
-    from experiments.quickstart import get_config
+    from experiments.configs.quickstart import get_config
 
     c = get_config(FLAGS.steps)
     c.model.dtype = dtype

@@ -30,8 +30,10 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv  # parse_flags has rejected anything but flags
-    from experiments.common import run_or_explain
+    from experiments.common import run_or_explain, start_jax
     from vdm_jax.training import train_and_evaluate  # after flag parsing, so --help is fast
+
+    start_jax()
 
     logging.set_verbosity(logging.WARNING)
     try:

@@ -9,6 +9,14 @@ def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
 
 
+def start_jax() -> None:
+    """What an entry point's `main` does before JAX's first computation: vdm_jax's XLA:CPU flags
+    into XLA_FLAGS (`vdm_jax.set_cpu_xla_flags`; XLA reads them when its backends start)."""
+    from vdm_jax import set_cpu_xla_flags
+
+    set_cpu_xla_flags()
+
+
 def run_or_explain(fn, *args):
     """Runs fn; bad input (config, data, files, work directory, checkpoint) exits with one line.
 
@@ -37,13 +45,7 @@ def exit_with_flag_error(e: Exception):
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parser (for `app.run(main, flags_parser=parse_flags)`): a bad or unknown flag, or an
-    argument that is not a flag, exits with one line `error: ...`.
-
-    First (before a config file can start JAX's backends) it adds vdm_jax's XLA:CPU flags to
-    XLA_FLAGS (`vdm_jax.set_cpu_xla_flags`)."""
-    from vdm_jax import set_cpu_xla_flags
-
-    set_cpu_xla_flags()
+    argument that is not a flag, exits with one line `error: ...`."""
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:

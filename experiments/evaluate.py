@@ -23,7 +23,7 @@ import time
 
 from absl import app, flags, logging
 
-from experiments.common import parse_flags, run_or_explain
+from experiments.common import parse_flags, run_or_explain, start_jax
 
 flags.DEFINE_string("workdir", None, "The training run's work directory.")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).", lower_bound=0)
@@ -144,6 +144,7 @@ def evaluate(FLAGS) -> dict:
 def main(argv):
     del argv  # parse_flags has rejected anything but flags
     logging.set_verbosity(logging.WARNING)
+    start_jax()
     run_or_explain(evaluate, flags.FLAGS)
 
 

@@ -15,41 +15,17 @@ import os
 
 from absl import app, flags, logging
 
-from experiments.common import parse_flags, run_or_explain
+from experiments.common import parse_flags, run_or_explain, start_jax
+from experiments.configs.quickstart import get_config
 
 flags.DEFINE_string("workdir", os.path.join("runs", "quickstart"), "Where checkpoints, logs and samples go.")
 flags.DEFINE_integer("steps", 2500, "Training steps.", lower_bound=1)
 
 
-def get_config(steps: int = 2500):
-    from vdm_jax.models import tiny
-    from vdm_jax.training import default_config, set_model
-
-    c = default_config()
-    c.data.source = "digits"
-    c.data.random_flip = False  # digits are not mirror-symmetric
-    set_model(c, tiny(image_size=8, in_channels=1, dropout=0.0))
-    c.diffusion.family = "ddpm"
-    c.diffusion.timesteps = 1000
-    c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 100
-    c.optim.ema_decay = 0.995
-    c.training.batch_size = 64
-    c.training.num_steps = steps
-    c.training.log_every = 100
-    c.training.eval_every = 0
-    c.training.eval_batch_size = 304  # the 297 test images in one padded batch
-    c.training.sample_every = 0
-    c.training.num_samples = 64
-    c.training.sampler = "ddim"
-    c.training.sample_steps = 100
-    c.training.checkpoint_every = 1000
-    return c
-
-
 def main(argv):
     del argv  # parse_flags has rejected anything but flags
     logging.set_verbosity(logging.WARNING)
+    start_jax()
     from vdm_jax.training import train_and_evaluate
 
     summary = run_or_explain(train_and_evaluate, get_config(flags.FLAGS.steps), flags.FLAGS.workdir)

@@ -127,3 +127,16 @@ def test_run_or_explain_exits_with_one_line(monkeypatch):
     monkeypatch.setenv("VDM_JAX_TRACEBACK", "1")
     with pytest.raises(OSError, match="disk full"):
         common.run_or_explain(fail, OSError("disk full"))
+
+
+def test_quickstart_config_is_a_config_file():
+    """experiments/configs/quickstart.py: the quickstart's run, importable without its flags and
+    usable as `--config=experiments/configs/quickstart.py:STEPS` (the argument comes as a string)."""
+    from experiments.configs.quickstart import get_config
+    from vdm_jax.training import validate_config
+
+    config = get_config("3")
+    model = validate_config(config)
+    assert config.training.num_steps == 3 and config.data.source == "digits"
+    assert (model.image_size, model.in_channels) == (8, 1)
+    assert get_config().training.num_steps == 2500
