@@ -152,7 +152,6 @@ def main(argv):
     if jax.default_backend() != "cpu":
         raise app.UsageError("this benchmark compares XLA:CPU's convolution paths; run it on a CPU.")
     record = {"benchmark": "cpu_conv_paths", "batch": FLAGS.batch, "repeats": FLAGS.repeats,
-              "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "versions": {"python": platform.python_version(), "jax": jax.__version__},
               "vdm_jax_compiler_options": dict(vdm_jax.compiler_options()), "unet": {}, "convolutions": {}}
     for name in FLAGS.models:

@@ -14,7 +14,6 @@ sampler is one network call). Compilation is timed separately (the first call).
 Writes benchmarks/results/eval_at_scale_<backend>_<model>.json (or `--out`).
 """
 import math
-import os
 import platform
 import time
 
@@ -73,7 +72,6 @@ def main(argv):
               "source": FLAGS.source,
               "dtype": model_config.dtype,
               "device": f"{jax.device_count()} × {jax.devices()[0].device_kind} ({jax.default_backend()})",
-              "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "versions": {"python": platform.python_version(), "jax": jax.__version__}}
 
     key = jax.random.key(1)

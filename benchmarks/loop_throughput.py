@@ -78,7 +78,6 @@ def main(argv):
         row["speedup"] = row["steps_per_sec"] / base
     record = {"benchmark": "loop_throughput", "steps": FLAGS.steps, "batch": FLAGS.batch, "source": FLAGS.source,
               "device": f"{jax.device_count()} × {jax.devices()[0].device_kind} ({jax.default_backend()})",
-              "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "versions": {"python": platform.python_version(), "jax": jax.__version__}, "rows": rows}
     write_result(record, FLAGS.out, f"loop_throughput_{jax.default_backend()}.json")
 

@@ -10,7 +10,6 @@ rematerialisation adds a forward pass of each block). These are the figures that
 the compiler's plan is the same whatever the device that runs it, up to its layouts and fusion.
 Writes benchmarks/results/memory_<backend>_<model>.json (or `--out`).
 """
-import os
 import platform
 import time
 
@@ -84,7 +83,6 @@ def main(argv):
                       flush=True)
     record = {"benchmark": "memory", "model": FLAGS.model, "rows": rows,
               "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
-              "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "versions": {"python": platform.python_version(), "jax": jax.__version__}}
     write_result(record, FLAGS.out, f"memory_{jax.default_backend()}_{FLAGS.model}.json")
 

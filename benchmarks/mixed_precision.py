@@ -74,7 +74,6 @@ def main(argv):
 
     record = {"benchmark": "mixed_precision", "steps": FLAGS.steps, "draws": FLAGS.draws,
               "device": f"{jax.device_count()} × {jax.devices()[0].device_kind} ({jax.default_backend()})",
-              "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "versions": {"python": platform.python_version(), "jax": jax.__version__}, "runs": {}}
     with tempfile.TemporaryDirectory() as root:
         for dtype in DTYPES:

@@ -17,7 +17,6 @@ With `--torch`, the same train step and sampling chain with diffusers' `UNet2DMo
 parameter count, batch and optimiser (`benchmarks/torch_reference.py`), in the same process, and
 the ratios torch time / vdm_jax time. Prints a table and writes JSON (device, versions, config).
 """
-import os
 import platform
 import time
 
@@ -201,7 +200,6 @@ def main(argv):
         "train_steps": FLAGS.train_steps, "repeats": FLAGS.repeats, "model_config": model_config.to_dict(),
         "xla_options": FLAGS.xla_options, "remat": FLAGS.remat,
         "device": f"{jax.device_count()} × {device.device_kind} ({jax.default_backend()})",
-        "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "versions": {"python": platform.python_version(), "jax": jax.__version__},
     }
     record["vdm_jax"] = bench_jax(model_config, FLAGS.batch)

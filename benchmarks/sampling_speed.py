@@ -12,8 +12,6 @@ Prints and writes (`--out`, default benchmarks/results/sampling_speed_<backend>_
 compile times, the median wall time of a whole chain, images/s and the loop/scan ratio. The weights
 are a fresh initialisation (speed does not depend on them).
 """
-import os
-import platform
 import statistics
 import time
 
@@ -100,8 +98,8 @@ def main(argv):
     result = {
         "benchmark": "sampling_speed", "model": FLAGS.model, "params": count_params(config),
         "batch": FLAGS.batch, "T": T, "image_shape": list(shape[1:]),
-        "device": f"{device.device_kind} ({jax.default_backend()})", "host": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "jax": jax.__version__,
+        "device": f"{device.device_kind} ({jax.default_backend()})",
+        "jax": jax.__version__,
         "compile_s": {"scan": compile_scan, "step": compile_step},
         "chain_s": {"scan": t_scan, "loop": t_loop},
         "images_per_s": {"scan": FLAGS.batch / t_scan, "loop": FLAGS.batch / t_loop},
