@@ -1,4 +1,6 @@
 """Pure train/eval/sample steps: every objective, data parallelism, no recompilation."""
+import functools
+
 import chex
 import numpy as np
 import jax
@@ -65,7 +67,9 @@ def test_step_compiles_once_and_is_reproducible(micro):
     assert len(set(losses[:3])) == 3
 
 
-def test_several_steps_per_call_equal_single_steps(micro):
+@pytest.mark.parametrize("unroll", [None, False])
+def test_several_steps_per_call_equal_single_steps(micro, unroll):
+    """Both ways of running k steps per call: unrolled (the CPU default) and the scanned loop."""
     config = micro()
     mesh = parallel.make_mesh()
     batches = [_batch(16, seed=i) for i in range(2)]
@@ -75,11 +79,27 @@ def test_several_steps_per_call_equal_single_steps(micro):
         state, _ = one(state, parallel.global_batch(b, mesh), jax.random.key(3))
     state2 = parallel.replicate(_state(config), mesh)
     stacked = {"image": np.stack([b["image"] for b in batches])}
-    state2, metrics = _compiled(mesh, steps.train_steps, leading=1)(
-        state2, parallel.global_batch(stacked, mesh, leading_axes=1), jax.random.key(3))
+    many = _compiled(mesh, functools.partial(steps.train_steps, unroll=unroll), leading=1)
+    args = (state2, parallel.global_batch(stacked, mesh, leading_axes=1), jax.random.key(3))
+    state2, metrics = many(*args)
     assert int(state2.step) == 2
     for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(state2.params))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_several_steps_per_call_unroll_on_cpu(micro):
+    """On a CPU `train_steps` unrolls its steps by default: XLA:CPU's convolution gradients are
+    slow inside a loop body (the scanned step measured 13× slower; jax-ml/jax#12868)."""
+    config = micro()
+    state = _state(config)
+    batches = {"image": np.stack([_batch(16, seed=i)["image"] for i in range(2)])}
+
+    def loops(unroll):  # while loops in the lowered program (the PRNG has some of its own)
+        fn = jax.jit(functools.partial(steps.train_steps, unroll=unroll))
+        return fn.lower(state, batches, jax.random.key(0)).as_text().count("stablehlo.while")
+
+    assert jax.default_backend() == "cpu"
+    assert loops(None) == loops(True) < loops(False)
 
 
 @pytest.mark.parametrize("diffusion", [

@@ -78,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.training = ml_collections.ConfigDict()
     c.training.batch_size = 128  # global, over all devices and hosts
     c.training.num_steps = 10_000
-    c.training.steps_per_call = 1  # micro-steps per compiled call (a lax.scan)
+    c.training.steps_per_call = 1  # micro-steps per compiled call (a lax.scan; unrolled on CPU)
     c.training.log_every = 100
     c.training.eval_every = 5_000  # full-test-set bpd with the EMA parameters; 0 = only at the end
     c.training.eval_batch_size = 256

@@ -105,14 +105,24 @@ def train_step(state: TrainState, batch, key) -> tuple[TrainState, dict[str, jax
     return new_state, metrics
 
 
-def train_steps(state: TrainState, batches, key) -> tuple[TrainState, dict[str, jax.Array]]:
-    """`k` train steps in one `lax.scan`; batches have a leading micro-step axis [k, B, ...].
+def train_steps(state: TrainState, batches, key, *, unroll: bool | None = None
+                ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`k` train steps in one call (a `lax.scan`); batches have a leading micro-step axis [k, B, ...].
 
     Metrics are averaged over the finite steps among the k (NaN if none was finite); `finite` is
     the fraction of finite steps and `skipped_steps` the count after the last. Same result as k
     calls of `train_step`.
+
+    unroll: unroll the k steps instead of looping over one compiled step. None (default): unroll
+    when JAX's default backend is the CPU. XLA:CPU leaves the gradient convolutions of a loop
+    body in a layout that its fast (Eigen) convolution kernels do not take (it canonicalises them
+    only outside loops; jax-ml/jax#12868), so a scanned step ran 13× slower per step than single
+    steps (quickstart model, batch 64: 1.19 s against 0.089 s; unrolled: 0.078 s). Unrolling
+    costs compile time (23 s for one step, 37 s for four unrolled, 27 s for four scanned).
     """
-    state, metrics = jax.lax.scan(lambda s, b: train_step(s, b, key), state, batches)
+    if unroll is None:
+        unroll = jax.default_backend() == "cpu"
+    state, metrics = jax.lax.scan(lambda s, b: train_step(s, b, key), state, batches, unroll=bool(unroll))
     finite = metrics.pop("finite")
     skipped = metrics.pop("skipped_steps")
     ok = finite > 0
