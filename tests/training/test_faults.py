@@ -33,6 +33,33 @@ def _same(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.parametrize("where, value", [(None, 0.0), ((2, 5), np.nan), ((0, 0), np.inf), ((3, 11), -np.inf)])
+def test_inspect_names_the_first_non_finite_gradient_array(where, value):
+    rng = np.random.default_rng(0)
+    grads = {"a": rng.normal(size=(2, 3)), "b": rng.normal(size=(4,)), "c": rng.normal(size=(3, 3)),
+             "d": rng.normal(size=(2, 2, 3))}
+    grads = {k: v.astype(np.float32) for k, v in grads.items()}
+    leaves = [grads[k] for k in sorted(grads)]
+    if where is not None:
+        leaf, element = where
+        leaves[leaf].reshape(-1)[element] = value
+        leaves[-1].reshape(-1)[0] = np.nan  # a later array too: the first one is named
+    terms = {"diffusion": np.ones(4, np.float32), "prior": np.array([1.0, np.inf, 0.0, 1.0], np.float32)}
+    report = jax.jit(faults.inspect)(np.float32(1.0), terms, grads)
+    # Bits in the order of term_names: loss, diffusion, prior.
+    assert faults.term_names(terms) == ["loss", "diffusion", "prior"] and int(report["terms"]) == 0b100
+    assert not bool(report["ok"])
+    if where is None:
+        assert int(report["grad_leaf"]) == -1
+        norm = np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in leaves))
+        np.testing.assert_allclose(float(report["grad_norm"]), norm, rtol=1e-6)
+        clean = jax.jit(faults.inspect)(np.float32(1.0), {"diffusion": terms["diffusion"]}, grads)
+        assert bool(clean["ok"]) and int(clean["terms"]) == 0 and int(clean["grad_leaf"]) == -1
+    else:
+        assert int(report["grad_leaf"]) == where[0]
+        assert not np.isfinite(float(report["grad_norm"]))
+
+
 @pytest.fixture(scope="module")
 def run_step():
     """state (host) -> (state, metrics) (host) after one step, compiled exactly as the loop compiles it
