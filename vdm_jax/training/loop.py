@@ -252,8 +252,9 @@ def compiled_steps(mesh):
                        out_shardings=(rep, rep), donate_argnums=0)
     # Unrolled on CPU, where XLA's convolution gradients are slow inside a loop (`train_steps`).
     unroll = mesh.devices.flat[0].platform == "cpu"
-    many = compiler.jit(functools.partial(steps.train_steps, unroll=unroll), in_shardings=(rep, parallel.batch_sharding(mesh, 1), rep),
-                        out_shardings=(rep, rep), donate_argnums=0)
+    many = compiler.jit(functools.partial(steps.train_steps, unroll=unroll),
+                        in_shardings=(rep, parallel.batch_sharding(mesh, 1), rep), out_shardings=(rep, rep),
+                        donate_argnums=0)
     return one, many
 
 
