@@ -7,9 +7,7 @@ kernels that `--nbmake` starts (they inherit this environment) run alike:
   about 4× (e.g. 19 s -> 4.5 s) at no measurable cost to the tests' run time (-O0 compiles a train
   step another 35% faster but slows the Monte Carlo tests and the notebook's training 1.5-3×: the
   whole suite took as long);
-- XLA's own CPU convolutions instead of YNNPACK's, and XLA's memory-minimising schedule, as
-  `vdm_jax.compiler_options()` chooses, but for every program (the tests' own `jax.jit`s too), so
-  that a test and the library compile the same program and share its cache entry;
+- vdm_jax's XLA:CPU flags (`vdm_jax.set_cpu_xla_flags()`, as the entry points set them);
 - one persistent compilation cache, `.jax_cache/` (or $VDM_JAX_TEST_CACHE).
 """
 import os
@@ -22,10 +20,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-from vdm_jax import compiler  # noqa: E402
+from vdm_jax import set_cpu_xla_flags  # noqa: E402
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=1 "
-    + compiler.cpu_xla_flags(with_compiler_options=True)
+    " --xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=1"
 ).strip()
+set_cpu_xla_flags()

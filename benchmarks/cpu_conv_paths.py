@@ -1,12 +1,13 @@
-"""XLA:CPU's convolution paths for the U-Net: jaxlib's default (YNNPACK) against `vj.compiler_options()`.
+"""XLA:CPU's convolution paths for the U-Net: jaxlib's default (YNNPACK) against `vdm_jax.set_cpu_xla_flags()`'s.
 
     python -m benchmarks.cpu_conv_paths [--models=tiny32,ddpm_cifar10] [--batch=32] [--repeats=5]
 
 For each model, times (median of `--repeats`, after a warm-up call) the U-Net's forward pass (what
 a sampler runs) and its gradient (what a train step runs) on one CPU device, compiled three ways:
 
-- `default`: no compiler options (jaxlib 0.10 sends convolutions and dots to YNNPACK);
-- `vdm_jax`: `vdm_jax.compiler_options()` (no YNNPACK fusions: XLA's Eigen convolutions);
+- `default`: no compiler options (jaxlib's default, which sends convolutions and dots to YNNPACK);
+- `vdm_jax`: no YNNPACK fusions (XLA's Eigen convolutions), the `--xla_cpu_experimental_ynn_fusion_type=`
+  that `vdm_jax.set_cpu_xla_flags()` puts in XLA_FLAGS, passed here per program;
 - `ynn_dots`: YNNPACK for dots only.
 
 Also a single 3×3 convolution of each shape the model has, forward and forward+backward, against
@@ -27,14 +28,11 @@ flags.DEFINE_string("out", None, "JSON output path.")
 FLAGS = flags.FLAGS
 
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
-VARIANTS = {"default": None, "vdm_jax": "vdm_jax", "ynn_dots": {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}}
+VARIANTS = {"default": None, "vdm_jax": {_YNN: ""}, "ynn_dots": {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}}
 
 
 def _options(variant):
-    import vdm_jax
-
-    value = VARIANTS[variant]
-    return dict(vdm_jax.compiler_options()) if value == "vdm_jax" else value
+    return VARIANTS[variant]
 
 
 def _time(fn, *args):
@@ -147,13 +145,11 @@ def main(argv):
     del argv
     import jax
 
-    import vdm_jax
-
     if jax.default_backend() != "cpu":
         raise app.UsageError("this benchmark compares XLA:CPU's convolution paths; run it on a CPU.")
     record = {"benchmark": "cpu_conv_paths", "batch": FLAGS.batch, "repeats": FLAGS.repeats,
               "versions": {"python": platform.python_version(), "jax": jax.__version__},
-              "vdm_jax_compiler_options": dict(vdm_jax.compiler_options()), "unet": {}, "convolutions": {}}
+              "vdm_jax_compiler_options": VARIANTS["vdm_jax"], "unet": {}, "convolutions": {}}
     for name in FLAGS.models:
         model = _unet(name, FLAGS.batch)
         record["unet"][name] = bench_unet(name, *model)

@@ -41,7 +41,6 @@ def measure(model: str, dtype: str, remat: bool, batch: int) -> dict:
     import jax
     import numpy as np
 
-    import vdm_jax
     from vdm_jax.training import create_train_state, steps, validate_config
 
     config = _config(model, dtype, remat, batch)
@@ -49,15 +48,14 @@ def measure(model: str, dtype: str, remat: bool, batch: int) -> dict:
     state = jax.eval_shape(lambda k: create_train_state(config, model_config, k), jax.random.key(0))
     shape = (batch, model_config.image_size, model_config.image_size, model_config.in_channels)
     batch_spec = {"image": jax.ShapeDtypeStruct(shape, np.uint8)}
-    step = jax.jit(steps.train_step, donate_argnums=0, compiler_options=dict(vdm_jax.compiler_options()))
+    step = jax.jit(steps.train_step, donate_argnums=0)
     start = time.perf_counter()
     compiled = step.lower(state, batch_spec, jax.random.key(1)).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     # FLOPs of the loss gradient alone (see benchmarks/run.py: the cost analysis overcounts the
     # raveled optimiser update, which is not model work).
-    analysis = jax.jit(steps._grads).lower(state, batch_spec, jax.random.key(1)).compile(
-        dict(vdm_jax.compiler_options())).cost_analysis()
+    analysis = jax.jit(steps._grads).lower(state, batch_spec, jax.random.key(1)).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return {"model": model, "dtype": dtype, "remat": remat, "batch": batch, "compile_s": seconds,
             "temp_bytes": int(memory.temp_size_in_bytes), "argument_bytes": int(memory.argument_size_in_bytes),

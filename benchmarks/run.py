@@ -36,7 +36,7 @@ flags.DEFINE_integer("sample_steps", 1000, "Steps of the sampling chain (T).")
 flags.DEFINE_integer("eval_batch", 64, "Images per evaluation batch.")
 flags.DEFINE_boolean("torch", False, "Also run the PyTorch (diffusers) reference and report the ratios.")
 flags.DEFINE_enum("xla_options", "vdm_jax", ["vdm_jax", "none"],
-                  "vdm_jax: compile as training does (vdm_jax.compiler_options(), set_cpu_xla_flags()); "
+                  "vdm_jax: XLA:CPU flags as the entry points set them (vdm_jax.set_cpu_xla_flags()); "
                   "none: XLA's defaults.")
 flags.DEFINE_float("peak_tflops", None, "Peak FLOP/s of one device in TFLOP/s, for devices the table lacks (a CPU: "
                    "cores × GHz × FLOPs per cycle per core, e.g. 2 × 2.45 × 32 / 1000 for 2 AVX2 cores with 2 FMA units).")
@@ -97,15 +97,6 @@ def _peak_memory() -> int | None:
     return max(peaks) if peaks and all(p is not None for p in peaks) else None
 
 
-def _jit(fn, **kwargs):
-    import jax
-
-    import vdm_jax
-
-    options = dict(vdm_jax.compiler_options()) if FLAGS.xla_options == "vdm_jax" else None
-    return jax.jit(fn, compiler_options=options, **kwargs)
-
-
 def bench_jax(model_config, batch: int) -> dict:
     import jax
     import numpy as np
@@ -129,14 +120,14 @@ def bench_jax(model_config, batch: int) -> dict:
     result = {"params": count_params(model_config), "devices": mesh.devices.size}
 
     # Train: the step as the loop compiles it (replicated state, sharded batch, state donated).
-    train = _jit(steps.train_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep),
-                    out_shardings=(rep, rep), donate_argnums=0)
+    train = jax.jit(steps.train_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep),
+                       out_shardings=(rep, rep), donate_argnums=0)
     compiled, result["train_compile_s"] = _timed_compile(train, state, data, key)
     # Model FLOPs (forward and backward: the MFU convention) from the compiled loss gradient alone.
     # The optimiser's elementwise update is not model work, and XLA's cost analysis counts its fused
     # update of the raveled parameters once per parameter array it is sliced into (~90 GFLOP a
     # step for ddpm_cifar10, which it does not compute).
-    flops = _flops(_jit(steps._grads, in_shardings=(rep, parallel.batch_sharding(mesh), rep))
+    flops = _flops(jax.jit(steps._grads, in_shardings=(rep, parallel.batch_sharding(mesh), rep))
                    .lower(state, data, key).compile())
     result["train_temp_bytes"] = _temp_bytes(compiled)
     for _ in range(2):  # warm-up
@@ -162,8 +153,8 @@ def bench_jax(model_config, batch: int) -> dict:
 
     # Sample: one ancestral chain, the whole chain one compiled scan.
     n = FLAGS.sample_batch
-    sample = _jit(lambda s, k: steps.sample_step(s, k, num=n, sampler="ancestral", steps=0),
-                     in_shardings=(rep, rep), out_shardings=rep)
+    sample = jax.jit(lambda s, k: steps.sample_step(s, k, num=n, sampler="ancestral", steps=0),
+                        in_shardings=(rep, rep), out_shardings=rep)
     compiled_sample, result["sample_compile_s"] = _timed_compile(sample, state, key)
     result["sample_chain_s"] = median_time(lambda: jax.block_until_ready(compiled_sample(state, key)),
                                             max(1, FLAGS.repeats - 1))
@@ -172,7 +163,7 @@ def bench_jax(model_config, batch: int) -> dict:
     # Evaluate: the one-t bound per image.
     eval_images = np.resize(images, (FLAGS.eval_batch, *shape))
     eval_data = parallel.global_batch({"image": eval_images}, mesh)
-    evaluate = _jit(steps.eval_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
+    evaluate = jax.jit(steps.eval_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
     compiled_eval, result["eval_compile_s"] = _timed_compile(evaluate, state, eval_data, key)
     jax.block_until_ready(compiled_eval(state, eval_data, key))
     eval_s = median_time(lambda: jax.block_until_ready(compiled_eval(state, eval_data, key)), FLAGS.repeats)

@@ -49,6 +49,6 @@ from vdm_jax.losses import (
 from vdm_jax.elbo import bits_per_dim, ddpm_log_variance, ddpm_vlb, vdm_elbo
 from vdm_jax.variance import variance_minimising_grads
 from vdm_jax.sampling import ddim_sample, ddpm_sample, ddpm_step, strided_times, vdm_sample
-from vdm_jax.compiler import compiler_options, set_cpu_xla_flags
+from vdm_jax.xla_flags import set_cpu_xla_flags
 
 __version__ = "0.1.0"

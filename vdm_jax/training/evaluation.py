@@ -25,7 +25,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from vdm_jax import compiler
 from vdm_jax.data import check_source, eval_iterator, num_eval_batches
 from vdm_jax.training import parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, saved_config
@@ -106,7 +105,7 @@ def _bound_fn(mesh, draws: int, full_vlb: bool):
         terms = steps.eval_step(state, {"image": batch["image"]}, key, draws=draws, full_vlb=full_vlb)
         return terms, batch["index"], batch["mask"]
 
-    return compiler.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
+    return jax.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
 
 
 def _mean_and_se(values: np.ndarray) -> tuple[float, float]:
@@ -197,7 +196,7 @@ def _sample_fn(mesh, batch_size: int, sampler: str, sample_steps: int):
         # Pin the batch axis of the whole chain to the devices, then gather the (uint8) result.
         return jax.lax.with_sharding_constraint(images, sharded)
 
-    return compiler.jit(fn, in_shardings=(rep, rep), out_shardings=rep)
+    return jax.jit(fn, in_shardings=(rep, rep), out_shardings=rep)
 
 
 def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int = 256,

@@ -28,7 +28,6 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vdm_jax import compiler
 from vdm_jax.data import load_source, train_iterator
 from vdm_jax.training import faults, parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, config_changes, save_config
@@ -248,13 +247,13 @@ class _Run:
 def compiled_steps(mesh):
     """(train_step, train_steps) jitted as the loop runs them: state replicated and donated, batch sharded."""
     rep = parallel.replicated(mesh)
-    one = compiler.jit(steps.train_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep),
-                       out_shardings=(rep, rep), donate_argnums=0)
+    one = jax.jit(steps.train_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep),
+                  out_shardings=(rep, rep), donate_argnums=0)
     # Unrolled on CPU, where XLA's convolution gradients are slow inside a loop (`train_steps`).
     unroll = mesh.devices.flat[0].platform == "cpu"
-    many = compiler.jit(functools.partial(steps.train_steps, unroll=unroll),
-                        in_shardings=(rep, parallel.batch_sharding(mesh, 1), rep), out_shardings=(rep, rep),
-                        donate_argnums=0)
+    many = jax.jit(functools.partial(steps.train_steps, unroll=unroll),
+                   in_shardings=(rep, parallel.batch_sharding(mesh, 1), rep), out_shardings=(rep, rep),
+                   donate_argnums=0)
     return one, many
 
 

@@ -1,0 +1,53 @@
+"""XLA:CPU tuning as an explicit, process-wide call: vdm_jax never changes XLA's settings on import.
+
+    import vdm_jax
+    vdm_jax.set_cpu_xla_flags()  # first thing, before JAX's first computation
+
+The entry points (`experiments/`, `benchmarks/`, the test suite) make this call. It adds two
+XLA:CPU flags to `XLA_FLAGS`:
+
+- `--xla_cpu_enable_concurrency_optimized_scheduler=false`: XLA's memory-minimising schedule,
+  under which rematerialisation (`UNetConfig.remat`) saves memory on CPU;
+- `--xla_cpu_experimental_ynn_fusion_type=` (empty): XLA's own convolutions instead of YNNPACK's,
+  which are much slower for the U-Net's gradient convolutions.
+
+Measurements: `benchmarks/results/cpu_conv_paths_x86_64.json` (`python -m benchmarks.cpu_conv_paths`)
+and the README. The flags only change how XLA:CPU compiles; other backends ignore them.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+
+_CPU_FLAGS = {
+    "xla_cpu_enable_concurrency_optimized_scheduler": "false",
+    "xla_cpu_experimental_ynn_fusion_type": "",
+}
+# An unknown flag in XLA_FLAGS aborts the process, so the flags are only set for the jaxlib
+# releases (major, minor) checked to have them; another release gets none.
+_KNOWN_JAXLIB = ((0, 10), (0, 12))
+
+
+def cpu_xla_flags() -> str:
+    """The `XLA_FLAGS` entries vdm_jax recommends on XLA:CPU for this jaxlib ('' if not known)."""
+    try:
+        major, minor = (int(p) for p in importlib.metadata.version("jaxlib").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return ""
+    low, high = _KNOWN_JAXLIB
+    if not low <= (major, minor) <= high:
+        return ""
+    return " ".join(f"--{name}={value}" for name, value in _CPU_FLAGS.items())
+
+
+def set_cpu_xla_flags() -> str:
+    """Adds `cpu_xla_flags()` to `os.environ['XLA_FLAGS']`, each unless `XLA_FLAGS` already sets it
+    (the user's choice wins). Returns the new `XLA_FLAGS`.
+
+    XLA reads `XLA_FLAGS` once, when JAX's backends start (the first computation): call this
+    before, e.g. first thing in `main`; afterwards it changes nothing.
+    """
+    current = os.environ.get("XLA_FLAGS", "")
+    new = [flag for flag in cpu_xla_flags().split() if flag.split("=")[0] + "=" not in current]
+    os.environ["XLA_FLAGS"] = " ".join([current, *new]).strip()
+    return os.environ["XLA_FLAGS"]
