@@ -4,6 +4,10 @@
     batches = train_iterator(source, global_batch_size=128, seed=0)
     state = batches.get_state()                     # a JSON-able dict; set_state(state) resumes
 """
+from vdm_jax._extras import require_train_extra
+
+require_train_extra("vdm_jax.data", "grain", "PIL")
+
 from vdm_jax.data.array_source import ArraySource
 from vdm_jax.data.cifar10_python import CIFAR10_CLASSES, read_cifar10_python
 from vdm_jax.data.digits import load_digits

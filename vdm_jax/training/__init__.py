@@ -1,4 +1,8 @@
 """Training: the config schema, the objective, pure steps, data parallelism, checkpoints, the loop."""
+from vdm_jax._extras import require_train_extra
+
+require_train_extra("vdm_jax.training", "grain", "PIL", "ml_collections", "orbax.checkpoint", "tensorboardX", "tqdm")
+
 from vdm_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
 from vdm_jax.training.config import compute_dtype, default_config, set_model, validate_config
 from vdm_jax.training.evaluation import (RunNotFoundError, evaluate_bpd, format_bpd_table, generate_samples,
