@@ -1,10 +1,12 @@
 """Tests for vdm_jax.data.pipeline: determinism, sharding, flips, checkpointing, exact eval."""
 import json
 
+import absl.flags
 import numpy as np
 import pytest
 
 from vdm_jax.data import ArraySource, eval_iterator, train_iterator
+from vdm_jax.data import pipeline
 
 
 def indexed_source(n: int, shape=(6, 5, 3)) -> ArraySource:
@@ -126,8 +128,32 @@ def test_checkpoint_state_round_trip_across_epochs():
     assert_same_batches(take(restored, 6), expected)
 
 
+@pytest.fixture
+def absl_flags_parsed():
+    """absl's flags parsed (their defaults), as in an absl program; unparsed again afterwards."""
+    was_parsed = absl.flags.FLAGS.is_parsed()
+    absl.flags.FLAGS.mark_as_parsed()
+    yield
+    if not was_parsed:
+        absl.flags.FLAGS.unparse_flags()
+
+
+def test_workers_without_parsed_absl_flags_say_how_to_fix_it():
+    """grain 0.2.18's workers fail on unparsed absl flags (google/grain#1355): the library says so
+    when the iterator is built, and never parses or marks the flags itself."""
+    if absl.flags.FLAGS.is_parsed():
+        pytest.skip("absl's flags were parsed by an earlier test in this process")
+    if not pipeline._grain_reads_absl_flags():
+        pytest.skip("this grain starts its workers without absl's flags")
+    for make in (train_iterator, eval_iterator):
+        kwargs = {"seed": 0} if make is train_iterator else {}
+        with pytest.raises(RuntimeError, match=r"num_workers > 0: .*absl\.flags\.FLAGS\.mark_as_parsed\(\)"):
+            make(indexed_source(10), global_batch_size=2, shard_index=0, shard_count=1, num_workers=1, **kwargs)
+    assert not absl.flags.FLAGS.is_parsed()
+
+
 @pytest.mark.slow
-def test_worker_processes_give_the_same_batches_and_state():
+def test_worker_processes_give_the_same_batches_and_state(absl_flags_parsed):
     source = indexed_source(30)
     make = lambda workers: train_iterator(source, global_batch_size=6, seed=2, shard_index=0,
                                           shard_count=1, num_workers=workers)

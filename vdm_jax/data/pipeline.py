@@ -19,6 +19,7 @@ shuffling and flips are functions of (seed, position), so the position is the wh
 Store it as JSON next to the model checkpoint, or with orbax through
 `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)`.
 """
+import importlib.metadata
 import math
 from typing import Any
 
@@ -137,6 +138,26 @@ def _host_batch_size(global_batch_size: int, shard_count: int) -> int:
     return global_batch_size // shard_count
 
 
+# grain up to 0.2.18 (the newest release when this was written) reads an absl flag when it starts
+# worker processes, and fails with UnparsedFlagAccessError where absl's flags are not parsed
+# (google/grain#1355; fixed upstream by google/grain#1362, after 0.2.18).
+def _grain_reads_absl_flags() -> bool:
+    try:
+        version = tuple(int(part) for part in importlib.metadata.version("grain").split(".")[:3])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return version <= (0, 2, 18)
+
+
+def _check_absl_flags_parsed() -> None:
+    if _grain_reads_absl_flags() and not absl.flags.FLAGS.is_parsed():
+        raise RuntimeError(
+            "num_workers > 0: grain's worker processes read absl's flags, which this program has "
+            "not parsed (google/grain#1355). Parse them first (absl.app.run(main), as the "
+            "experiments do, or absl.flags.FLAGS(sys.argv)), or call "
+            "absl.flags.FLAGS.mark_as_parsed() to use their defaults; or use num_workers=0.")
+
+
 def _iterate(
     dataset: grain.MapDataset, num_workers: int, num_threads: int
 ) -> grain.DatasetIterator:
@@ -144,10 +165,7 @@ def _iterate(
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
     iter_dataset = dataset.to_iter_dataset(read_options)
     if num_workers > 0:
-        # grain 0.2.18 reads an absl flag in mp_prefetch and fails in programs that do not parse
-        # absl flags (google/grain#1355, fixed upstream by #1362): let it read the defaults.
-        if not absl.flags.FLAGS.is_parsed():
-            absl.flags.FLAGS.mark_as_parsed()
+        _check_absl_flags_parsed()
         options = grain.MultiprocessingOptions(num_workers=num_workers)
         iter_dataset = iter_dataset.mp_prefetch(options)
     return iter(iter_dataset)
@@ -182,8 +200,8 @@ def train_iterator(
             `jax.process_count()`.
         random_flip: mirror each image left-right with probability 1/2.
         num_epochs: passes over the source (>= 1); None repeats forever.
-        num_workers: worker processes (0: read in this process). They pay on many-core hosts,
-            not on 2 cores (JPEG decoding ran at ~3k images/s either way).
+        num_workers: worker processes (0: read in this process); they pay on many-core hosts,
+            not on a few cores. With grain 0.2.18 they need absl's flags parsed (`absl.app.run`).
         num_threads: reading threads per process: 1 reads the next batches in the background,
             0 reads in `next()`. More help I/O-bound sources (TFDS on a network disk), not
             CPU-bound decoding (the GIL).
@@ -197,6 +215,7 @@ def train_iterator(
             an empty or too small source; images that are not [H, W, C] of one shape (named when
             read, by `source.describe(index)` where the source defines it, e.g. the file).
         TypeError: arguments that are not ints; not a source; images that are not uint8.
+        RuntimeError: num_workers > 0 in a program that has not parsed absl's flags (grain 0.2.18).
     """
     shard_index, shard_count = _shard(shard_index, shard_count)
     batch_size = _host_batch_size(global_batch_size, shard_count)
@@ -251,7 +270,7 @@ def eval_iterator(
         'index': int32 [b] (the example's index in `source`), 'mask': bool [b]}`.
 
     Raises:
-        ValueError, TypeError: as for `train_iterator`.
+        ValueError, TypeError, RuntimeError: as for `train_iterator`.
     """
     shard_index, shard_count = _shard(shard_index, shard_count)
     batch_size = _host_batch_size(global_batch_size, shard_count)
