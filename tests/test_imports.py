@@ -1,0 +1,63 @@
+"""Importing vdm_jax touches no global state: no environment variables, no absl flags, no compiles.
+
+Checked in a fresh interpreter (this one has run the test suite's conftest and other tests).
+"""
+import json
+import os
+import subprocess
+import sys
+
+PACKAGES = ("vdm_jax", "vdm_jax.models", "vdm_jax.training", "vdm_jax.data")
+
+_PROBE = r"""
+import importlib, json, os, sys
+
+import jax
+import jax.monitoring
+
+compiles = []  # JAX's compile events: tracing, lowering, XLA compilation, compilation cache
+
+
+def record(event, *args, **kwargs):
+    if "compil" in event:
+        compiles.append(event)
+
+
+jax.monitoring.register_event_listener(record)
+jax.monitoring.register_event_duration_secs_listener(record)
+jax.monitoring.register_event_time_span_listener(record)
+
+import absl.flags
+
+environ = dict(os.environ)  # after `import jax`, which sets a few variables of its own
+parsed = absl.flags.FLAGS.is_parsed()
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+result = {
+    "environ_changes": {k: [environ.get(k), os.environ.get(k)] for k in {*environ, *os.environ}
+                        if environ.get(k) != os.environ.get(k)},
+    "parsed_before": parsed, "parsed_after": absl.flags.FLAGS.is_parsed(),
+    "flags_present": [f for f in absl.flags.FLAGS if absl.flags.FLAGS[f].present],
+    "compiles_during_imports": list(compiles),
+}
+# XLA_FLAGS set now still take effect, so the imports started no backend (set_cpu_xla_flags works).
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
+result["devices"] = jax.device_count()
+jax.jit(lambda x: x + 1)(1.0)  # the detector's own check: this is seen
+result["compiles_after_a_jit"] = compiles[len(result["compiles_during_imports"]):]
+print(json.dumps(result))
+"""
+
+
+def test_imports_touch_no_global_state():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", _PROBE, *PACKAGES], env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["environ_changes"] == {}
+    assert result["parsed_before"] is False and result["parsed_after"] is False
+    assert result["flags_present"] == []
+    assert result["compiles_during_imports"] == []
+    assert result["devices"] == 3
+    assert "/jax/core/compile/backend_compile_duration" in result["compiles_after_a_jit"]
