@@ -5,11 +5,11 @@
 Data: scikit-learn's 8×8 handwritten digits (1,797 images that ship inside scikit-learn, so
 nothing is downloaded), scaled to 0..255, at their native 8×8×1: the U-Net has two resolution
 levels (8×8, 4×4). 1,500 images train, the last 297 are the test set. (`digits16`, the same
-upsampled ×2, looks smoother but costs 3.4× more per step on a CPU.)
+upsampled ×2, looks smoother but costs several times more per step on a CPU.)
 
 Model: the tiny U-Net (0.41M parameters), DDPM with T = 1000 linear β, L_simple on ε, Adam 1e-3,
 EMA 0.995 (with warm-up). It writes a sample grid (DDIM, 100 steps) and prints the test set's bits/dim.
-On 2 CPU cores the whole run takes under 10 minutes (see the README).
+It runs in minutes on a laptop's CPU; the README gives its time on 2 cores and its bits/dim.
 """
 import os
 
