@@ -1,9 +1,14 @@
 """Test setup: JAX's compilation cache and strict rank promotion (the environment — 8 fake CPU
-devices, XLA flags — is set before JAX is imported, by the repository's top-level conftest.py).
+devices, XLA flags — is set before JAX is imported, by the repository's top-level conftest.py),
+and the fixtures the core's tests share: `dtype`, `x64`, `raises` (the error tables) and
+`no_host_reads` (the transfer guard).
 """
+import contextlib
 import os
 
+import numpy as np
 import jax
+import jax.numpy as jnp
 import pytest
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
@@ -16,8 +21,6 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture(params=["float32", "float64"])
 def dtype(request):
     """Runs a test in float32 and in float64 (with x64 enabled just for that test)."""
-    import jax.numpy as jnp
-
     if request.param == "float64":
         with jax.enable_x64(True):
             yield jnp.float64
@@ -30,3 +33,59 @@ def x64():
     """Enables 64-bit types for one test."""
     with jax.enable_x64(True):
         yield
+
+
+def _raises(fn, args, kwargs, error, match):
+    """`fn(*args, **kwargs)` raises `error` matching `match`, eagerly and under `jax.jit` with its
+    jax.Array positional arguments traced (the other arguments are closed over, so host values
+    stay host values)."""
+    with pytest.raises(error, match=match):
+        fn(*args, **kwargs)
+    traced = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
+
+    def with_tracers(*arrays):
+        full = list(args)
+        for i, a in zip(traced, arrays):
+            full[i] = a
+        return fn(*full, **kwargs)
+
+    with pytest.raises(error, match=match):
+        jax.jit(with_tracers)(*(args[i] for i in traced))
+
+
+@pytest.fixture
+def raises():
+    """The check of one row of an error table: (fn, args, kwargs, error, match)."""
+    return _raises
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("asarray", "array", "asanyarray"):
+            patch.setattr(np, name, _refusing_jax_arrays(getattr(np, name), f"np.{name}"))
+        array_type = type(jnp.zeros(()))
+        for name in ("__array__", "tolist", "item", "__float__", "__int__", "__bool__", "__index__"):
+            patch.setattr(array_type, name, _refusing_jax_arrays(None, name))
+        with jax.transfer_guard_device_to_host("disallow"):
+            yield
+
+
+def _refusing_jax_arrays(original, what):
+    def wrapper(a=None, *args, **kwargs):
+        if original is None or any(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(a)):
+            raise AssertionError(f"{what} of a jax.Array: a device-to-host read")
+        return original(a, *args, **kwargs)
+    return wrapper
+
+
+@pytest.fixture
+def no_host_reads():
+    """A context manager in which any read of a jax.Array's values on the host raises AssertionError.
+
+    (a) `jax.transfer_guard_device_to_host("disallow")`, which fires on GPU/TPU; (b) because on CPU
+    that guard never fires, NumPy's `asarray`/`array`/`asanyarray` of a jax.Array (or of a list
+    holding one), and the array type's `__array__`, `tolist`, `item`, `__float__`, `__int__`,
+    `__bool__`, `__index__` raise. Everything is restored when the block ends.
+    """
+    return _no_host_reads

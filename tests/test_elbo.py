@@ -1,4 +1,4 @@
-"""The whole ELBO (MATH.md §5): the analytic Gaussian case and DDPM's full VLB."""
+"""The whole ELBO (docs/math.md §5): the analytic Gaussian case and DDPM's full VLB."""
 import chex
 import numpy as np
 import jax
@@ -35,14 +35,14 @@ def test_analytic_elbo_equals_entropy():
     def chunk(key):
         kx, ke = jax.random.split(key)
         x = M + S * jax.random.normal(kx, (B, 1))
-        terms = vj.vdm_elbo(pred, x, ke, sched, T=0, decoder="gaussian")
+        terms = vj.vdm_elbo(pred, x, sched, key=ke, T=0, decoder="gaussian")
         return terms["total"].mean(), {k: v.mean() for k, v in terms.items()}
 
     @jax.jit
     def discrete(key):
         kx, ke = jax.random.split(key)
         x = M + S * jax.random.normal(kx, (B, 1))
-        return jnp.stack([vj.vdm_elbo(pred, x, ke, sched, T=T, decoder="gaussian")["total"].mean()
+        return jnp.stack([vj.vdm_elbo(pred, x, sched, key=ke, T=T, decoder="gaussian")["total"].mean()
                           for T in (10, 100, 1000)])
 
     means = np.array([float(chunk(jax.random.key(i))[0]) for i in range(n_chunks)])
@@ -59,7 +59,7 @@ def test_analytic_elbo_equals_entropy():
 def test_elbo_terms_are_consistent():
     sched = vj.LinearSchedule(-13.3, 8.0)
     x = M + S * jax.random.normal(jax.random.key(0), (4096, 1))
-    terms = jax.jit(lambda x, k: vj.vdm_elbo(optimal_eps(sched), x, k, sched, decoder="gaussian"))(
+    terms = jax.jit(lambda x, k: vj.vdm_elbo(optimal_eps(sched), x, sched, key=k, decoder="gaussian"))(
         x, jax.random.key(1))
     np.testing.assert_allclose(terms["total"], terms["prior"] + terms["diffusion"] + terms["reconstruction"],
                                rtol=1e-6)
@@ -72,30 +72,34 @@ def test_vdm_elbo_on_pixels_with_vdm_decoder():
     pixels = jax.random.randint(jax.random.key(0), (8, 4, 4, 3), 0, 256)
     x = vj.pixels_to_data(pixels, grid="vdm")
     pred = lambda z, t: jnp.zeros_like(z)  # noqa: E731
-    terms = jax.jit(lambda k: vj.vdm_elbo(pred, x, k, sched, pixels=pixels))(jax.random.key(2))
+    terms = jax.jit(lambda x, k: vj.vdm_elbo(pred, x, sched, key=k))(x, jax.random.key(2))
     for name in ("prior", "diffusion", "reconstruction", "total"):
         assert terms[name].shape == (8,) and np.all(np.isfinite(terms[name])), name
     bpd = vj.bits_per_dim(terms["total"], 4 * 4 * 3)
     assert np.all(bpd > 0)
+    # The decoder reads the pixels off x: the same as the decoder on the same z_0 (key_0 draws it).
+    _, _, key_0 = jax.random.split(jax.random.key(2), 3)
+    z_0 = vj.q_sample(x, jax.random.normal(key_0, x.shape), sched(0.0))
+    # (atol: the logits scale by e^-γ_0 ≈ 6e5, so jit's and eager's float32 roundings of z_0 differ there)
+    np.testing.assert_allclose(terms["reconstruction"], vj.vdm_decoder_nll(z_0, x, sched(0.0)), rtol=1e-5, atol=1e-3)
 
 
-def _gaussian_pixels(key, shape):
-    """Integer pixels whose data values on the ddpm grid are ~ N(M, S²), clipped."""
+def _gaussian_data(key, shape):
+    """Data on the 'ddpm' grid whose values are ~ N(M, S²), rounded to the grid and clipped."""
     x = M + S * jax.random.normal(key, shape)
-    return vj.data_to_pixels(x)
+    return vj.pixels_to_data(vj.data_to_pixels(x))
 
 
 def test_ddpm_vlb_terms_and_optimal_predictor_beats_zero():
     sched = vj.DiscreteSchedule(vj.linear_betas(100, 1e-3, 0.2))
-    pixels = _gaussian_pixels(jax.random.key(0), (512, 2))
-    gamma_fn = lambda t: sched.gamma(t)  # noqa: E731
+    x = _gaussian_data(jax.random.key(0), (512, 2))
 
     @jax.jit
-    def vlb(pixels, key):
-        return (vj.ddpm_vlb(optimal_eps(gamma_fn), pixels, key, sched),
-                vj.ddpm_vlb(lambda z, t: jnp.zeros_like(z), pixels, key, sched))
+    def vlb(x, key):
+        return (vj.ddpm_vlb(optimal_eps(sched), x, sched, key=key),
+                vj.ddpm_vlb(lambda z, t: jnp.zeros_like(z), x, sched, key=key))
 
-    good, zero = vlb(pixels, jax.random.key(1))
+    good, zero = vlb(x, jax.random.key(1))
     assert good["denoising"].shape == (512, 99)
     np.testing.assert_allclose(good["total"], good["prior"] + good["denoising"].sum(1) + good["reconstruction"],
                                rtol=1e-5)
@@ -114,33 +118,34 @@ def test_ddpm_vlb_terms_and_optimal_predictor_beats_zero():
 def test_ddpm_vlb_matches_single_terms():
     """Each scanned term equals `vlb_term` computed alone on the same noise."""
     sched = vj.DiscreteSchedule(vj.linear_betas(20, 1e-3, 0.3))
-    pixels = _gaussian_pixels(jax.random.key(3), (16, 3))
+    x = _gaussian_data(jax.random.key(3), (16, 3))
     key = jax.random.key(4)
-    pred = optimal_eps(lambda t: sched.gamma(t))
-    out = vj.ddpm_vlb(pred, pixels, key, sched, variance="beta")
-    x = vj.pixels_to_data(pixels)
-    for t in (2, 11, 20):
-        eps = jax.random.normal(jax.random.fold_in(key, t), x.shape)
-        z = vj.q_sample(x, eps, sched.gamma(t))
-        x_hat = vj.x_from_eps(z, pred(z, jnp.full((16,), t)), sched.gamma(t))
-        ref = vj.denoising_kl(x, z, x_hat, sched.gamma(t - 1), sched.gamma(t),
-                              vj.reverse_log_variance(sched.gamma(t - 1), sched.gamma(t), "beta"))
-        np.testing.assert_allclose(out["denoising"][:, t - 2], ref, rtol=1e-5, atol=1e-6)
+    pred = optimal_eps(sched)
+    seen = []
+    out = vj.ddpm_vlb(lambda z, t: seen.append(t) or pred(z, t), x, sched, key=key, variance="beta")
+    assert seen[0].dtype == x.dtype and seen[0].shape == (16,)  # pred_fn gets float t = i/T
+    g = sched.gamma_step
+    for i in (2, 11, 20):
+        eps = jax.random.normal(jax.random.fold_in(key, i), x.shape)
+        z = vj.q_sample(x, eps, g(i))
+        x_hat = vj.x_from_eps(z, pred(z, jnp.full((16,), i / 20)), g(i))
+        ref = vj.denoising_kl(x_hat, x, z, g(i - 1), g(i), vj.reverse_log_variance(g(i - 1), g(i), kind="beta"))
+        np.testing.assert_allclose(out["denoising"][:, i - 2], ref, rtol=1e-5, atol=1e-6)
     eps = jax.random.normal(jax.random.fold_in(key, 1), x.shape)
-    z = vj.q_sample(x, eps, sched.gamma(1))
-    x_hat = vj.x_from_eps(z, pred(z, jnp.full((16,), 1)), sched.gamma(1))
-    np.testing.assert_allclose(out["reconstruction"], vj.ddpm_decoder_nll(pixels, x_hat, jnp.log(sched.betas[0])),
+    z = vj.q_sample(x, eps, g(1))
+    x_hat = vj.x_from_eps(z, pred(z, jnp.full((16,), 1 / 20)), g(1))
+    np.testing.assert_allclose(out["reconstruction"], vj.ddpm_decoder_nll(x_hat, x, jnp.log(sched.betas[0])),
                                rtol=1e-5, atol=1e-6)
 
 
 def test_ddpm_vlb_learned_variance():
     sched = vj.DiscreteSchedule(vj.linear_betas(10, 1e-3, 0.3))
-    pixels = _gaussian_pixels(jax.random.key(5), (8, 2))
+    x = _gaussian_data(jax.random.key(5), (8, 2))
     pred = lambda z, t: (jnp.zeros_like(z), jnp.full_like(z, 0.5))  # noqa: E731
-    out = jax.jit(lambda k: vj.ddpm_vlb(pred, pixels, k, sched, variance="learned"))(jax.random.key(0))
+    out = jax.jit(lambda k: vj.ddpm_vlb(pred, x, sched, key=k, variance="learned"))(jax.random.key(0))
     assert np.all(np.isfinite(out["total"]))
     with pytest.raises(ValueError, match="must return \\(prediction, v\\)"):
-        vj.ddpm_vlb(lambda z, t: z, pixels, jax.random.key(0), sched, variance="learned")
+        vj.ddpm_vlb(lambda z, t: z, x, sched, key=jax.random.key(0), variance="learned")
 
 
 def test_vdm_elbo_traces_once():
@@ -150,50 +155,85 @@ def test_vdm_elbo_traces_once():
     @jax.jit
     @chex.assert_max_traces(n=1)
     def elbo(x, key):
-        return vj.vdm_elbo(pred, x, key, sched, decoder="gaussian")["total"]
+        return vj.vdm_elbo(pred, x, sched, key=key, decoder="gaussian")["total"]
 
     elbo(jnp.zeros((4, 2)), jax.random.key(0))
     elbo(jnp.ones((4, 2)), jax.random.key(1))
 
 
-def test_vdm_elbo_bad_decoder():
-    with pytest.raises(ValueError, match="decoder must be 'vdm' or 'gaussian'"):
-        vj.vdm_elbo(lambda z, t: z, jnp.zeros((2, 2)), jax.random.key(0), vj.LinearSchedule(), decoder="bernoulli")
-    with pytest.raises(ValueError, match="needs the integer pixels"):
-        vj.vdm_elbo(lambda z, t: z, jnp.zeros((2, 2)), jax.random.key(0), vj.LinearSchedule())
-
+# --- bad input: one table per public entry point ----------------------------------------------
+# (fn, args, kwargs, error, message regex); each row is checked eagerly and under jax.jit.
 
 SCHED = vj.DiscreteSchedule(vj.linear_betas(10))
-PIXELS = jnp.zeros((2, 3), jnp.int32)
+KEY = jax.random.key(0)
+X = vj.pixels_to_data(jnp.zeros((2, 3), jnp.int32))  # on the 'ddpm' grid
+XV = vj.pixels_to_data(jnp.zeros((2, 3), jnp.int32), grid="vdm")
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: vj.ddpm_vlb(lambda z, t: z, PIXELS, jax.random.key(0), vj.LinearSchedule()), TypeError,
-     "schedule must be a DiscreteSchedule, got LinearSchedule; for a continuous schedule use vdm_elbo"),
-    (lambda: vj.ddpm_vlb(lambda z, t: z, PIXELS, jax.random.key(0), SCHED, variance="large"), ValueError,
-     "variance must be 'posterior', 'beta' or 'learned', got 'large'"),
-    (lambda: vj.ddpm_vlb(lambda z, t: z, PIXELS, jax.random.key(0), SCHED, kind="noise"), ValueError,
-     "kind must be one of"),
-    (lambda: vj.ddpm_vlb(lambda z, t: z, jnp.int32(3), jax.random.key(0), SCHED), ValueError,
-     r"pixels must have shape \[B, ...\]"),
-    (lambda: vj.ddpm_vlb(lambda z, t: (z, z), PIXELS, jax.random.key(0), SCHED), ValueError,
-     "pred_fn returned a tuple of 2, but without a learned variance it must return one array"),
-    (lambda: vj.ddpm_vlb(lambda z, t: z[:, :1], PIXELS, jax.random.key(0), SCHED), ValueError,
-     r"same shape, got z_t \(2, 3\), prediction \(2, 1\)"),
-    (lambda: vj.vdm_elbo(lambda z, t: (z, z), jnp.zeros((2, 3)), jax.random.key(0), vj.LinearSchedule(),
-                         decoder="gaussian"), ValueError, "pred_fn returned a tuple of 2"),
-    (lambda: vj.vdm_elbo(lambda z, t: z, jnp.float32(0.0), jax.random.key(0), vj.LinearSchedule(),
-                         decoder="gaussian"), ValueError, r"x must have shape \[B, ...\]"),
-    (lambda: vj.vdm_elbo(lambda z, t: z, jnp.zeros((2, 3)), jax.random.key(0), vj.LinearSchedule(),
-                         pixels=PIXELS.astype(jnp.float32)), TypeError, "pixels must be integers in 0..255"),
-])
-def test_elbo_bad_input_inside_jit(call, error, match):
-    with pytest.raises(error, match=match):
-        jax.jit(call)()
+def _identity(z, t):
+    return z
 
 
-def test_elbo_concrete_values_out_of_range():
-    with pytest.raises(ValueError, match=r"pixels must lie in 0..255; got values in \[256, 256\]"):
-        vj.ddpm_vlb(lambda z, t: z, PIXELS + 256, jax.random.key(0), SCHED)
-    with pytest.raises(ValueError, match=r"t must lie in 1..T = 1..10; got values in \[0, 0\]"):
-        vj.ddpm_log_variance(SCHED, 0)
+ERRORS = {
+    vj.ddpm_vlb: [
+        ((_identity, X, vj.LinearSchedule()), {"key": KEY}, TypeError,
+         "ddpm_vlb: schedule must be a DiscreteSchedule, got LinearSchedule; for a continuous schedule use vdm_elbo"),
+        ((_identity, X, SCHED), {"key": KEY, "variance": "large"}, ValueError,
+         "variance must be one of 'posterior', 'beta' or 'learned', got 'large'"),
+        ((_identity, X, SCHED), {"key": KEY, "kind": "noise"}, ValueError, "kind must be one of"),
+        ((_identity, jnp.float32(-1.0), SCHED), {"key": KEY}, ValueError, r"x must have shape \[B, ...\]"),
+        ((_identity, jnp.zeros((2, 3), jnp.int32), SCHED), {"key": KEY}, TypeError,
+         "x must be a floating-point array, got dtype int32"),
+        ((_identity, np.full((2, 3), 0.3), SCHED), {"key": KEY}, ValueError, "x must be data on the 'ddpm' pixel grid"),
+        ((lambda z, t: (z, z), X, SCHED), {"key": KEY}, ValueError,
+         "pred_fn returned a tuple of 2, but without a learned variance it must return one array"),
+        ((lambda z, t: z[:, :1], X, SCHED), {"key": KEY}, ValueError,
+         r"pred_fn must return a prediction of z_t's shape \(2, 3\), got \(2, 1\)"),
+        ((_identity, X, KEY, SCHED), {}, TypeError, r"ddpm_vlb: too many positional arguments \(key is keyword-only"),
+        ((_identity, X, SCHED), {}, TypeError, "missing a required argument: 'key'"),
+    ],
+    vj.vdm_elbo: [
+        ((_identity, X, vj.LinearSchedule()), {"key": KEY, "decoder": "bernoulli"}, ValueError,
+         "vdm_elbo: decoder must be one of 'vdm' or 'gaussian', got 'bernoulli'"),
+        ((_identity, np.zeros((2, 2)), vj.LinearSchedule()), {"key": KEY}, ValueError,
+         r"vdm_elbo: x must be data on the 'vdm' pixel grid .*got x\[0, 0\] = 0.0"),
+        ((lambda z, t: (z, z), XV, vj.LinearSchedule()), {"key": KEY, "decoder": "gaussian"}, ValueError,
+         "pred_fn returned a tuple of 2"),
+        ((lambda z, t: z[:1], XV, vj.LinearSchedule()), {"key": KEY}, ValueError,
+         r"pred_fn must return a prediction of z_t's shape \(2, 3\), got \(1, 3\)"),
+        ((_identity, jnp.float32(0.0), vj.LinearSchedule()), {"key": KEY, "decoder": "gaussian"}, ValueError,
+         r"x must have shape \[B, ...\]"),
+        ((_identity, XV, vj.LinearSchedule()), {"key": KEY, "T": -1}, ValueError, "T must be >= 0, got -1"),
+        ((_identity, XV, vj.LinearSchedule()), {"key": KEY, "kind": "noise"}, ValueError, "kind must be one of"),
+        ((_identity, XV, KEY, vj.LinearSchedule()), {}, TypeError, r"too many positional arguments \(key is keyword-only"),
+    ],
+    vj.ddpm_log_variance: [
+        ((SCHED, 0), {}, ValueError, r"ddpm_log_variance: step must lie in 1..T = 1..10; got values in \[0, 0\]"),
+        ((SCHED, np.array([3, 11])), {}, ValueError, r"step must lie in 1..T = 1..10; got values in \[3, 11\]"),
+        ((SCHED, 1.5), {}, TypeError, "step must be an integer array, got dtype float32"),
+        ((SCHED, 3), {"variance": "learned"}, ValueError, "v is required for variance='learned'"),
+        ((SCHED, 3), {"variance": "large"}, ValueError, "variance must be one of"),
+        ((vj.LinearSchedule(), 3), {}, TypeError, "schedule must be a DiscreteSchedule"),
+    ],
+    vj.bits_per_dim: [
+        ((1.0, 0), {}, ValueError, "bits_per_dim: dims must be >= 1, got 0"),
+        ((jnp.int32(3), 3), {}, TypeError, "nats must be a floating-point array"),
+    ],
+}
+CASES = [(fn, *row) for fn, rows in ERRORS.items() for row in rows]
+
+
+@pytest.mark.parametrize("fn, args, kwargs, error, match", CASES,
+                         ids=[f"{c[0].__name__}-{i}" for i, c in enumerate(CASES)])
+def test_bad_arguments(fn, args, kwargs, error, match, raises):
+    raises(fn, args, kwargs, error, match)
+
+
+def test_device_values_are_not_checked(no_host_reads):
+    """Off-grid data on the device is not read back to be checked: its pixels are rounded."""
+    x = jax.device_put(jnp.full((2, 3), 0.3))
+    with no_host_reads():
+        out = vj.vdm_elbo(_identity, x, vj.LinearSchedule(), key=KEY)
+        log_var = vj.ddpm_log_variance(SCHED, jax.device_put(jnp.array([0, 3])))
+    assert np.all(np.isfinite(out["total"]))
+    assert np.isnan(log_var[0]) and np.isfinite(log_var[1])

@@ -1,9 +1,9 @@
-"""Samplers (MATH.md §6) checked against exact moments.
+"""Samplers (docs/math.md §6) checked against exact moments.
 
 With the Bayes-optimal predictor for Gaussian data x ~ N(m, s²), every reverse step is linear-
 Gaussian, z_s = A z_t + c + std·n, so each sampler's output mean and variance follow exactly by
 propagating (mean, variance) through the chain. The propagation here is written independently,
-in float64 NumPy, from MATH.md's DDPM and VDM formulas.
+in float64 NumPy, from docs/math.md's DDPM and VDM formulas.
 """
 import chex
 import numpy as np
@@ -48,7 +48,7 @@ def propagate_ddpm(betas, variance):
     for t in range(len(b), 0, -1):
         i = t - 1
         p, q = _affine_denoiser(abar[i])
-        c_x = np.sqrt(abar_prev[i]) * b[i] / (1 - abar[i])  # μ̃_t (MATH.md §3)
+        c_x = np.sqrt(abar_prev[i]) * b[i] / (1 - abar[i])  # μ̃_t (docs/math.md §3)
         c_z = np.sqrt(1 - b[i]) * (1 - abar_prev[i]) / (1 - abar[i])
         A, c = c_x * p + c_z, c_x * q
         noise = 0.0 if t == 1 else (b[i] if variance == "beta" else b[i] * (1 - abar_prev[i]) / (1 - abar[i]))
@@ -69,7 +69,7 @@ def propagate_vdm(gamma_fn, num_steps):
         a_ts = np.sqrt(a2t / a2s)
         s2_ts = s2t - a_ts ** 2 * s2s
         p, q = _affine_denoiser(a2t)
-        c_z, c_x = a_ts * s2s / s2t, np.sqrt(a2s) * s2_ts / s2t  # MATH.md §3
+        c_z, c_x = a_ts * s2s / s2t, np.sqrt(a2s) * s2_ts / s2t  # docs/math.md §3
         A, c = c_z + c_x * p, c_x * q
         mean, var = A * mean + c, A ** 2 * var + s2_ts * s2s / s2t
     a0 = np.sqrt(_a2(gamma_fn(0.0)))
@@ -103,9 +103,9 @@ def _check_moments(samples, mean, var):
 @pytest.mark.parametrize("variance", ["beta", "posterior"])
 def test_ddpm_ancestral_matches_propagated_moments(variance):
     sched = vj.DiscreteSchedule(vj.linear_betas(T))
-    pred = optimal_pred(sched.gamma)
-    samples = jax.jit(lambda k: vj.ddpm_sample(pred, sched, (N, 1), k, variance=variance))(jax.random.key(0))
-    mean, var = propagate_ddpm(vj.linear_betas(T, dtype=jnp.float32), variance)
+    pred = optimal_pred(sched)
+    samples = jax.jit(lambda k: vj.ddpm_sample(pred, sched, (N, 1), key=k, variance=variance))(jax.random.key(0))
+    mean, var = propagate_ddpm(sched.betas, variance)
     _check_moments(samples, mean, var)
     # The propagated moments are close to the data's: within 3% (β̃ comes out ~2.5% low: the model).
     assert abs(mean / M - 1) < 0.03 and abs(var / S ** 2 - 1) < 0.03, (mean, var)
@@ -114,7 +114,7 @@ def test_ddpm_ancestral_matches_propagated_moments(variance):
 def test_vdm_ancestral_matches_propagated_moments():
     sched = vj.LinearSchedule(-13.3, 8.0)
     pred = optimal_pred(sched)
-    samples = jax.jit(lambda k: vj.vdm_sample(pred, sched, (N, 1), k, num_steps=T))(jax.random.key(1))
+    samples = jax.jit(lambda k: vj.vdm_sample(pred, sched, (N, 1), key=k, sample_steps=T))(jax.random.key(1))
     gamma64 = lambda t: -13.3 + 21.3 * t  # noqa: E731
     mean, var = propagate_vdm(gamma64, T)
     _check_moments(samples, mean, var)
@@ -125,9 +125,10 @@ def test_vdm_ancestral_matches_propagated_moments():
 def test_ddim_matches_propagated_moments(eta, steps):
     sched = vj.DiscreteSchedule(vj.linear_betas(T))
     times = vj.strided_times(T, steps)
-    pred = optimal_pred(sched.gamma)
-    samples = jax.jit(lambda k: vj.ddim_sample(pred, sched.gamma, times, (N, 1), k, eta=eta))(jax.random.key(2))
-    gammas = np.asarray(sched.gammas, np.float64)[times]
+    pred = optimal_pred(sched)
+    samples = jax.jit(lambda k: vj.ddim_sample(pred, sched, times, (N, 1), key=k, eta=eta))(jax.random.key(2))
+    gammas = np.asarray(sched.gammas, np.float64)[np.round(times * T).astype(int)]
+    np.testing.assert_allclose(np.asarray(sched(times), np.float64), gammas, rtol=1e-6)  # γ(i/T) = γ_i
     mean, var = propagate_ddim(gammas, eta)
     _check_moments(samples, mean, var)
 
@@ -136,7 +137,7 @@ def test_ddim_deterministic_approaches_data_as_steps_grow():
     sched = vj.DiscreteSchedule(vj.linear_betas(T))
     errors = []
     for steps in (10, 50, 200, 1000):
-        gammas = np.asarray(sched.gammas, np.float64)[vj.strided_times(T, steps)]
+        gammas = np.asarray(sched.gammas, np.float64)[np.round(vj.strided_times(T, steps) * T).astype(int)]
         mean, var = propagate_ddim(gammas, 0.0)
         errors.append(abs(mean - M) / M + abs(var - S ** 2) / S ** 2)
     assert errors[0] > errors[1] > errors[2] > errors[3], errors
@@ -145,27 +146,28 @@ def test_ddim_deterministic_approaches_data_as_steps_grow():
 
 def test_ddim_eta0_is_deterministic_given_start():
     sched = vj.DiscreteSchedule(vj.linear_betas(100))
-    pred = optimal_pred(sched.gamma)
+    pred = optimal_pred(sched)
     times = vj.strided_times(100, 10)
-    a = vj.ddim_sample(pred, sched.gamma, times, (16, 1), jax.random.key(0))
-    b = vj.ddim_sample(pred, sched.gamma, times, (16, 1), jax.random.key(0))
+    a = vj.ddim_sample(pred, sched, times, (16, 1), key=jax.random.key(0))
+    b, z_0 = vj.ddim_sample(pred, sched, times, (16, 1), key=jax.random.key(0), return_latent=True)
     np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(z_0, b)  # the schedule reaches α = 1 at t = 0: x = z_0
 
 
 def test_ddim_eta1_equals_ancestral_posterior_variance():
-    """η = 1 is ancestral sampling with σ² = β̃ (MATH.md §6): same noise, same samples."""
+    """η = 1 is ancestral sampling with σ² = β̃ (docs/math.md §6): same noise, same samples."""
     sched = vj.DiscreteSchedule(vj.linear_betas(50, 1e-3, 0.2))
-    pred = optimal_pred(sched.gamma)
+    pred = optimal_pred(sched)
     z_T = jax.random.normal(jax.random.key(3), (64, 1))
     noises = jax.random.normal(jax.random.key(4), (50, 64, 1))
     z_ddim, z_anc = z_T, z_T
     for t in range(50, 0, -1):
-        tv = jnp.full((64,), t)
-        gt, gs = sched.gamma(t), sched.gamma(t - 1)
-        eps_hat, x_hat = vj.eps_and_x(pred(z_anc, tv), z_anc, gt, "eps")
+        tv = jnp.full((64,), t / 50)
+        gt, gs = sched.gamma_step(t), sched.gamma_step(t - 1)
+        eps_hat, x_hat = vj.eps_and_x(pred(z_anc, tv), z_anc, gt, kind="eps")
         mean, var = vj.q_posterior(x_hat, z_anc, gs, gt)
         z_anc = mean + jnp.sqrt(var) * noises[t - 1]
-        eps_hat, x_hat = vj.eps_and_x(pred(z_ddim, tv), z_ddim, gt, "eps")
+        eps_hat, x_hat = vj.eps_and_x(pred(z_ddim, tv), z_ddim, gt, kind="eps")
         a_s, s_s = vj.alpha_sigma(gs)
         a_t, s_t = vj.alpha_sigma(gt)
         var_eta = s_s ** 2 / s_t ** 2 * (1 - a_t ** 2 / a_s ** 2)
@@ -178,41 +180,83 @@ def test_ddim_eta1_equals_ancestral_posterior_variance():
 def test_samplers_accept_every_prediction_kind(kind):
     sched = vj.DiscreteSchedule(vj.linear_betas(50, 1e-3, 0.2))
     key = jax.random.key(5)
-    ref = vj.ddpm_sample(optimal_pred(sched.gamma), sched, (32, 2), key)
-    out = vj.ddpm_sample(optimal_pred(sched.gamma, kind), sched, (32, 2), key, kind=kind)
+    ref = vj.ddpm_sample(optimal_pred(sched), sched, (32, 2), key=key)
+    out = vj.ddpm_sample(optimal_pred(sched, kind), sched, (32, 2), key=key, kind=kind)
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)
     cont = vj.LinearSchedule()
-    ref = vj.vdm_sample(optimal_pred(cont), cont, (32, 2), key, num_steps=20)
-    out = vj.vdm_sample(optimal_pred(cont, kind), cont, (32, 2), key, num_steps=20, kind=kind)
+    ref = vj.vdm_sample(optimal_pred(cont), cont, (32, 2), key=key, sample_steps=20)
+    out = vj.vdm_sample(optimal_pred(cont, kind), cont, (32, 2), key=key, sample_steps=20, kind=kind)
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)
+    times = vj.strided_times(50, 10)
+    ref = vj.ddim_sample(optimal_pred(sched), sched, times, (32, 2), key=key)
+    out = vj.ddim_sample(optimal_pred(sched, kind), sched, times, (32, 2), key=key, kind=kind)
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)
 
 
 def test_ddpm_learned_variance_interpolates():
     sched = vj.DiscreteSchedule(vj.linear_betas(30, 1e-3, 0.3))
     key = jax.random.key(6)
-    base = optimal_pred(sched.gamma)
+    base = optimal_pred(sched)
     for v, variance in ((1.0, "beta"), (0.0, "posterior")):
         learned = lambda z, t, v=v: (base(z, t), jnp.full_like(z, v))  # noqa: E731
-        a = vj.ddpm_sample(learned, sched, (16, 1), key, variance="learned")
-        b = vj.ddpm_sample(base, sched, (16, 1), key, variance=variance)
+        a = vj.ddpm_sample(learned, sched, (16, 1), key=key, variance="learned")
+        b = vj.ddpm_sample(base, sched, (16, 1), key=key, variance=variance)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_clip_x():
     sched = vj.DiscreteSchedule(vj.linear_betas(20, 1e-3, 0.3))
     pred = lambda z, t: jnp.full_like(z, -50.0)  # noqa: E731  absurd ε̂: x̂ far outside [-1, 1]
-    out = vj.ddpm_sample(pred, sched, (8, 3), jax.random.key(0), clip_x=(-1.0, 1.0))
+    out = vj.ddpm_sample(pred, sched, (8, 3), key=jax.random.key(0), clip_x=(-1.0, 1.0))
     assert np.all(np.abs(out) <= 1.0 + 1e-6)
+    out = vj.ddim_sample(pred, sched, vj.strided_times(20, 5), (8, 3), key=jax.random.key(0), clip_x=(-1.0, 1.0))
+    assert np.all(np.abs(out) <= 1.0 + 1e-6)
+
+
+def test_samplers_return_the_data_estimate_and_the_latent():
+    """x = z_0/α(t_0) for every sampler; return_latent=True gives (x, z_0)."""
+    cont = vj.LinearSchedule()
+    pred = optimal_pred(cont)
+    key = jax.random.key(7)
+    alpha_0 = vj.alpha_sigma(cont(0.0))[0]
+    x, z_0 = vj.vdm_sample(pred, cont, (8, 2), key=key, sample_steps=10, return_latent=True)
+    np.testing.assert_array_equal(x, vj.vdm_sample(pred, cont, (8, 2), key=key, sample_steps=10))
+    np.testing.assert_allclose(x, z_0 / alpha_0, rtol=1e-6)
+    times = np.linspace(1.0, 0.0, 11, dtype=np.float32)
+    x, z_0 = vj.ddim_sample(pred, cont, times, (8, 2), key=key, return_latent=True)
+    np.testing.assert_allclose(x, z_0 / alpha_0, rtol=1e-6)
+    sched = vj.DiscreteSchedule(vj.linear_betas(20, 1e-3, 0.3))
+    x, z_0 = vj.ddpm_sample(optimal_pred(sched), sched, (8, 2), key=key, return_latent=True)
+    np.testing.assert_array_equal(x, z_0)
+
+
+def test_pred_fn_gets_float_t_in_unit_interval():
+    """Every sampler calls pred_fn with t a float [B] in [0, 1] (DDPM step i is t = i/T)."""
+    seen = []
+
+    def pred(z, t):
+        seen.append(t)
+        return jnp.zeros_like(z)
+
+    sched = vj.DiscreteSchedule(vj.linear_betas(10))
+    key = jax.random.key(0)
+    vj.ddpm_step(pred, sched, jnp.ones((3, 1)), 4, key=key)
+    np.testing.assert_allclose(seen[-1], np.full(3, 0.4), rtol=1e-6)
+    for call in (lambda: vj.ddpm_sample(pred, sched, (3, 1), key=key),
+                 lambda: vj.vdm_sample(pred, vj.LinearSchedule(), (3, 1), key=key, sample_steps=4),
+                 lambda: vj.ddim_sample(pred, sched, vj.strided_times(10, 5), (3, 1), key=key)):
+        call()
+        assert seen[-1].shape == (3,) and jnp.issubdtype(seen[-1].dtype, jnp.floating)
 
 
 def test_samplers_trace_once():
     sched = vj.DiscreteSchedule(vj.linear_betas(20))
-    pred = optimal_pred(sched.gamma)
+    pred = optimal_pred(sched)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
     def sample(key):
-        return vj.ddpm_sample(pred, sched, (4, 1), key)
+        return vj.ddpm_sample(pred, sched, (4, 1), key=key)
 
     a, b = sample(jax.random.key(0)), sample(jax.random.key(1))
     assert not np.allclose(a, b)
@@ -227,7 +271,7 @@ def test_whole_chain_is_one_scan():
         calls.append(1)
         return jnp.zeros_like(z)
 
-    jaxpr = jax.make_jaxpr(lambda k: vj.ddpm_sample(pred, sched, (2, 1), k))(jax.random.key(0))
+    jaxpr = jax.make_jaxpr(lambda k: vj.ddpm_sample(pred, sched, (2, 1), key=k))(jax.random.key(0))
     assert len(calls) == 1
     assert sum(eqn.primitive.name == "scan" for eqn in jaxpr.eqns) == 1
 
@@ -235,89 +279,113 @@ def test_whole_chain_is_one_scan():
 def test_python_loop_of_ddpm_step_reproduces_ddpm_sample():
     """T calls of the jitted `ddpm_step` (as the sampler benchmark drives it) = `ddpm_sample`."""
     sched = vj.DiscreteSchedule(vj.linear_betas(30, 1e-3, 0.2))
-    pred = optimal_pred(sched.gamma)
+    pred = optimal_pred(sched)
     key = jax.random.key(4)
-    whole = jax.jit(lambda k: vj.ddpm_sample(pred, sched, (16, 1), k, clip_x=(-1.0, 1.0)))(key)
+    whole = jax.jit(lambda k: vj.ddpm_sample(pred, sched, (16, 1), key=k, clip_x=(-1.0, 1.0)))(key)
     key_init, key_steps = jax.random.split(key)
-    step = jax.jit(lambda z, t: vj.ddpm_step(pred, sched, z, t, key_steps, clip_x=(-1.0, 1.0)))
+    step = jax.jit(lambda z, t: vj.ddpm_step(pred, sched, z, t, key=key_steps, clip_x=(-1.0, 1.0)))
     z = jax.random.normal(key_init, (16, 1))
     for t in range(30, 0, -1):
         z = step(z, jnp.int32(t))
     np.testing.assert_allclose(z, whole, rtol=1e-5, atol=1e-6)
 
 
-# --- bad input -------------------------------------------------------------------------------
-
-def test_bad_sampler_arguments():
-    sched = vj.DiscreteSchedule(vj.linear_betas(20))
-    pred = lambda z, t: z  # noqa: E731
-    with pytest.raises(ValueError, match="kind must be one of"):
-        vj.ddpm_sample(pred, sched, (2, 1), jax.random.key(0), kind="noise")
-    with pytest.raises(ValueError, match="shape must be a non-empty tuple"):
-        vj.ddpm_sample(pred, sched, (), jax.random.key(0))
-    with pytest.raises(ValueError, match="num_steps must be >= 1, got 0"):
-        vj.vdm_sample(pred, vj.LinearSchedule(), (2, 1), jax.random.key(0), num_steps=0)
-    with pytest.raises(ValueError, match="times must be strictly decreasing"):
-        vj.ddim_sample(pred, sched.gamma, np.array([0, 10, 20]), (2, 1), jax.random.key(0))
-    with pytest.raises(ValueError, match="eta must be in \\[0, 1\\]"):
-        vj.ddim_sample(pred, sched.gamma, np.array([20, 10, 0]), (2, 1), jax.random.key(0), eta=1.5)
-    with pytest.raises(ValueError, match="num_steps must be in 1..T"):
-        vj.strided_times(20, 21)
-    with pytest.raises(ValueError, match="must return \\(prediction, v\\)"):
-        vj.ddpm_sample(pred, sched, (2, 1), jax.random.key(0), variance="learned")
-
+# --- bad input: one table per public entry point ----------------------------------------------
+# (fn, args, kwargs, error, message regex); each row is checked eagerly and under jax.jit.
 
 SCHED = vj.DiscreteSchedule(vj.linear_betas(10))
+CONT = vj.LinearSchedule()
 KEY = jax.random.key(0)
+Z = jnp.ones((2, 1))
 
 
 def _identity(z, t):
     return z
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: vj.ddpm_sample(_identity, vj.LinearSchedule(), (2, 1), KEY), TypeError,
-     "schedule must be a DiscreteSchedule, got LinearSchedule; for a continuous schedule use vdm_sample"),
-    (lambda: vj.ddpm_sample(_identity, SCHED, (2, 1), KEY, variance="large"), ValueError,
-     "variance must be 'posterior', 'beta' or 'learned', got 'large'"),
-    (lambda: vj.ddpm_sample(_identity, SCHED, 4, KEY), TypeError, r"shape must be a tuple of ints \[B, ...\], got 4"),
-    (lambda: vj.ddpm_sample(_identity, SCHED, (2, 1), KEY, clip_x=(1.0, -1.0)), ValueError,
-     r"clip_x must be None or a pair \(lo, hi\) with lo < hi, got \(1.0, -1.0\)"),
-    (lambda: vj.ddpm_sample(lambda z, t: (z, z), SCHED, (2, 1), KEY), ValueError,
-     "pred_fn returned a tuple of 2, but without a learned variance"),
-    (lambda: vj.ddpm_sample(lambda z, t: z[:, :1], SCHED, (2, 3), KEY), ValueError,
-     r"same shape, got z_t \(2, 3\), prediction \(2, 1\)"),
-    (lambda: vj.ddpm_step(_identity, SCHED, jnp.ones((2, 1)), jnp.array([3, 4]), KEY), TypeError,
-     r"t must be a scalar integer step in 1..T, got shape \(2,\)"),
-    (lambda: vj.ddpm_step(_identity, SCHED, jnp.ones((2, 1), jnp.int32), 3, KEY), TypeError,
-     "z must be a floating-point array"),
-    (lambda: vj.vdm_sample(_identity, vj.LinearSchedule(), (2, 1), KEY, num_steps=10.0), TypeError,
-     r"num_steps must be an int, got 10.0 \(float\)"),
-    (lambda: vj.vdm_sample(_identity, SCHED.gamma, (2, 1), KEY, num_steps=4), TypeError,
-     "t must be an integer step in 0..T, got dtype float32; for continuous time"),
-    (lambda: vj.ddim_sample(_identity, SCHED.gamma, np.array([20, 10, 0]), (2, 1), KEY), ValueError,
-     r"times \(from 20 down to 0\) are not valid for gamma_fn: t must lie in 0..T = 0..10"),
-    (lambda: vj.ddim_sample(_identity, vj.LinearSchedule(), np.array([1.5, 0.5, 0.0]), (2, 1), KEY), ValueError,
-     r"times \(from 1.5 down to 0.0\) are not valid for gamma_fn: t must lie in \[0, 1\]"),
-    (lambda: vj.ddim_sample(_identity, SCHED.gamma, np.array([1.0, 0.5, 0.0]), (2, 1), KEY), TypeError,
-     "are not valid for gamma_fn: t must be an integer step"),
-])
-def test_sampler_bad_input_inside_jit(call, error, match):
-    with pytest.raises(error, match=match):
-        jax.jit(call)()
+ERRORS = {
+    vj.ddpm_sample: [
+        ((_identity, SCHED, (2, 1)), {"key": KEY, "kind": "noise"}, ValueError, "ddpm_sample: kind must be one of"),
+        ((_identity, SCHED, ()), {"key": KEY}, ValueError, "shape must be a non-empty tuple of positive sizes"),
+        ((_identity, SCHED, (2, 0)), {"key": KEY}, ValueError, "shape must be a non-empty tuple of positive sizes"),
+        ((_identity, SCHED, 4), {"key": KEY}, TypeError, r"shape must be a tuple of ints \[B, ...\], got 4"),
+        ((_identity, CONT, (2, 1)), {"key": KEY}, TypeError,
+         "schedule must be a DiscreteSchedule, got LinearSchedule; for a continuous schedule use vdm_sample"),
+        ((_identity, SCHED, (2, 1)), {"key": KEY, "variance": "large"}, ValueError,
+         "variance must be one of 'posterior', 'beta' or 'learned', got 'large'"),
+        ((_identity, SCHED, (2, 1)), {"key": KEY, "clip_x": (1.0, -1.0)}, ValueError,
+         r"clip_x must be None or a pair \(lo, hi\) with lo < hi, got \(1.0, -1.0\)"),
+        ((_identity, SCHED, (2, 1)), {"key": KEY, "variance": "learned"}, ValueError,
+         r"with variance='learned' pred_fn must return \(prediction, v\), got one array"),
+        ((lambda z, t: (z, z), SCHED, (2, 1)), {"key": KEY}, ValueError,
+         "pred_fn returned a tuple of 2, but without a learned variance"),
+        ((lambda z, t: z[:, :1], SCHED, (2, 3)), {"key": KEY}, ValueError,
+         r"pred_fn must return a prediction of z_t's shape \(2, 3\), got \(2, 1\)"),
+        ((_identity, SCHED, (2, 1), KEY), {}, TypeError, r"too many positional arguments \(key is keyword-only"),
+    ],
+    vj.ddpm_step: [
+        ((_identity, SCHED, Z, jnp.array([3, 4])), {"key": KEY}, TypeError,
+         r"ddpm_step: step must be a scalar integer step in 1..T, got shape \(2,\)"),
+        ((_identity, SCHED, jnp.ones((2, 1), jnp.int32), 3), {"key": KEY}, TypeError,
+         "z must be a floating-point array"),
+        ((_identity, SCHED, Z, 0), {"key": KEY}, ValueError, r"step must lie in 1..T = 1..10; got values in \[0, 0\]"),
+        ((_identity, SCHED, Z, 11), {"key": KEY}, ValueError, r"step must lie in 1..T = 1..10; got values in \[11, 11\]"),
+        ((_identity, SCHED, Z, 0.5), {"key": KEY}, TypeError, "step must be an integer array, got dtype float32"),
+        ((_identity, CONT, Z, 3), {"key": KEY}, TypeError, "schedule must be a DiscreteSchedule"),
+        ((_identity, SCHED, Z, 3, KEY), {}, TypeError, "too many positional arguments"),
+    ],
+    vj.vdm_sample: [
+        ((_identity, CONT, (2, 1)), {"key": KEY, "sample_steps": 0}, ValueError,
+         "vdm_sample: sample_steps must be >= 1, got 0"),
+        ((_identity, CONT, (2, 1)), {"key": KEY, "sample_steps": 10.0}, TypeError,
+         r"sample_steps must be an int, got 10.0 \(float\)"),
+        ((_identity, CONT, (2, 1)), {"key": KEY}, TypeError, "missing a required argument: 'sample_steps'"),
+        ((_identity, CONT, [2, "1"]), {"key": KEY, "sample_steps": 2}, TypeError, "shape must be a tuple of ints"),
+        ((_identity, CONT, (2, 1)), {"key": KEY, "sample_steps": 2, "clip_x": (0.0,)}, ValueError,
+         "clip_x must be None or a pair"),
+    ],
+    vj.ddim_sample: [
+        ((_identity, SCHED, np.array([0.0, 0.5, 1.0]), (2, 1)), {"key": KEY}, ValueError,
+         r"ddim_sample: times must be strictly decreasing, got \[0.0, 0.5, 1.0\]"),
+        ((_identity, SCHED, np.array([1.0, 0.5, 0.0]), (2, 1)), {"key": KEY, "eta": 1.5}, ValueError,
+         r"eta must lie in \[0, 1\]; got values in \[1.5, 1.5\]"),
+        ((_identity, CONT, np.array([1.5, 0.5, 0.0]), (2, 1)), {"key": KEY}, ValueError,
+         r"times must lie in \[0, 1\]; got values in \[0.0, 1.5\]"),
+        ((_identity, SCHED, np.array([20.0, 10.0, 0.0]), (2, 1)), {"key": KEY}, ValueError,
+         r"times must lie in \[0, 1\]"),
+        ((_identity, SCHED, np.array([20, 10, 0]), (2, 1)), {"key": KEY}, TypeError,
+         "times must be a floating-point array, got dtype int"),
+        ((_identity, SCHED, jnp.ones((2, 2)), (2, 1)), {"key": KEY}, ValueError,
+         r"times must be a 1-D array of at least 2 times \(t_N > ... > t_0\), got shape \(2, 2\)"),
+        ((_identity, SCHED, np.array([1.0]), (2, 1)), {"key": KEY}, ValueError, "times must be a 1-D array of at least 2"),
+        ((_identity, SCHED, np.array([1.0, 0.0]), (2, 1)), {"key": KEY, "kind": "noise"}, ValueError, "kind must be one of"),
+        ((_identity, SCHED, np.array([1.0, 0.0]), (2, 1), KEY), {}, TypeError, "too many positional arguments"),
+    ],
+    vj.strided_times: [
+        ((20, 21), {}, ValueError, "sample_steps must be in 1..T = 1..20, got 21"),
+        ((10, 2.5), {}, TypeError, "sample_steps must be an int, got 2.5"),
+        ((10.0, 2), {}, TypeError, "T must be an int, got 10.0"),
+        ((10, 0), {}, ValueError, "sample_steps must be >= 1, got 0"),
+    ],
+}
+CASES = [(fn, *row) for fn, rows in ERRORS.items() for row in rows]
 
 
-@pytest.mark.parametrize("t", [0, 11])
-def test_ddpm_step_concrete_t_out_of_range(t):
-    with pytest.raises(ValueError, match=rf"t must lie in 1..T = 1..10; got values in \[{t}, {t}\]"):
-        vj.ddpm_step(_identity, SCHED, jnp.ones((2, 1)), t, KEY)
+@pytest.mark.parametrize("fn, args, kwargs, error, match", CASES,
+                         ids=[f"{c[0].__name__}-{i}" for i, c in enumerate(CASES)])
+def test_bad_arguments(fn, args, kwargs, error, match, raises):
+    raises(fn, args, kwargs, error, match)
 
 
-@pytest.mark.parametrize("T, num_steps, error, match", [
-    (10, 2.5, TypeError, "num_steps must be an int, got 2.5"),
-    (10.0, 2, TypeError, "T must be an int, got 10.0"),
-    (10, 0, ValueError, "num_steps must be >= 1, got 0"),
-])
-def test_strided_times_bad_arguments(T, num_steps, error, match):
-    with pytest.raises(error, match=match):
-        vj.strided_times(T, num_steps)
+def test_strided_times_values():
+    np.testing.assert_array_equal(vj.strided_times(10, 5), np.array([1.0, 0.8, 0.6, 0.4, 0.2, 0.0], np.float32))
+    assert vj.strided_times(1000, 3).dtype == np.float32
+
+
+def test_device_values_are_not_checked(no_host_reads):
+    """Device times and steps are not read back: out-of-range values give NaN samples."""
+    put = jax.device_put
+    with no_host_reads():
+        x = vj.ddim_sample(_identity, CONT, put(jnp.array([1.5, 0.5, 0.0])), (2, 1), key=KEY)
+        z = vj.ddpm_step(_identity, SCHED, put(Z), put(jnp.int32(12)), key=KEY)
+    assert np.all(np.isnan(x)) and np.all(np.isnan(z))

@@ -1,4 +1,4 @@
-"""Schedules (MATH.md §1): closed forms, precision, monotonicity, bad input."""
+"""Schedules (docs/math.md §1): closed forms, precision, monotonicity, bad input."""
 import chex
 import numpy as np
 import jax
@@ -10,8 +10,8 @@ import vdm_jax as vj
 
 
 def test_linear_betas_values():
-    betas = np.asarray(vj.linear_betas(1000))
-    assert betas.shape == (1000,)
+    betas = vj.linear_betas(1000)
+    assert isinstance(betas, np.ndarray) and betas.dtype == np.float64 and betas.shape == (1000,)
     np.testing.assert_allclose(betas[[0, -1]], [1e-4, 0.02], rtol=1e-6)
     np.testing.assert_allclose(np.diff(betas), (0.02 - 1e-4) / 999, rtol=1e-3)
 
@@ -22,42 +22,47 @@ def test_cosine_betas_match_nichol_formula():
     t = np.arange(T + 1)
     alpha_bar = f(t) / f(0)
     expected = np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
-    np.testing.assert_allclose(np.asarray(vj.cosine_betas(T), np.float64), expected, rtol=1e-5)
+    betas = vj.cosine_betas(T)
+    assert isinstance(betas, np.ndarray) and betas.dtype == np.float64
+    np.testing.assert_allclose(betas, expected, rtol=1e-5)
 
 
 def test_discrete_schedule_quantities(x64):
-    betas = vj.linear_betas(1000, dtype=jnp.float64)
-    sched = vj.DiscreteSchedule(betas)
+    sched = vj.DiscreteSchedule(vj.linear_betas(1000))
+    assert sched.dtype == jnp.float64
     b = np.linspace(1e-4, 0.02, 1000)
     abar = np.cumprod(1 - b)
     assert sched.T == 1000
     np.testing.assert_allclose(sched.betas, b, rtol=1e-14)
     np.testing.assert_allclose(sched.alphas, 1 - b, rtol=1e-14)
     np.testing.assert_allclose(sched.alpha_bars, abar, rtol=1e-12)
-    gamma = jax.jit(sched.gamma)(jnp.arange(1, 1001))
+    gamma = jax.jit(sched.gamma_step)(jnp.arange(1, 1001))
     np.testing.assert_allclose(gamma, np.log((1 - abar) / abar), rtol=1e-10)
-    assert np.isneginf(sched.gamma(0))
+    assert np.isneginf(sched.gamma_step(0))
+    np.testing.assert_allclose(sched.gammas[1:], gamma, rtol=1e-14)
 
 
 def test_discrete_gamma_keeps_precision_in_float32():
     """γ_1 = log(β_1/(1-β_1)): forming 1 - ᾱ by subtraction in float32 would lose ~3 digits."""
     sched = vj.DiscreteSchedule(vj.linear_betas(1000))
-    assert sched.gamma(1).dtype == jnp.float32
+    assert sched.dtype == jnp.float32 and sched.gamma_step(1).dtype == jnp.float32
     exact = np.log(1e-4 / (1 - 1e-4))
-    np.testing.assert_allclose(float(sched.gamma(1)), exact, rtol=1e-6)
-    alpha, sigma = vj.alpha_sigma(sched.gamma(1))
+    np.testing.assert_allclose(float(sched.gamma_step(1)), exact, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(jnp.float32(1 / 1000))), exact, rtol=1e-6)
+    alpha, sigma = vj.alpha_sigma(sched.gamma_step(1))
     np.testing.assert_allclose(float(sigma) ** 2, 1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("betas_fn", [vj.linear_betas, vj.cosine_betas])
-def test_discrete_schedule_read_as_continuous(betas_fn):
+def test_discrete_schedule_is_a_function_of_t(betas_fn):
+    """γ(i/T) = γ_i, and γ increases strictly between the grid points too."""
     sched = vj.DiscreteSchedule(betas_fn(1000))
-    cont = sched.as_continuous()
     i = jnp.arange(0, 1001)
     t = i.astype(jnp.float32) / 1000
-    np.testing.assert_allclose(jax.jit(cont)(t[1:]), sched.gamma(i[1:]), rtol=2e-5, atol=2e-5)
-    assert np.isneginf(cont(jnp.float32(0.0)))
-    fine = cont(jnp.linspace(1e-4, 1.0, 20001))
+    np.testing.assert_allclose(jax.jit(sched)(t[1:]), sched.gamma_step(i[1:]), rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(sched.gamma(t[1:]), sched(t[1:]))
+    assert np.isneginf(sched(jnp.float32(0.0)))
+    fine = sched(jnp.linspace(1e-4, 1.0, 20001))
     assert np.all(np.diff(np.asarray(fine)) > 0), "γ must increase strictly between grid points too"
 
 
@@ -66,21 +71,29 @@ def test_discrete_schedule_is_a_pytree():
     leaves, treedef = jax.tree_util.tree_flatten(sched)
     back = jax.tree_util.tree_unflatten(treedef, leaves)
     assert back.T == 50
-    out = jax.jit(lambda s, t: s.gamma(t))(sched, jnp.int32(7))
-    np.testing.assert_allclose(out, sched.gamma(7), rtol=1e-6)
+    out = jax.jit(lambda s, i: s.gamma_step(i))(sched, jnp.int32(7))
+    np.testing.assert_allclose(out, sched.gamma_step(7), rtol=1e-6)
+    out = jax.jit(lambda s, t: s(t))(sched, jnp.float32(7 / 50))
+    np.testing.assert_allclose(out, sched.gamma_step(7), rtol=1e-6)
 
 
 def test_discrete_gamma_traced_out_of_range_is_nan_not_wrong():
     sched = vj.DiscreteSchedule(vj.linear_betas(10))
-    out = jax.jit(sched.gamma)(jnp.array([-1, 0, 10, 11]))
+    out = jax.jit(sched.gamma_step)(jnp.array([-1, 0, 10, 11]))
+    assert np.isnan(out[0]) and np.isnan(out[3])
+    assert np.isneginf(out[1]) and np.isfinite(out[2])
+    out = jax.jit(sched)(jnp.array([-0.1, 0.0, 1.0, 1.1]))
     assert np.isnan(out[0]) and np.isnan(out[3])
     assert np.isneginf(out[1]) and np.isfinite(out[2])
 
 
 def test_from_alpha_bars_round_trip(x64):
-    sched = vj.DiscreteSchedule(vj.cosine_betas(100, dtype=jnp.float64))
-    back = vj.DiscreteSchedule.from_alpha_bars(sched.alpha_bars)
+    sched = vj.DiscreteSchedule(vj.cosine_betas(100))
+    back = vj.DiscreteSchedule.from_alpha_bars(sched.alpha_bars)  # a jax.Array: built with jnp
     np.testing.assert_allclose(back.betas, sched.betas, rtol=1e-9)
+    back = vj.DiscreteSchedule.from_alpha_bars(np.asarray(sched.alpha_bars))  # host: checked, float64
+    np.testing.assert_allclose(back.betas, sched.betas, rtol=1e-9)
+    assert back.dtype == jnp.float64
 
 
 @pytest.mark.parametrize("sched", [vj.LinearSchedule(), vj.CosineSchedule(), vj.LinearSchedule(-10.0, 8.0)])
@@ -152,114 +165,120 @@ def test_alpha_sigma_stable_at_extremes():
     np.testing.assert_allclose(vj.snr(jnp.float32(2.0)), np.exp(-2.0), rtol=1e-6)
 
 
-# --- bad input -------------------------------------------------------------------------------
+# --- bad input: one table per public entry point ----------------------------------------------
+# (fn, args, kwargs, error, message regex); each row is checked eagerly and under jax.jit.
 
-@pytest.mark.parametrize("T", [0, -5])
-def test_T_below_one(T):
-    with pytest.raises(ValueError, match="T must be >= 1"):
-        vj.linear_betas(T)
-    with pytest.raises(ValueError, match="T must be >= 1"):
-        vj.cosine_betas(T)
+SCHED = vj.DiscreteSchedule(vj.linear_betas(10))
 
-
-def test_T_not_int():
-    with pytest.raises(TypeError, match="T must be an int"):
-        vj.linear_betas(10.5)
-
-
-def test_beta_start_after_end():
-    with pytest.raises(ValueError, match="beta_start must be <= beta_end"):
-        vj.linear_betas(10, 0.02, 1e-4)
-
-
-@pytest.mark.parametrize("start,end", [(0.0, 0.02), (1e-4, 1.0), (-0.1, 0.02)])
-def test_betas_outside_unit_interval_in_factory(start, end):
-    with pytest.raises(ValueError, match="beta_(start|end) must be in \\(0, 1\\)"):
-        vj.linear_betas(10, start, end)
-
-
-@pytest.mark.parametrize("bad", [[0.1, 0.0, 0.2], [0.1, 1.0], [0.1, float("nan")], [0.5, 1.5]])
-def test_discrete_schedule_rejects_betas_outside_unit_interval(bad):
-    with pytest.raises(ValueError, match="betas must lie in the open interval"):
-        vj.DiscreteSchedule(jnp.asarray(bad))
-
-
-def test_discrete_schedule_rejects_2d_betas():
-    with pytest.raises(ValueError, match="betas must be a 1-D array"):
-        vj.DiscreteSchedule(jnp.full((3, 3), 0.1))
-
-
-def test_non_monotone_alpha_bars():
-    with pytest.raises(ValueError, match="alpha_bars must be strictly decreasing"):
-        vj.DiscreteSchedule.from_alpha_bars([0.9, 0.8, 0.85])
-
-
-@pytest.mark.parametrize("cls", [vj.LinearSchedule, vj.CosineSchedule])
-def test_non_monotone_gamma(cls):
-    with pytest.raises(ValueError, match="gamma_min < gamma_max"):
-        cls(5.0, -13.3)
-    with pytest.raises(ValueError, match="gamma_min < gamma_max"):
-        cls(1.0, 1.0)
-
-
-def test_learned_schedule_non_monotone_endpoints():
-    with pytest.raises(ValueError, match="gamma_min < gamma_max"):
-        vj.LearnedSchedule(5.0, -1.0, rngs=nnx.Rngs(0))
-
-
-@pytest.mark.parametrize("t", [-1, 11, [3, 12]])
-def test_integer_t_out_of_range(t):
-    sched = vj.DiscreteSchedule(vj.linear_betas(10))
-    with pytest.raises(ValueError, match=r"t must lie in 0..T = 0..10"):
-        sched.gamma(jnp.asarray(t))
-
-
-def test_float_t_to_discrete_gamma():
-    sched = vj.DiscreteSchedule(vj.linear_betas(10))
-    with pytest.raises(TypeError, match="t must be an integer step"):
-        sched.gamma(jnp.float32(0.5))
-
-
-@pytest.mark.parametrize("t", [-0.1, 1.5])
-def test_continuous_t_out_of_range(t):
-    for sched in (vj.LinearSchedule(), vj.CosineSchedule(), vj.DiscreteSchedule(vj.linear_betas(10)).as_continuous()):
-        with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
-            sched(jnp.float32(t))
-
-
-def test_alpha_sigma_rejects_integers():
-    with pytest.raises(TypeError, match="gamma must be a floating-point array"):
-        jax.jit(vj.alpha_sigma)(jnp.int32(3))
-    with pytest.raises(TypeError, match="gamma must be a floating-point array, got str"):
-        vj.alpha_sigma("3.0")
-
-
-@pytest.mark.parametrize("make, error, match", [
-    (lambda: vj.linear_betas(10, "1e-4"), TypeError, "beta_start must be a real number, got '1e-4'"),
-    (lambda: vj.linear_betas(10, 1e-4, None), TypeError, "beta_end must be a real number, got None"),
-    (lambda: vj.cosine_betas(10, max_beta=1.0), ValueError, r"max_beta must be in \(0, 1\), got 1.0"),
-    (lambda: vj.cosine_betas(True), TypeError, "T must be an int, got True"),
-    (lambda: vj.LinearSchedule("-13", 5.0), TypeError, "gamma_min must be a real number"),
-    (lambda: vj.CosineSchedule(-13.3, float("inf")), ValueError, "gamma_max must be finite, got inf"),
-    (lambda: vj.LearnedSchedule(hidden=0, rngs=nnx.Rngs(0)), ValueError, "hidden must be >= 1, got 0"),
-    (lambda: vj.DiscreteSchedule.from_alpha_bars([0.9, 0.0]), ValueError,
-     r"alpha_bars must lie in \(0, 1\]; alpha_bars\[1\] \(step t=2\) is 0.0"),
-])
-def test_bad_schedule_arguments(make, error, match):
-    with pytest.raises(error, match=match):
-        make()
+ERRORS = {
+    vj.linear_betas: [
+        ((0,), {}, ValueError, "T must be >= 1, got 0"),
+        ((-5,), {}, ValueError, "T must be >= 1"),
+        ((10.5,), {}, TypeError, r"T must be an int, got 10.5 \(float\)"),
+        ((True,), {}, TypeError, "T must be an int, got True"),
+        ((10, 0.02, 1e-4), {}, ValueError, "beta_start must be <= beta_end"),
+        ((10, 0.0, 0.02), {}, ValueError, r"beta_start must be in \(0, 1\)"),
+        ((10, -0.1, 0.02), {}, ValueError, r"beta_start must be in \(0, 1\)"),
+        ((10, 1e-4, 1.0), {}, ValueError, r"beta_end must be in \(0, 1\)"),
+        ((10, "1e-4"), {}, TypeError, "beta_start must be a real number, got '1e-4'"),
+        ((10, 1e-4, None), {}, TypeError, "beta_end must be a real number, got None"),
+        ((10, jnp.float32(1e-4)), {}, TypeError, "beta_start must be a real number"),  # never read back
+    ],
+    vj.cosine_betas: [
+        ((0,), {}, ValueError, "T must be >= 1"),
+        ((True,), {}, TypeError, "T must be an int, got True"),
+        ((10,), {"max_beta": 1.0}, ValueError, r"max_beta must be in \(0, 1\), got 1.0"),
+        ((10,), {"s": -0.1}, ValueError, "s must be >= 0, got -0.1"),
+    ],
+    vj.DiscreteSchedule: [
+        (([0.1, 0.0, 0.2],), {}, ValueError, r"betas must lie in the open interval \(0, 1\); betas\[1\] \(step 2\)"),
+        ((np.array([0.1, 1.0]),), {}, ValueError, "betas must lie in the open interval"),
+        (([0.1, float("nan")],), {}, ValueError, "betas must lie in the open interval"),
+        (([0.5, 1.5],), {}, ValueError, "betas must lie in the open interval"),
+        ((np.full((3, 3), 0.1),), {}, ValueError, "betas must be a 1-D array"),
+        ((jnp.full((3, 3), 0.1),), {}, ValueError, "betas must be a 1-D floating array"),
+        (([],), {}, ValueError, r"betas must be a 1-D array of length T >= 1, got shape \(0,\)"),
+    ],
+    vj.DiscreteSchedule.from_alpha_bars: [
+        (([0.9, 0.8, 0.85],), {}, ValueError,
+         r"alpha_bars must be strictly decreasing in \(0, 1\) .*alpha_bars\[2\] \(step 3\) is 0.85"),
+        (([0.9, 0.0],), {}, ValueError, r"strictly decreasing in \(0, 1\) .*alpha_bars\[1\] \(step 2\) is 0.0"),
+        (([1.0, 0.5],), {}, ValueError, r"alpha_bars\[0\] \(step 1\) is 1.0"),  # β_1 = 0
+        ((np.full((2, 2), 0.5),), {}, ValueError, r"alpha_bars must be a 1-D array of length T >= 1, got shape \(2, 2\)"),
+        (([],), {}, ValueError, r"alpha_bars must be a 1-D array .*shape \(0,\)"),
+    ],
+    SCHED.gamma_step: [
+        ((-1,), {}, ValueError, r"DiscreteSchedule.gamma_step: i must lie in 0..T = 0..10; got values in \[-1, -1\]"),
+        ((11,), {}, ValueError, r"i must lie in 0..T = 0..10; got values in \[11, 11\]"),
+        (([3, 12],), {}, ValueError, r"i must lie in 0..T = 0..10; got values in \[3, 12\]"),
+        ((np.array([3, 12]),), {}, ValueError, r"i must lie in 0..T = 0..10"),
+        ((jnp.float32(0.5),), {}, TypeError, "DiscreteSchedule.gamma_step: i must be an integer array, got dtype float32"),
+        ((0.5,), {}, TypeError, "i must be an integer array, got dtype float32"),
+    ],
+    SCHED: [  # DiscreteSchedule.__call__ (= .gamma)
+        ((-0.1,), {}, ValueError, r"DiscreteSchedule: t must lie in \[0, 1\]; got values in \[-0.1, -0.1\]"),
+        ((np.float32(1.5),), {}, ValueError, r"t must lie in \[0, 1\]"),
+        ((jnp.int32(1),), {}, TypeError, "DiscreteSchedule: t must be a floating-point array, got dtype int32"),
+        (("0.5",), {}, TypeError, "t must be a floating-point array, got str"),
+    ],
+    SCHED.gamma: [((1.5,), {}, ValueError, r"DiscreteSchedule: t must lie in \[0, 1\]")],
+    vj.LinearSchedule: [
+        ((5.0, -13.3), {}, ValueError, "gamma_min < gamma_max"),
+        ((1.0, 1.0), {}, ValueError, "gamma_min < gamma_max"),
+        (("-13", 5.0), {}, TypeError, "gamma_min must be a real number"),
+    ],
+    vj.CosineSchedule: [
+        ((5.0, -13.3), {}, ValueError, "gamma_min < gamma_max"),
+        ((1.0, 1.0), {}, ValueError, "gamma_min < gamma_max"),
+        ((-13.3, float("inf")), {}, ValueError, "gamma_max must be finite, got inf"),
+    ],
+    vj.LinearSchedule(): [
+        ((-0.1,), {}, ValueError, r"LinearSchedule: t must lie in \[0, 1\]; got values in \[-0.1, -0.1\]"),
+        ((np.array([0.5, 1.5]),), {}, ValueError, r"t must lie in \[0, 1\]; got values in \[0.5, 1.5\]"),
+        ((jnp.int32(1),), {}, TypeError, "LinearSchedule: t must be a floating-point array, got dtype int32"),
+    ],
+    vj.CosineSchedule().gamma: [
+        ((1.5,), {}, ValueError, r"CosineSchedule: t must lie in \[0, 1\]"),
+        ((jnp.int32(1),), {}, TypeError, "t must be a floating-point array, got dtype int32"),
+    ],
+    vj.LearnedSchedule: [
+        ((5.0, -1.0), {"rngs": nnx.Rngs(0)}, ValueError, "gamma_min < gamma_max"),
+        ((), {"hidden": 0, "rngs": nnx.Rngs(0)}, ValueError, "hidden must be >= 1, got 0"),
+    ],
+    vj.LearnedSchedule(hidden=4, rngs=nnx.Rngs(0)): [
+        ((1.5,), {}, ValueError, r"LearnedSchedule: t must lie in \[0, 1\]"),
+        ((jnp.int32(1),), {}, TypeError, "LearnedSchedule: t must be a floating-point array, got dtype int32"),
+    ],
+    vj.alpha_sigma: [
+        ((jnp.int32(3),), {}, TypeError, "alpha_sigma: gamma must be a floating-point array, got dtype int32"),
+        (("3.0",), {}, TypeError, "gamma must be a floating-point array, got str"),
+    ],
+    vj.snr: [((jnp.int32(3),), {}, TypeError, "snr: gamma must be a floating-point array, got dtype int32")],
+}
+CASES = [(fn, *row) for fn, rows in ERRORS.items() for row in rows]
 
 
-@pytest.mark.parametrize("sched", [vj.LinearSchedule(), vj.DiscreteSchedule(vj.linear_betas(10)).as_continuous()])
-def test_integer_t_to_continuous_schedule_inside_jit(sched):
-    with pytest.raises(TypeError, match="t must be a floating-point array, got dtype int32"):
-        jax.jit(sched)(jnp.int32(1))
+def _id(fn):
+    return getattr(fn, "__qualname__", type(fn).__name__)
 
 
-def test_float_t_to_discrete_gamma_inside_jit():
-    sched = vj.DiscreteSchedule(vj.linear_betas(10))
-    with pytest.raises(TypeError, match="t must be an integer step in 0..T"):
-        jax.jit(sched.gamma)(jnp.float32(0.5))
+@pytest.mark.parametrize("fn, args, kwargs, error, match", CASES,
+                         ids=[f"{_id(c[0])}-{i}" for i, c in enumerate(CASES)])
+def test_bad_arguments(fn, args, kwargs, error, match, raises):
+    raises(fn, args, kwargs, error, match)
+
+
+def test_device_values_out_of_range_are_nan_not_errors(no_host_reads):
+    """A jax.Array is never read back to be checked: out-of-range values give NaN."""
+    t = jax.device_put(jnp.array([-0.5, 0.5, 1.5]))
+    with no_host_reads():
+        outs = [s(t) for s in (vj.LinearSchedule(), vj.CosineSchedule(), SCHED,
+                               vj.LearnedSchedule(hidden=4, rngs=nnx.Rngs(0)))]
+        outs.append(SCHED.gamma_step(jax.device_put(jnp.array([-1, 5, 11]))))
+    for out in outs:
+        assert np.isnan(out[0]) and np.isfinite(out[1]) and np.isnan(out[2])
+    betas = vj.DiscreteSchedule(jax.device_put(jnp.array([0.1, 1.5])))  # not read back: no error
+    assert np.isnan(betas.gammas[2])
 
 
 def test_schedule_jit_traces_once():

@@ -1,4 +1,4 @@
-"""VDM's variance minimisation of the diffusion loss (Kingma et al. 2021; MATH.md §5)."""
+"""VDM's variance minimisation of the diffusion loss (Kingma et al. 2021; docs/math.md §5)."""
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ def _setup(hidden=32, seed=0):
             alpha, sigma = (v[:, None] for v in vj.alpha_sigma(gamma(t)))
             return params["scale"] * sigma * (z - alpha * M) / (alpha ** 2 * S ** 2 + sigma ** 2)
 
-        terms = vj.vdm_elbo(pred, x, key, gamma, decoder="gaussian", low_discrepancy=False)
+        terms = vj.vdm_elbo(pred, x, gamma, key=key, decoder="gaussian", low_discrepancy=False)
         return terms["total"], terms["diffusion"]
 
     return sched_state, loss_fn

@@ -1,10 +1,10 @@
 """vdm_jax: DDPM and Variational Diffusion Models in JAX, as pure, tested functions.
 
-Every formula cites its section of MATH.md (the project's reference). The public API is listed in
-the README's API table.
+Every formula cites its section of docs/math.md (the project's reference). The calling convention
+(data x in [-1, 1] [B, ...]; `key` keyword-only; predictions before targets; every pred_fn gets
+t ∈ [0, 1]; samplers return the data estimate) is written once in the README.
 """
 from vdm_jax.schedules import (
-    ContinuousView,
     CosineSchedule,
     DiscreteSchedule,
     LearnedSchedule,
@@ -20,6 +20,7 @@ from vdm_jax.diffusion import (
     eps_from_score,
     eps_from_v,
     eps_from_x,
+    prediction_target,
     q_posterior,
     q_sample,
     q_step,
@@ -52,3 +53,25 @@ from vdm_jax.sampling import ddim_sample, ddpm_sample, ddpm_step, strided_times,
 from vdm_jax.xla_flags import set_cpu_xla_flags
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # schedules (docs/math.md §1)
+    "alpha_sigma", "snr", "linear_betas", "cosine_betas",
+    "DiscreteSchedule", "LinearSchedule", "CosineSchedule", "LearnedSchedule",
+    # forward process, posterior, predictions (§2-4)
+    "PREDICTIONS", "q_sample", "q_step", "q_posterior",
+    "x_from_eps", "eps_from_x", "score_from_eps", "eps_from_score", "v_from_eps", "eps_from_v", "x_from_v",
+    "eps_and_x", "prediction_target",
+    # pixels
+    "pixels_to_data", "data_to_pixels",
+    # losses (§5)
+    "x0_matching", "eps_matching", "score_matching", "reverse_log_variance", "normal_kl", "denoising_kl",
+    "vlb_term", "simple_loss", "hybrid_loss", "prior_loss", "ddpm_decoder_nll", "vdm_decoder_nll",
+    "gaussian_decoder_nll", "diffusion_loss", "sample_times",
+    # ELBOs (§5)
+    "bits_per_dim", "ddpm_log_variance", "ddpm_vlb", "vdm_elbo", "variance_minimising_grads",
+    # samplers (§6)
+    "ddpm_sample", "ddpm_step", "vdm_sample", "ddim_sample", "strided_times",
+    # process-wide tuning (not math)
+    "set_cpu_xla_flags",
+]

@@ -1,16 +1,16 @@
-"""Noise schedules, every one described by γ = -log SNR (MATH.md §1).
+"""Noise schedules, every one described by γ = -log SNR as a function of t ∈ [0, 1] (docs/math.md §1).
 
     α² = sigmoid(-γ),   σ² = sigmoid(γ),   SNR = exp(-γ)
 
-Discrete schedules (DDPM) are built from β_1..β_T; continuous ones (VDM) are functions γ(t) on
-t ∈ [0, 1]. A discrete schedule read at t = i/T is a continuous one (`DiscreteSchedule.as_continuous`).
-Everything is computed in γ (log) space: `1 - ᾱ` formed by subtraction loses all precision in
-float32 when ᾱ is near 1.
+Discrete schedules (DDPM) are built from β_1..β_T and read at t = i/T; continuous ones (VDM) are
+functions γ(t). Everything is computed in γ (log) space: `1 - ᾱ` formed by subtraction loses all
+precision in float32 when ᾱ is near 1.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import numpy as np
 import jax
@@ -23,8 +23,9 @@ from vdm_jax import _checks
 # γ ↔ (α, σ)
 
 
+@_checks.boundary(floats=("gamma",))
 def alpha_sigma(gamma) -> tuple[jax.Array, jax.Array]:
-    """Signal and noise levels of a variance-preserving process (MATH.md §1).
+    """Signal and noise levels of a variance-preserving process (docs/math.md §1.1).
 
     α = sqrt(sigmoid(-γ)) = exp(-softplus(γ)/2),  σ = sqrt(sigmoid(γ)) = exp(-softplus(-γ)/2).
 
@@ -36,48 +37,53 @@ def alpha_sigma(gamma) -> tuple[jax.Array, jax.Array]:
     Returns:
       (alpha, sigma), each of gamma's shape.
     """
-    gamma = _checks.check_float("gamma", gamma)
     return jnp.exp(-0.5 * jax.nn.softplus(gamma)), jnp.exp(-0.5 * jax.nn.softplus(-gamma))
 
 
+@_checks.boundary(floats=("gamma",))
 def snr(gamma) -> jax.Array:
-    """Signal-to-noise ratio α²/σ² = exp(-γ) (MATH.md §1)."""
-    return jnp.exp(-_checks.check_float("gamma", gamma))
+    """Signal-to-noise ratio α²/σ² = exp(-γ) (docs/math.md §1.1)."""
+    return jnp.exp(-gamma)
 
+
+def _inside_unit_interval(t, gamma):
+    """γ where 0 <= t <= 1, NaN elsewhere (a jax.Array t is never read back to check it)."""
+    return jnp.where((t >= 0) & (t <= 1), gamma, jnp.nan)
+
+
+_UNIT = _checks.in_range(0.0, 1.0)
 
 # ---------------------------------------------------------------------------------------------
-# Discrete (DDPM) schedules
+# Discrete (DDPM) schedules: host factories, checked eagerly
 
 
-def _check_T(T) -> int:
-    return _checks.check_int("T", T, 1)
+def _check_real(name: str, value) -> None:
+    if not isinstance(value, (numbers.Real, np.floating, np.integer)) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__}).")
 
 
-def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02, *, dtype=None) -> jax.Array:
-    """β_1..β_T evenly spaced from `beta_start` to `beta_end` (Ho et al. 2020; MATH.md §1).
+def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """β_1..β_T evenly spaced from `beta_start` to `beta_end` (Ho et al. 2020; docs/math.md §1.3).
 
     Args:
       T: number of steps, >= 1.
       beta_start, beta_end: first and last β, with 0 < beta_start <= beta_end < 1.
-      dtype: result dtype (default: JAX's default float).
     Returns:
-      [T] array of β.
+      NumPy float64 [T] array of β (`DiscreteSchedule` casts it to its dtype).
     """
-    T = _check_T(T)
-    _checks.check_real("beta_start", beta_start)
-    _checks.check_real("beta_end", beta_end)
-    if not 0.0 < beta_start < 1.0:
-        raise ValueError(f"beta_start must be in (0, 1), got {beta_start}.")
-    if not 0.0 < beta_end < 1.0:
-        raise ValueError(f"beta_end must be in (0, 1), got {beta_end}.")
+    T = _checks.check_int("T", T, 1)
+    for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+        _check_real(name, value)
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {value}.")
     if beta_start > beta_end:
         raise ValueError(f"beta_start must be <= beta_end, got beta_start={beta_start} > "
                          f"beta_end={beta_end}.")
-    return jnp.asarray(np.linspace(beta_start, beta_end, T, dtype=np.float64), dtype=dtype)
+    return np.linspace(beta_start, beta_end, T, dtype=np.float64)
 
 
-def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999, *, dtype=None) -> jax.Array:
-    """Cosine schedule of Nichol & Dhariwal (2021) (MATH.md §1).
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Cosine schedule of Nichol & Dhariwal (2021) (docs/math.md §1.3).
 
     f(t) = cos²(((t/T + s)/(1 + s)) π/2),  ᾱ_t = f(t)/f(0),  β_t = min(1 - ᾱ_t/ᾱ_{t-1}, max_beta).
 
@@ -86,11 +92,11 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999, *, dtype=Non
       s: small offset that keeps β_1 from being tiny, s >= 0.
       max_beta: clip for β near t = T, in (0, 1).
     Returns:
-      [T] array of β.
+      NumPy float64 [T] array of β.
     """
-    T = _check_T(T)
-    _checks.check_real("s", s)
-    _checks.check_real("max_beta", max_beta)
+    T = _checks.check_int("T", T, 1)
+    _check_real("s", s)
+    _check_real("max_beta", max_beta)
     if not s >= 0.0:
         raise ValueError(f"s must be >= 0, got {s}.")
     if not 0.0 < max_beta < 1.0:
@@ -100,8 +106,7 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999, *, dtype=Non
     # 1 - ᾱ_t/ᾱ_{t-1} = -expm1(log ᾱ_t - log ᾱ_{t-1}); the last f is exactly 0 (log = -inf) -> β = 1.
     with np.errstate(divide="ignore", invalid="ignore"):
         betas = -np.expm1(np.diff(log_f))
-    betas = np.minimum(np.nan_to_num(betas, nan=1.0), max_beta)
-    return jnp.asarray(betas, dtype=dtype)
+    return np.minimum(np.nan_to_num(betas, nan=1.0), max_beta)
 
 
 def _log_expm1(c):
@@ -109,62 +114,79 @@ def _log_expm1(c):
     return jnp.where(c > 20.0, c + jnp.log1p(-jnp.exp(-c)), jnp.log(jnp.expm1(jnp.minimum(c, 20.0))))
 
 
+def _host_betas(betas) -> np.ndarray:
+    """Checks host betas: 1-D, length T >= 1, every β in (0, 1); returns them in float64."""
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.shape[0] < 1:
+        raise ValueError(f"betas must be a 1-D array of length T >= 1, got shape {betas.shape}.")
+    bad = ~((betas > 0.0) & (betas < 1.0))
+    if np.any(bad):
+        i = int(np.argmax(bad))
+        raise ValueError(f"betas must lie in the open interval (0, 1); betas[{i}] (step {i + 1}) is {betas[i]}.")
+    return betas
+
+
+def _host_dtype(values):
+    """The JAX dtype for host values: theirs if floating, else the default float (x64 or not)."""
+    given = np.asarray(values).dtype
+    return jax.dtypes.canonicalize_dtype(given if np.issubdtype(given, np.floating) else float)
+
+
 @jax.tree_util.register_pytree_node_class
 class DiscreteSchedule:
-    """A DDPM schedule of T steps from β_1..β_T (MATH.md §1, discrete time).
+    """A DDPM schedule of T steps from β_1..β_T, read as γ(t) on t ∈ [0, 1] (docs/math.md §1.2, §1.4).
 
-        α_t = 1 - β_t,   ᾱ_t = ∏_{s<=t} α_s,   γ_t = log((1 - ᾱ_t)/ᾱ_t)
+        α_i = 1 - β_i,   ᾱ_i = ∏_{j<=i} α_j,   γ_i = log((1 - ᾱ_i)/ᾱ_i),   γ(i/T) = γ_i
 
-    Arrays are indexed t-1 for step t (`betas[0]` is β_1). `gamma(t)` takes integer t in 0..T, with
-    t = 0 the clean data (γ_0 = -inf: α = 1, σ = 0). The cumulative log, c_t = -log ᾱ_t, is formed by
-    `cumsum(log1p(-β))` in float64 and γ_t = log(expm1(c_t)), so γ is exact even where ᾱ_t ≈ 1.
+    Arrays are indexed i-1 for step i (`betas[0]` is β_1). `schedule(t)` (= `.gamma(t)`) takes
+    float t ∈ [0, 1]: exact at t = i/T, with -log ᾱ linear in t in between. `gamma_step(i)` takes
+    integer steps i in 0..T. Step 0 is the clean data: γ_0 = -inf (α = 1, σ = 0). The cumulative
+    log c_i = -log ᾱ_i is formed by `cumsum(log1p(-β))` and γ_i = log(expm1(c_i)), so γ is exact
+    even where ᾱ_i ≈ 1.
+
+    Host betas (NumPy, lists) are checked and c is built in float64, then cast to `dtype` (default:
+    the betas' floating dtype, canonicalised: float32 unless x64 is on). A jax.Array is not read
+    back: the schedule is built with jnp in its dtype, and only its shape is checked.
 
     It is a pytree (arrays as leaves, T from their shape), so it can be passed into `jax.jit`.
 
     Attributes:
-      betas, alphas, alpha_bars: [T] arrays.
-      T: number of steps.
+      T: number of steps.  betas, alphas, alpha_bars: [T].  gammas: [T + 1] (γ_0 = -inf).  dtype.
     """
 
     def __init__(self, betas, *, dtype=None):
-        value = _checks.concrete_or_none(betas)
-        if value is not None:
-            betas64 = np.asarray(value, dtype=np.float64)
-            if betas64.ndim != 1 or betas64.shape[0] < 1:
-                raise ValueError(f"betas must be a 1-D array of length T >= 1, got shape {betas64.shape}.")
-            bad = ~((betas64 > 0.0) & (betas64 < 1.0))
-            if np.any(bad):
-                i = int(np.argmax(bad))
-                raise ValueError(f"betas must lie in the open interval (0, 1); betas[{i}] (step t={i + 1}) "
-                                 f"is {betas64[i]}.")
-            dtype = dtype or (jnp.asarray(betas).dtype if jnp.issubdtype(jnp.asarray(betas).dtype, jnp.floating)
-                              else None)
-            c = np.concatenate([[0.0], -np.cumsum(np.log1p(-betas64))])
-            self._betas = jnp.asarray(betas64, dtype=dtype)
-            self._c = jnp.asarray(c, dtype=dtype)
-        else:  # Built inside a traced function: same formulas in jnp, no value checks.
-            betas = _checks.check_float("betas", betas)
-            if betas.ndim != 1:
-                raise ValueError(f"betas must be a 1-D array, got shape {betas.shape}.")
+        if isinstance(betas, jax.Array):
+            if betas.ndim != 1 or not jnp.issubdtype(betas.dtype, jnp.floating):
+                raise ValueError(f"betas must be a 1-D floating array, got shape {betas.shape} and dtype "
+                                 f"{betas.dtype}.")
+            betas = betas.astype(dtype or betas.dtype)
             self._betas = betas
             self._c = jnp.concatenate([jnp.zeros((1,), betas.dtype), -jnp.cumsum(jnp.log1p(-betas))])
+            return
+        dtype = dtype or _host_dtype(betas)
+        betas64 = _host_betas(betas)
+        self._betas = jnp.asarray(betas64, dtype=dtype)
+        self._c = jnp.asarray(np.concatenate([[0.0], -np.cumsum(np.log1p(-betas64))]), dtype=dtype)
 
     @classmethod
     def from_alpha_bars(cls, alpha_bars, *, dtype=None) -> "DiscreteSchedule":
-        """Builds the schedule whose ᾱ_1..ᾱ_T are given (strictly decreasing, in (0, 1])."""
+        """Builds the schedule whose ᾱ_1..ᾱ_T are given (strictly decreasing, in (0, 1)).
+
+        Host values are checked (as the betas are); a jax.Array is used as it is.
+        """
+        if isinstance(alpha_bars, jax.Array):
+            prev = jnp.concatenate([jnp.ones((1,), alpha_bars.dtype), alpha_bars[:-1]])
+            return cls(1.0 - alpha_bars / prev, dtype=dtype)
         a = np.asarray(alpha_bars, dtype=np.float64)
-        if a.ndim != 1 or a.shape[0] < 1:
+        if a.ndim != 1 or a.size == 0:
             raise ValueError(f"alpha_bars must be a 1-D array of length T >= 1, got shape {a.shape}.")
-        bad = ~((a > 0.0) & (a <= 1.0))
+        prev = np.concatenate([[1.0], a[:-1]])
+        bad = ~((a > 0.0) & (a < prev))
         if np.any(bad):
             i = int(np.argmax(bad))
-            raise ValueError(f"alpha_bars must lie in (0, 1]; alpha_bars[{i}] (step t={i + 1}) is {a[i]}.")
-        prev = np.concatenate([[1.0], a[:-1]])
-        if np.any(a >= prev):
-            i = int(np.argmax(a >= prev))
-            raise ValueError(f"alpha_bars must be strictly decreasing (and below ᾱ_0 = 1); "
-                             f"alpha_bars[{i}] = {a[i]} >= {prev[i]}.")
-        return cls(1.0 - a / prev, dtype=dtype or jnp.asarray(alpha_bars).dtype)
+            raise ValueError(f"alpha_bars must be strictly decreasing in (0, 1) (below ᾱ_0 = 1); alpha_bars[{i}] "
+                             f"(step {i + 1}) is {a[i]}.")
+        return cls(1.0 - a / prev, dtype=dtype or _host_dtype(alpha_bars))
 
     # Pytree protocol: T comes from the leaves' shapes, so nothing static needs storing.
     def tree_flatten(self):
@@ -201,24 +223,21 @@ class DiscreteSchedule:
         """[T + 1] array γ_0..γ_T (γ_0 = -inf)."""
         return _log_expm1(self._c)
 
-    def gamma(self, t) -> jax.Array:
-        """γ_t for integer t in 0..T (any shape). t = 0 is the clean data: γ_0 = -inf.
+    @_checks.boundary(ints=("i",), i=_checks.in_range(0, lambda args: args["self"].T, "0..T = {lo}..{hi}"))
+    def gamma_step(self, i) -> jax.Array:
+        """γ_i for integer steps i in 0..T (any shape); γ_0 = -inf (docs/math.md §1.2).
 
-        A concrete t outside 0..T raises ValueError; a traced one gives NaN there (never a
-        silently wrong finite value).
+        Host steps outside 0..T raise ValueError; a jax.Array gives NaN there.
         """
-        t = jnp.asarray(t)
-        if not jnp.issubdtype(t.dtype, jnp.integer):
-            raise TypeError(f"t must be an integer step in 0..T, got dtype {t.dtype}; for continuous "
-                            "time in [0, 1] use schedule.as_continuous().")
-        _checks.check_in_range("t", t, 0, self.T, f"0..T = 0..{self.T}")
-        valid = (t >= 0) & (t <= self.T)
-        return jnp.where(valid, _log_expm1(self._c[jnp.clip(t, 0, self.T)]), jnp.nan)
+        valid = (i >= 0) & (i <= self.T)
+        return jnp.where(valid, _log_expm1(self._c[jnp.clip(i, 0, self.T)]), jnp.nan)
 
-    def continuous_gamma(self, t) -> jax.Array:
-        """γ at continuous t ∈ [0, 1]: exact at t = i/T; -log ᾱ linear in t in between."""
-        t = _checks.check_float("t", t)
-        _checks.check_in_range("t", t, 0.0, 1.0, "[0, 1]")
+    @_checks.boundary(floats=("t",), t=_UNIT)
+    def __call__(self, t) -> jax.Array:
+        """γ(t) for float t ∈ [0, 1] (any shape): γ(i/T) = γ_i, -log ᾱ linear in t in between (§1.4).
+
+        Host t outside [0, 1] raises ValueError; a jax.Array gives NaN there.
+        """
         pos = t.astype(self._c.dtype) * self.T
         # Snap to the grid within t's rounding error, so that γ(i/T) = γ_i exactly.
         nearest = jnp.round(pos)
@@ -228,32 +247,10 @@ class DiscreteSchedule:
         c = self._c[i] + frac * (self._c[i + 1] - self._c[i])
         return _inside_unit_interval(t, _log_expm1(c))
 
-    def as_continuous(self) -> "ContinuousView":
-        """This schedule as a function γ(t) on t ∈ [0, 1] (MATH.md §1: read at t_i = i/T)."""
-        return ContinuousView(self)
+    gamma = __call__
 
     def __repr__(self):
         return f"DiscreteSchedule(T={self.T}, dtype={self.dtype})"
-
-
-@jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True)
-class ContinuousView:
-    """A discrete schedule read as a continuous one: γ(i/T) = γ_i (see `continuous_gamma`)."""
-
-    schedule: DiscreteSchedule
-
-    def __call__(self, t) -> jax.Array:
-        return self.schedule.continuous_gamma(t)
-
-    gamma = __call__
-
-    def tree_flatten(self):
-        return (self.schedule,), None
-
-    @classmethod
-    def tree_unflatten(cls, aux, leaves):
-        return cls(*leaves)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +259,7 @@ class ContinuousView:
 
 def _check_endpoints(gamma_min, gamma_max):
     for name, v in (("gamma_min", gamma_min), ("gamma_max", gamma_max)):
-        _checks.check_real(name, v)
+        _check_real(name, v)
         if not math.isfinite(v):
             raise ValueError(f"{name} must be finite, got {v}.")
     if not gamma_min < gamma_max:
@@ -270,22 +267,11 @@ def _check_endpoints(gamma_min, gamma_max):
                          f"got gamma_min={gamma_min}, gamma_max={gamma_max}.")
 
 
-def _check_t(t):
-    t = _checks.check_float("t", t)
-    _checks.check_in_range("t", t, 0.0, 1.0, "[0, 1]")
-    return t
-
-
-def _inside_unit_interval(t, gamma):
-    """γ where 0 <= t <= 1, NaN elsewhere (a traced t can't be checked eagerly)."""
-    return jnp.where((t >= 0) & (t <= 1), gamma, jnp.nan)
-
-
 @dataclasses.dataclass(frozen=True)
 class _FixedSchedule:
     """A fixed continuous schedule with end points γ(0) = gamma_min < γ(1) = gamma_max.
 
-    A concrete t outside [0, 1] raises ValueError; a traced one gives NaN there.
+    Host t outside [0, 1] raises ValueError; a jax.Array gives NaN there.
     """
 
     gamma_min: float = -13.3
@@ -294,20 +280,18 @@ class _FixedSchedule:
     def __post_init__(self):
         _check_endpoints(self.gamma_min, self.gamma_max)
 
+    @_checks.boundary(floats=("t",), t=_UNIT)
     def __call__(self, t) -> jax.Array:
-        t = _check_t(t)
         return _inside_unit_interval(t, self._gamma(t))
 
-    def gamma(self, t) -> jax.Array:
-        return self(t)
+    gamma = __call__
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearSchedule(_FixedSchedule):
-    """Fixed linear γ(t) = γ_min + (γ_max - γ_min) t on t ∈ [0, 1] (VDM; MATH.md §1).
+    """Fixed linear γ(t) = γ_min + (γ_max - γ_min) t on t ∈ [0, 1] (VDM; docs/math.md §1.5).
 
     Defaults are VDM's CIFAR-10 values, γ_min = -13.3, γ_max = 5.0.
-    A concrete t outside [0, 1] raises ValueError; a traced one gives NaN there.
     """
 
     def _gamma(self, t):
@@ -316,7 +300,7 @@ class LinearSchedule(_FixedSchedule):
 
 @dataclasses.dataclass(frozen=True)
 class CosineSchedule(_FixedSchedule):
-    """Continuous cosine schedule truncated to [γ_min, γ_max] (MATH.md §1).
+    """Continuous cosine schedule truncated to [γ_min, γ_max] (docs/math.md §1.5).
 
     The continuous limit of Nichol & Dhariwal's cosine (s → 0) has ᾱ(u) = cos²(πu/2), i.e.
     γ(u) = 2 log tan(πu/2), which is ±∞ at the ends. We read it on u ∈ [u_0, u_1] with
@@ -364,7 +348,7 @@ class _MonotoneMLP(nnx.Module):
 
 
 class LearnedSchedule(nnx.Module):
-    """VDM's learned monotone schedule (Kingma et al. 2021, learned noise schedule; MATH.md §1).
+    """VDM's learned monotone schedule (Kingma et al. 2021, learned noise schedule; docs/math.md §1.6).
 
         γ_η(t) = γ_0 + (γ_1 - γ_0) (γ̃(t) - γ̃(0)) / (γ̃(1) - γ̃(0))
 
@@ -386,8 +370,8 @@ class LearnedSchedule(nnx.Module):
         self.endpoints = _Endpoints(gamma_min, gamma_max)
         self.shape = _MonotoneMLP(hidden, rngs=rngs)
 
+    @_checks.boundary(floats=("t",), t=_UNIT)
     def __call__(self, t) -> jax.Array:
-        t = _check_t(t)
         g0, g1 = self.endpoints()
         lo, hi = self.shape(jnp.zeros((), t.dtype)), self.shape(jnp.ones((), t.dtype))
         return _inside_unit_interval(t, g0 + (g1 - g0) * (self.shape(t) - lo) / (hi - lo))

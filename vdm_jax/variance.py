@@ -1,4 +1,4 @@
-"""VDM's variance minimisation of the diffusion-loss estimator (Kingma et al. 2021; MATH.md §5).
+"""VDM's variance minimisation of the diffusion-loss estimator (Kingma et al. 2021; docs/math.md §5.14).
 
 In continuous time the expected diffusion loss depends on the schedule only through its end points
 γ(0), γ(1); the schedule's shape in between changes only the variance of the one-sample estimate
