@@ -46,10 +46,12 @@ def _unet(name: str, batch: int):
     """(graphdef, params, z, t) of a fresh `name` U-Net and a batch of inputs."""
     import jax
 
-    from vdm_jax.models import ddpm_cifar10, init_model, tiny
+    from flax import nnx
+
+    from vdm_jax.models import UNet, ddpm_cifar10, tiny
 
     config = {"tiny32": lambda: tiny(embedding_dim=24), "ddpm_cifar10": ddpm_cifar10}[name]().replace(dropout=0.0)
-    graphdef, params = init_model(config, jax.random.key(0))
+    graphdef, params = nnx.split(UNet(config, rngs=nnx.Rngs(params=jax.random.key(0))))
     z = jax.random.normal(jax.random.key(1), (batch, config.image_size, config.image_size, config.in_channels))
     t = jax.random.uniform(jax.random.key(2), (batch,))
     return graphdef, params, z, t

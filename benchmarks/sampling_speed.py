@@ -30,12 +30,14 @@ FLAGS = flags.FLAGS
 
 def _model(name):
     import jax
-    from vdm_jax.models import ddpm_cifar10, init_model, tiny
+    from flax import nnx
+
+    from vdm_jax.models import UNet, ddpm_cifar10, tiny
 
     config = {"tiny8": lambda: tiny(image_size=8, in_channels=1, dropout=0.0),
               "tiny32": lambda: tiny(dropout=0.0),
               "ddpm_cifar10": lambda: ddpm_cifar10().replace(dropout=0.0)}[name]()
-    graphdef, params = init_model(config, jax.random.key(0))
+    graphdef, params = nnx.split(UNet(config, rngs=nnx.Rngs(params=jax.random.key(0))))
     return config, graphdef, params
 
 

@@ -1,8 +1,10 @@
-"""Tests for vdm_jax.models.unet: parameter counts, the pure split/merge forward, input checks.
+"""Tests for vdm_jax.models.unet: parameter counts, construction, the pure split/merge forward,
+the pred_fn adapter, input checks.
 
-Forward passes use the tiny config only; the paper-sized networks are counted, never run.
+Forward passes use tiny configs only; the paper-sized networks are counted, never run.
 """
 import functools
+import re
 
 import chex
 import jax
@@ -11,9 +13,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import vdm_jax
+from vdm_jax import models
 from vdm_jax.models import (
+    PREDICTIONS,
+    ResBlock,
     UNet,
     UNetConfig,
+    as_pred_fn,
     count_params,
     ddpm_cifar10,
     fourier_features,
@@ -33,6 +40,8 @@ MICRO_VDM = tiny(image_size=8, in_channels=1, base_channels=8, num_groups=4, emb
                  downsample=False, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(),
                  fourier_features=(6, 7), skip_input=True, extra_cond_dim=1,
                  emb_proj_bias=False, learned_variance=True)
+# Three levels (16, 8, 4): H and W must be multiples of 4.
+DEEP16 = tiny(image_size=16, in_channels=1, channel_mult=(1, 2, 2), **_NONZERO)
 
 
 def _abstract(config: UNetConfig) -> UNet:
@@ -41,11 +50,8 @@ def _abstract(config: UNetConfig) -> UNet:
 
 @functools.cache
 def _split(config: UNetConfig):
-    """graphdef and "trained-looking" random params, drawn on the host.
-
-    Real initialisation is avoided here because XLA:CPU compiles every random initializer
-    separately, which takes far longer than the forward passes under test.
-    """
+    """graphdef and "trained-looking" random params, drawn on the host: biases and GroupNorm
+    scales away from the 0 and 1 that a fresh initialisation gives them."""
     graphdef, shapes = nnx.split(_abstract(config))
     rng = np.random.default_rng(0)
 
@@ -63,10 +69,26 @@ def _apply(graphdef, params, z, cond, key=None, extra_cond=None):
     return nnx.merge(graphdef, params)(z, cond, key=key, extra_cond=extra_cond)
 
 
-def _inputs(config: UNetConfig, seed: int = 1):
-    size, ch = config.image_size, config.in_channels
-    z = jax.random.normal(jax.random.key(seed), (B, size, size, ch))
+def _inputs(config: UNetConfig, seed: int = 1, size: tuple[int, int] | None = None):
+    height, width = size or (config.image_size, config.image_size)
+    z = jax.random.normal(jax.random.key(seed), (B, height, width, config.in_channels))
     return z, jnp.linspace(0.0, 1.0, B)
+
+
+def _compiles(fn):
+    """fn()'s result and the number of XLA compiles it ran."""
+    seen = []
+
+    def listener(event, secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(secs)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = jax.block_until_ready(fn())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return out, len(seen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +118,80 @@ def test_tiny_param_count():
     # (vdm_cifar10's 1-wide slot adds 4 * 128 = 512 parameters).
     config = tiny()
     assert count_params(config.replace(extra_cond_dim=1)) == count_params(config) + 4 * 32
+
+
+def test_count_params_takes_a_model_or_a_config():
+    model = UNet(MICRO_VDM, rngs=nnx.Rngs(0))
+    assert count_params(model) == count_params(MICRO_VDM)
+    assert count_params(model) == sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    with pytest.raises(TypeError, match=r"count_params: model_or_config: expected a UNet or a "
+                                        r"UNetConfig, got dict"):
+        count_params(MICRO_VDM.to_dict())
+
+
+def test_predictions_are_the_cores():
+    assert PREDICTIONS is vdm_jax.diffusion.PREDICTIONS
+    assert all(tiny(prediction=kind).prediction == kind for kind in PREDICTIONS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction: flax's default initialisers, all parameters drawn by one program
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_eager_and_traced_construction_give_the_same_parameters(param_dtype):
+    """Eagerly the init vector is cut into parameters on the host, under a trace in jnp."""
+    config, key = GRAY16.replace(param_dtype=param_dtype), jax.random.key(7)
+    eager = nnx.state(UNet(config, rngs=nnx.Rngs(params=key)), nnx.Param)
+    traced = jax.jit(lambda k: nnx.state(UNet(config, rngs=nnx.Rngs(params=k)), nnx.Param))(key)
+    assert all(p.dtype == param_dtype for p in jax.tree.leaves(eager))
+    chex.assert_trees_all_equal(eager, traced)
+    other = nnx.state(UNet(config, rngs=nnx.Rngs(params=jax.random.key(8))), nnx.Param)
+    assert not np.array_equal(eager["conv_in"]["kernel"], other["conv_in"]["kernel"])
+
+
+def test_initialisation_is_flax_default():
+    """Lecun-normal kernels (truncated at 2 std, variance 1/fan_in), zero biases, unit GroupNorm
+    scales, zero-initialised output and residual branches."""
+    model = UNet(tiny(), rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    zeroed = {"conv_out", "conv2", "proj_out"}
+    kernels = []
+    for path, p in jax.tree_util.tree_leaves_with_path(params):
+        name = jax.tree_util.keystr(path)
+        assert isinstance(p, jax.Array) and p.dtype == jnp.float32, name
+        if "['bias']" in name or any(f"['{z}']" in name for z in zeroed):
+            np.testing.assert_array_equal(p, 0.0, err_msg=name)
+        elif "['scale']" in name:
+            np.testing.assert_array_equal(p, 1.0, err_msg=name)
+        else:
+            fan_in = int(np.prod(p.shape[:-1]))
+            kernels.append(np.asarray(p).ravel() * fan_in**0.5)  # standardised: std 1 if lecun-normal
+    z = np.concatenate(kernels)
+    assert z.size > 1e5
+    np.testing.assert_allclose(np.std(z), 1.0, rtol=0.01)
+    assert np.abs(z).max() <= 2.0 / 0.87962566 + 1e-5  # truncated at 2 standard normal std
+    assert abs(np.mean(z)) < 0.01
+
+
+def test_a_block_built_alone_is_initialised():
+    block = ResBlock(8, 16, GRAY16, rngs=nnx.Rngs(0))
+    params = jax.tree.leaves(nnx.state(block, nnx.Param))
+    assert all(isinstance(p, jax.Array) for p in params)
+    assert float(jnp.std(block.conv1.kernel[...])) > 0.0
+
+
+def test_eager_construction_and_first_call_compile_one_program_each():
+    """Not one program per parameter shape or per operation (a config no other test builds)."""
+    config = tiny(image_size=8, in_channels=2, base_channels=16, embedding_dim=16)
+    z, t = jnp.zeros((2, 8, 8, 2)), jnp.full((2,), 0.5)
+    rngs = nnx.Rngs(params=jax.random.key(0))
+    model, compiles = _compiles(lambda: UNet(config, rngs=rngs))
+    assert compiles <= 3, compiles  # the key's fold_in and count, the init draw
+    out, compiles = _compiles(lambda: model(z, t))
+    assert compiles == 1
+    chex.assert_shape(out, z.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,22 +245,25 @@ def test_dropout_draws_random_bits_only_when_on(rate, draws):
 
 
 def test_zero_init_base_measure_and_learned_variance():
-    """Real init: the output conv starts at zero, so with skip_input the prediction is exactly
-    z and the variance output exactly 0; once trained, both move."""
-    # An rbg key: XLA:CPU compiles threefry-based initializers slowly; the init is the same kind.
-    key = jax.random.key(0, impl="unsafe_rbg")
-    graphdef, params = nnx.split(nnx.jit(lambda: UNet(MICRO_VDM, rngs=nnx.Rngs(key)))())
+    """Real init: the output conv starts at zero, so with skip_input the prediction channels are
+    exactly z and the variance channels exactly 0; once trained, both move. The output is one
+    array: the prediction's C channels, then v's (the base measure only on the first)."""
+    graphdef, params = nnx.split(UNet(MICRO_VDM, rngs=nnx.Rngs(0)))
     z, t = _inputs(MICRO_VDM)
     extra = jnp.ones((B, 1))
-    pred, v = _apply(graphdef, params, z, t, None, extra)
-    np.testing.assert_array_equal(pred, z)
-    chex.assert_shape(v, z.shape)
-    np.testing.assert_array_equal(v, 0.0)
+    out = _apply(graphdef, params, z, t, None, extra)
+    chex.assert_shape(out, (B, 8, 8, 2))
+    np.testing.assert_array_equal(out[..., :1], z)
+    np.testing.assert_array_equal(out[..., 1:], 0.0)
 
     trained = jax.tree.map(lambda p: p + 0.01, params)
-    pred, v = _apply(graphdef, trained, z, t, None, extra)
-    chex.assert_equal_shape([pred, v, z])
+    out = _apply(graphdef, trained, z, t, None, extra)
+    pred, v = out[..., :1], out[..., 1:]
     assert not np.allclose(pred, z) and not np.allclose(v, 0.0)
+    no_skip, _ = nnx.split(_abstract(MICRO_VDM.replace(skip_input=False)))
+    raw = _apply(no_skip, trained, z, t, None, extra)
+    np.testing.assert_allclose(pred, raw[..., :1] + z, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(v, raw[..., 1:])
 
 
 def test_jit_traces_once_and_scalar_cond_is_broadcast():
@@ -192,6 +291,22 @@ def test_mixed_precision_keeps_float32_params_and_output():
     assert out.shape == z.shape and out.dtype == jnp.float32
 
 
+@pytest.mark.parametrize(
+    "config, size",
+    [(GRAY16, (16, 24)), (GRAY16, (8, 8)), (DEEP16, (12, 20)), (MICRO_VDM, (5, 7))],
+    ids=["16x24", "8x8", "3-level-12x20", "vdm-5x7"],
+)
+def test_any_spatial_size_the_downsampling_allows(config, size):
+    """Convolutional: other sizes than image_size (non-square too) keep the layout and shapes."""
+    graphdef, params = _split(config)
+    z, t = _inputs(config, size=size)
+    extra = jnp.ones((B, 1)) if config.extra_cond_dim else None
+    out = _apply(graphdef, params, z, t, None, extra)
+    chex.assert_shape(out, (B, *size, config.in_channels * (1 + config.learned_variance)))
+    chex.assert_tree_all_finite(out)
+    assert float(jnp.std(out)) > 0.0
+
+
 @pytest.mark.parametrize("config", [GRAY16, MICRO_VDM], ids=["ddpm", "vdm"])
 def test_remat_changes_memory_not_results(config):
     """Rematerialised blocks: the same prediction and gradient (dropout included), and the
@@ -201,11 +316,16 @@ def test_remat_changes_memory_not_results(config):
     key = jax.random.key(3)
 
     def loss(graphdef, params):
-        out = nnx.merge(graphdef, params)(z, t, key=key)
-        out = jnp.concatenate(out, -1) if isinstance(out, tuple) else out
-        return jnp.mean(out**2)
+        return jnp.mean(nnx.merge(graphdef, params)(z, t, key=key) ** 2)
 
     remat_graphdef, _ = _split(config.replace(remat=True))
+    # nnx.remat: one rematerialised call per ResBlock / attention block, none without remat.
+    model = _abstract(config)
+    resampling = (models.Downsample, models.Upsample)
+    blocks = sum(not isinstance(m, resampling) for m in [*model.down, *model.up]) + 2 + config.mid_attention
+    for g, expected in ((graphdef, 0), (remat_graphdef, blocks)):
+        jaxpr = str(jax.make_jaxpr(functools.partial(loss, g))(params))
+        assert len(re.findall(r"\b(?:remat2?|checkpoint)\[", jaxpr)) == expected
     results, temp_bytes = {}, {}
     for name, g in (("plain", graphdef), ("remat", remat_graphdef)):
         compiled = jax.jit(jax.value_and_grad(functools.partial(loss, g))).lower(params).compile()
@@ -241,6 +361,105 @@ def test_bfloat16_activations_track_float32():
 
 
 # ---------------------------------------------------------------------------------------------
+# as_pred_fn: the network as the core's pred_fn(z_t, t)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pred_fn_ddpm_conditions_on_t(dtype):
+    graphdef, params = _split(GRAY16)
+    z, t = _inputs(GRAY16)
+    z, t = z.astype(dtype), t.astype(dtype)
+
+    @jax.jit
+    def both(params, z, t):
+        model = nnx.merge(graphdef, params)  # rebuilt inside the traced function
+        return as_pred_fn(model)(z, t), model(z, t.astype(jnp.float32))
+
+    pred, direct = both(params, z, t)
+    assert pred.dtype == dtype
+    np.testing.assert_allclose(pred, direct, rtol=1e-6, atol=1e-6)
+    other = _apply(graphdef, params, z, 1.0 - t)
+    assert not np.allclose(pred, other)
+
+
+def test_pred_fn_vdm_conditions_on_the_normalised_noise_level(dtype):
+    graphdef, params = _split(GRAY16)
+    z, t = _inputs(GRAY16)
+    z, t = z.astype(dtype), t.astype(dtype)
+    gamma_fn = lambda t: -10.0 + 12.0 * t**2  # noqa: E731; a nonlinear schedule from -10 to 2
+
+    @jax.jit
+    def both(params, z, t):
+        model = nnx.merge(graphdef, params)
+        default_ends = as_pred_fn(model, gamma_fn)(z, t)  # (γ + 13.3) / 18.3
+        own_ends = as_pred_fn(model, gamma_fn, gamma_min=-10.0, gamma_max=2.0)(z, t)  # t²
+        return (default_ends, model(z, ((gamma_fn(t) + 13.3) / 18.3).astype(jnp.float32)),
+                own_ends, model(z, (t**2).astype(jnp.float32)))
+
+    default_ends, expected_default, own_ends, expected_own = both(params, z, t)
+    np.testing.assert_allclose(default_ends, expected_default, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(own_ends, expected_own, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(default_ends, own_ends)
+
+
+def test_pred_fn_splits_a_learned_variance():
+    graphdef, params = _split(MICRO_VDM)
+    z, t = _inputs(MICRO_VDM)
+    model = nnx.merge(graphdef, params)
+    pred, v = jax.jit(lambda z, t: as_pred_fn(model)(z, t))(z, t)
+    out = model(z, t)
+    chex.assert_shape([pred, v], z.shape)
+    np.testing.assert_allclose(pred, out[..., :1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(v, out[..., 1:], rtol=1e-6, atol=1e-6)
+
+
+def test_pred_fn_under_grad_scan_and_vmap():
+    """Differentiable in the parameters and in z_t, usable in a scan body (as a sampler does) and
+    under vmap; the eager call and the traced ones agree."""
+    graphdef, params = _split(GRAY16)
+    z, t = _inputs(GRAY16)
+
+    def loss(params, z):
+        return jnp.mean(as_pred_fn(nnx.merge(graphdef, params))(z, t) ** 2)
+
+    value, (g_params, g_z) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, z)
+    np.testing.assert_allclose(value, jnp.mean(as_pred_fn(nnx.merge(graphdef, params))(z, t) ** 2),
+                               rtol=1e-5)
+    assert all(float(jnp.abs(g).max()) > 0 for g in (g_z, g_params["conv_in"]["kernel"]))
+
+    pred_fn = as_pred_fn(nnx.merge(graphdef, params))
+    times = jnp.array([0.9, 0.5])
+
+    @jax.jit
+    def chain(z):
+        def step(z, s):
+            return z - 0.1 * pred_fn(z, jnp.full((B,), s)), None
+        return jax.lax.scan(step, z, times)[0]
+
+    looped = z
+    for s in times:
+        looped = looped - 0.1 * pred_fn(looped, jnp.full((B,), s))
+    np.testing.assert_allclose(chain(z), looped, rtol=1e-4, atol=1e-5)
+
+    per_half = jax.jit(jax.vmap(lambda z, t: pred_fn(z, t)))(z.reshape(2, B // 2, 16, 16, 1),
+                                                              t.reshape(2, B // 2))
+    np.testing.assert_allclose(per_half.reshape(z.shape), pred_fn(z, t), rtol=1e-4, atol=1e-5)
+
+
+def test_pred_fn_key_turns_dropout_on():
+    graphdef, params = _split(GRAY16)
+    z, t = _inputs(GRAY16)
+    model = nnx.merge(graphdef, params)
+    run = jax.jit(lambda key: as_pred_fn(model, key=key)(z, t))
+    clean = jax.jit(lambda: as_pred_fn(model)(z, t))()
+    k1, k2 = jax.random.key(10), jax.random.key(11)
+    assert not np.allclose(run(k1), clean)
+    assert not np.allclose(run(k1), run(k2))
+    np.testing.assert_array_equal(run(k1), run(k1))
+    np.testing.assert_allclose(clean, model(z, t), rtol=1e-5, atol=1e-5)  # closure vs argument params
+
+
+# ---------------------------------------------------------------------------------------------
 # Input checks: raised at trace time, naming the argument
 # ---------------------------------------------------------------------------------------------
 
@@ -249,30 +468,52 @@ _T = jnp.zeros((B,))
 
 
 @pytest.mark.parametrize(
-    "z, cond, extra_cond, error, match",
+    "config, z, cond, extra_cond, error, match",
     [
-        (jnp.zeros((B, 16, 16)), _T, None, ValueError, r"z: .*rank 4"),
-        (jnp.zeros((B, 16, 16, 1), jnp.int32), _T, None, TypeError, r"z: .*floating"),
-        (jnp.zeros((B, 16, 16, 3)), _T, None, ValueError, r"z: expected 1 channels"),
-        (jnp.zeros((B, 32, 32, 1)), _T, None, ValueError, r"z: .*image_size = 16"),
-        (jnp.zeros((B, 16, 8, 1)), _T, None, ValueError, r"z: .*image_size = 16"),
-        (_Z, jnp.zeros((B, 1)), None, ValueError, r"cond: expected shape \[B\]"),
-        (_Z, jnp.zeros((B + 1,)), None, ValueError, r"cond: expected shape \[B\]"),
-        (_Z, jnp.zeros((B,), jnp.int32), None, TypeError, r"cond: .*floating"),
-        (_Z, _T, jnp.zeros((B, 1)), ValueError, r"extra_cond: .*extra_cond_dim=0"),
+        (GRAY16, jnp.zeros((B, 16, 16)), _T, None, ValueError, r"z: .*rank 4"),
+        (GRAY16, jnp.zeros((B, 16, 16, 1), jnp.int32), _T, None, TypeError, r"z: .*floating"),
+        (GRAY16, jnp.zeros((B, 16, 16, 3)), _T, None, ValueError, r"z: expected 1 channels"),
+        (GRAY16, jnp.zeros((B, 15, 16, 1)), _T, None, ValueError,
+         r"z: expected H and W multiples of 2\*\*\(len\(channel_mult\)-1\) = 2 \(the downsampling\)"),
+        (DEEP16, jnp.zeros((B, 16, 10, 1)), _T, None, ValueError, r"z: expected H and W multiples of .* = 4"),
+        (DEEP16, jnp.zeros((B, 2, 4, 1)), _T, None, ValueError, r"z: expected H and W multiples of .* = 4"),
+        (GRAY16, _Z, jnp.zeros((B, 1)), None, ValueError, r"cond: expected shape \[B\]"),
+        (GRAY16, _Z, jnp.zeros((B + 1,)), None, ValueError, r"cond: expected shape \[B\]"),
+        (GRAY16, _Z, jnp.zeros((B,), jnp.int32), None, TypeError, r"cond: .*floating"),
+        (GRAY16, _Z, _T, jnp.zeros((B, 1)), ValueError, r"extra_cond: .*extra_cond_dim=0"),
+        (MICRO_VDM, jnp.zeros((B, 8, 8, 1)), _T, jnp.zeros((B,)), ValueError,
+         r"extra_cond: expected shape \[B, extra_cond_dim\] = \(8, 1\)"),
     ],
 )
-def test_bad_inputs_raise(z, cond, extra_cond, error, match):
-    graphdef, params = _split(GRAY16)
+def test_bad_inputs_raise(config, z, cond, extra_cond, error, match):
+    model = nnx.merge(*_split(config))
     with pytest.raises(error, match=match):
-        _apply(graphdef, params, z, cond, None, extra_cond)
+        model(z, cond, extra_cond=extra_cond)
 
 
-def test_bad_extra_cond_shape_raises():
-    graphdef, params = _split(MICRO_VDM)
-    z = jnp.zeros((B, 8, 8, 1))
-    with pytest.raises(ValueError, match=r"extra_cond: expected shape \[B, extra_cond_dim\]"):
-        _apply(graphdef, params, z, _T, None, jnp.zeros((B,)))
+def _model_of(config):
+    return nnx.merge(*_split(config))
+
+
+@pytest.mark.parametrize(
+    "model, gamma_fn, ends, error, match",
+    [
+        ("a function", None, {}, TypeError, r"as_pred_fn: model: expected a UNet, got function"),
+        ("a UNet", 0.5, {}, TypeError, r"as_pred_fn: gamma_fn: expected a schedule t -> gamma\(t\) or None"),
+        ("a UNet", jnp.exp, dict(gamma_min=5.0, gamma_max=-13.3), ValueError,
+         r"as_pred_fn: gamma_max: expected > gamma_min = 5.0, got -13.3"),
+    ],
+)
+def test_bad_as_pred_fn_arguments_raise(model, gamma_fn, ends, error, match):
+    model = _model_of(GRAY16) if model == "a UNet" else (lambda z, t: z)
+    with pytest.raises(error, match=match):
+        as_pred_fn(model, gamma_fn, **ends)
+
+
+def test_pred_fn_rejects_integer_steps():
+    pred_fn = as_pred_fn(_model_of(GRAY16))
+    with pytest.raises(TypeError, match=r"pred_fn: t: expected float times in \[0, 1\], got dtype int32"):
+        jax.eval_shape(pred_fn, _Z, jnp.zeros((B,), jnp.int32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +527,7 @@ def test_bad_extra_cond_shape_raises():
         (dict(image_size=20, channel_mult=(1, 2, 2, 2)),
          r"image_size: .*2\*\*\(len\(channel_mult\)-1\) = 8"),
         (dict(attn_resolutions=(3,)), r"attn_resolutions: .*reachable resolutions \(32, 16\)"),
-        (dict(prediction="noise"), r"prediction: expected one of \('eps', 'x', 'v', 'score'\)"),
+        (dict(prediction="noise"), r"prediction: expected one of \('eps', 'x', 'score', 'v'\)"),
         (dict(num_groups=7), r"num_groups: expected a divisor"),
         (dict(dropout=-0.1), r"dropout: expected a rate in \[0, 1\)"),
         (dict(dropout=1.0), r"dropout: expected a rate in \[0, 1\)"),

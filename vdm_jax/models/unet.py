@@ -1,15 +1,18 @@
 """A U-Net for diffusion models in Flax NNX (DDPM, Ho et al. 2020; VDM, Kingma et al. 2021).
 
 The network maps a noisy image `z` [B, H, W, C] and a normalised time or noise level `cond` [B]
-to an output with the shape of `z`. It only predicts: what the output means ('eps', 'x', 'v' or
-'score') is recorded in `UNetConfig.prediction` for the training code, which owns the diffusion
-math.
+to one array with the shape of `z` ([B, H, W, 2C] with a learned variance). It only predicts:
+what the output means ('eps', 'x', 'v' or 'score') is recorded in `UNetConfig.prediction`, and
+`as_pred_fn` turns the network into the `pred_fn(z_t, t)` that the core's losses and samplers call.
 
 The module holds parameters only, no RNG state: dropout is driven by an explicit `key`, so
 training steps stay pure functions of pytrees::
 
     graphdef, params = nnx.split(model)          # params: nnx.Param leaves only
     eps_hat = nnx.merge(graphdef, params)(z_t, t, key=dropout_key)
+
+Building a `UNet` and calling it eagerly each cost one compiled program (the parameters are drawn
+by one random-number program, the forward pass is one `jax.jit`), not one per operation.
 
 Two layouts are covered by one `UNetConfig`:
 
@@ -23,16 +26,18 @@ Two layouts are covered by one `UNetConfig`:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, NoReturn
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-PREDICTIONS = ("eps", "x", "v", "score")
+from vdm_jax.diffusion import PREDICTIONS
 _TUPLE_FIELDS = ("channel_mult", "attn_resolutions", "fourier_features")
 _TIME_SCALE = 1000.0  # cond in [0, 1] is embedded as cond * 1000, like DDPM's integer steps.
 
@@ -48,7 +53,10 @@ class UNetConfig:
 
     Attributes:
       in_channels: C of the images; the output has C channels too (2C with `learned_variance`).
-      image_size: H = W of the images the network takes.
+      image_size: the image size the layout is designed for: level i works at `image_size / 2**i`,
+        and attention follows the ResBlocks of the levels whose size is in `attn_resolutions`.
+        The network is convolutional and takes any H, W its downsampling allows (multiples of
+        `2**(len(channel_mult)-1)`); the layout stays the one `image_size` defines.
       base_channels: width after `conv_in`; level i has `base_channels * channel_mult[i]`.
       channel_mult: one multiplier per resolution level.
       num_res_blocks: ResBlocks per level in the down path (the up path has one more).
@@ -67,9 +75,9 @@ class UNetConfig:
       fourier_features: exponents n of VDM's input Fourier features: for each n, sin and cos of
         2**n * 2π * z are concatenated to z (empty = none; VDM uses (6, 7)).
       skip_input: VDM's "base measure": the prediction is `f(z) + z`.
-      prediction: what the output means, one of 'eps', 'x', 'v', 'score' (read by training).
-      learned_variance: also output v [B, H, W, C] (raw, unconstrained), for a learned
-        variance (Nichol & Dhariwal 2021); the network then returns `(prediction, v)`.
+      prediction: what the output means, one of `vdm_jax.diffusion.PREDICTIONS` (read by training).
+      learned_variance: also output v (raw, unconstrained), for a learned variance (Nichol &
+        Dhariwal 2021): the output is [B, H, W, 2C], the prediction's C channels then v's.
       emb_proj_bias: a bias on each ResBlock's projection of the embedding (DDPM: yes; VDM:
         no; it is redundant with `conv1`'s bias).
       zero_init_residual: zero-initialise the last layer of every residual branch (ResBlock
@@ -79,7 +87,7 @@ class UNetConfig:
         name); the output is cast to z's dtype.
       param_dtype: dtype of the parameters (float32 by default).
       remat: rematerialise each ResBlock and attention block in the backward pass
-        (`jax.checkpoint`): only their inputs are kept from the forward pass, so activation
+        (`nnx.remat`): only their inputs are kept from the forward pass, so activation
         memory falls to about one tensor per block for about one more forward pass of compute.
         Changes neither the parameters nor the result.
     """
@@ -373,6 +381,81 @@ def _key_stream(key: jax.Array | None) -> Iterator[jax.Array | None]:
 
 
 # --------------------------------------------------------------------------------------------
+# Parameter initialisation: the layers are built with placeholders (`_Deferred`), then `_draw`
+# gives every parameter its value from one random-number program. Initialising layer by layer
+# would run (and, eagerly, compile) one random-number program per parameter shape.
+# --------------------------------------------------------------------------------------------
+
+# The standard deviation of a standard normal truncated to [-2, 2], as in flax's lecun_normal.
+_TRUNCATED_STD = 0.87962566103423978
+
+
+@dataclasses.dataclass(frozen=True)
+class _Deferred:
+    """A parameter not drawn yet: its initialiser ('lecun_normal', 'zeros' or 'ones'), shape, dtype."""
+    init: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _deferred(init: str):
+    """A flax initializer that records what to draw instead of drawing (its key is unused)."""
+    return lambda key, shape, dtype: _Deferred(init, tuple(shape), jnp.dtype(dtype).name)
+
+
+class _NoRngs:
+    """Stands in for `nnx.Rngs` while the layers are built: `_deferred` initialisers take no key."""
+
+    def params(self) -> None:
+        return None
+
+
+def _draw(specs: Sequence[_Deferred], key: jax.Array) -> list[jax.Array]:
+    """The values of the parameters `specs`, drawn from `key` with flax's default initialisers.
+
+    Lecun-normal kernels (a normal truncated to ±2 standard deviations, scaled to variance
+    1 / fan_in), zero biases, unit GroupNorm scales. One truncated-normal vector is drawn for all
+    kernels and cut into them: one compiled random-number program whatever the layout. Eagerly
+    the vector is cut on the host (one XLA kernel per parameter would take longer to compile than
+    the network's forward pass); under a trace, by the same operations in jnp. The values are the
+    same either way.
+    """
+    sizes = [math.prod(s.shape) for s in specs if s.init == "lecun_normal"]
+    normal = _truncated_normal(key, sum(sizes))
+    try:
+        normal, xp = np.asarray(normal), np
+    except jax.errors.TracerArrayConversionError:
+        xp = jnp
+    draws = iter(xp.split(normal, np.cumsum(sizes)[:-1]))
+    values = []
+    for s in specs:
+        dtype = jnp.dtype(s.dtype)  # also a NumPy dtype, bfloat16 included
+        if s.init == "lecun_normal":
+            fan_in = math.prod(s.shape[:-1])  # all but the output axis, as flax's lecun_normal
+            std = np.float32(fan_in**-0.5 / _TRUNCATED_STD)
+            values.append((next(draws).reshape(s.shape) * std).astype(dtype))
+        else:
+            values.append((xp.zeros if s.init == "zeros" else xp.ones)(s.shape, dtype))
+    return values if xp is jnp else jax.device_put(values)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _truncated_normal(key: jax.Array, n: int) -> jax.Array:
+    return jax.random.truncated_normal(key, -2.0, 2.0, (n,), jnp.float32)
+
+
+def _initialise(module: nnx.Module, rngs: nnx.Rngs | _NoRngs) -> None:
+    """Replaces every `_Deferred` parameter of `module` by its value, drawn from `rngs.params()`.
+
+    Does nothing under `_NoRngs`: a block built inside a `UNet` is drawn with the whole network.
+    """
+    if isinstance(rngs, _NoRngs):
+        return
+    specs, treedef = jax.tree.flatten(nnx.state(module, nnx.Param))
+    nnx.update(module, jax.tree.unflatten(treedef, _draw(specs, rngs.params())))
+
+
+# --------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------
 
@@ -380,22 +463,23 @@ def _key_stream(key: jax.Array | None) -> Iterator[jax.Array | None]:
 def _conv(c: UNetConfig, cin: int, cout: int, *, rngs: nnx.Rngs, stride: int = 1,
           zero: bool = False) -> nnx.Conv:
     """3×3 'SAME' conv in the config's dtypes, optionally zero-initialised."""
-    init = nnx.initializers.zeros_init() if zero else nnx.initializers.lecun_normal()
     return nnx.Conv(cin, cout, (3, 3), (stride, stride), padding="SAME", dtype=c.dtype,
-                    param_dtype=c.param_dtype, kernel_init=init, rngs=rngs)
+                    param_dtype=c.param_dtype, kernel_init=_deferred("zeros" if zero else "lecun_normal"),
+                    bias_init=_deferred("zeros"), rngs=rngs)
 
 
 def _dense(c: UNetConfig, cin: int, cout: int, *, rngs: nnx.Rngs, zero: bool = False,
            bias: bool = True) -> nnx.Linear:
     """Dense layer (a 1×1 conv on [B, H, W, C]) in the config's dtypes."""
-    init = nnx.initializers.zeros_init() if zero else nnx.initializers.lecun_normal()
     return nnx.Linear(cin, cout, use_bias=bias, dtype=c.dtype, param_dtype=c.param_dtype,
-                      kernel_init=init, rngs=rngs)
+                      kernel_init=_deferred("zeros" if zero else "lecun_normal"),
+                      bias_init=_deferred("zeros"), rngs=rngs)
 
 
 def _norm(c: UNetConfig, ch: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
     return nnx.GroupNorm(ch, num_groups=c.num_groups, epsilon=1e-6, dtype=c.dtype,
-                         param_dtype=c.param_dtype, rngs=rngs)
+                         param_dtype=c.param_dtype, scale_init=_deferred("ones"),
+                         bias_init=_deferred("zeros"), rngs=rngs)
 
 
 class ResBlock(nnx.Module):
@@ -413,6 +497,7 @@ class ResBlock(nnx.Module):
         self.conv2 = _conv(c, out_ch, out_ch, zero=c.zero_init_residual, rngs=rngs)
         self.skip = _dense(c, in_ch, out_ch, rngs=rngs) if in_ch != out_ch else None
         self.rate = float(c.dropout)
+        _initialise(self, rngs)
 
     def __call__(self, x: jax.Array, emb: jax.Array, key: jax.Array | None) -> jax.Array:
         """x: [B, H, W, in_ch]; emb: [B, 4 * embedding_dim]; returns [B, H, W, out_ch]."""
@@ -434,6 +519,7 @@ class AttnBlock(nnx.Module):
         self.k = _dense(c, ch, ch, rngs=rngs)
         self.v = _dense(c, ch, ch, rngs=rngs)
         self.proj_out = _dense(c, ch, ch, zero=c.zero_init_residual, rngs=rngs)
+        _initialise(self, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C] -> [B, H, W, C]."""
@@ -461,6 +547,7 @@ class Downsample(nnx.Module):
 
     def __init__(self, ch: int, c: UNetConfig, *, rngs: nnx.Rngs):
         self.conv = _conv(c, ch, ch, stride=2, rngs=rngs)
+        _initialise(self, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C] -> [B, H/2, W/2, C]."""
@@ -472,6 +559,7 @@ class Upsample(nnx.Module):
 
     def __init__(self, ch: int, c: UNetConfig, *, rngs: nnx.Rngs):
         self.conv = _conv(c, ch, ch, rngs=rngs)
+        _initialise(self, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C] -> [B, 2H, 2W, C]."""
@@ -498,9 +586,10 @@ def _check_z(c: UNetConfig, z: jax.Array) -> None:
     if ch != c.in_channels:
         raise ValueError(f"z: expected {c.in_channels} channels (in_channels), got shape "
                          f"{jnp.shape(z)}")
-    if (height, width) != (c.image_size, c.image_size):
-        raise ValueError(f"z: expected H = W = image_size = {c.image_size}, got shape "
-                         f"{jnp.shape(z)}")
+    factor = 2 ** (len(c.channel_mult) - 1) if c.downsample else 1
+    if height < 1 or width < 1 or height % factor or width % factor:
+        raise ValueError(f"z: expected H and W multiples of 2**(len(channel_mult)-1) = {factor} "
+                         f"(the downsampling), got shape {jnp.shape(z)}")
 
 
 def _check_cond(cond: jax.Array, batch: int) -> jax.Array:
@@ -536,45 +625,54 @@ def _check_extra_cond(c: UNetConfig, extra: jax.Array | None, batch: int) -> jax
 class UNet(nnx.Module):
     """U-Net ε/x/v/score predictor (see the module docstring and `UNetConfig`).
 
-    Construct with `UNet(config, rngs=nnx.Rngs(seed))`; the module keeps no RNG state.
+    Construct with `UNet(config, rngs=nnx.Rngs(seed))` (or `nnx.Rngs(params=key)`); the module
+    keeps no RNG state. Eagerly, both construction and calls run one compiled program each;
+    inside `jax.jit`, `nnx.eval_shape` or other transforms they trace into the caller's program.
     """
 
     def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
         c = self.config = config
+        build = _NoRngs()  # The layers get placeholders; `_initialise` draws them all at once.
         width = 4 * c.embedding_dim
-        self.emb_dense0 = _dense(c, c.embedding_dim + c.extra_cond_dim, width, rngs=rngs)
-        self.emb_dense1 = _dense(c, width, width, rngs=rngs)
-        self.conv_in = _conv(c, _input_channels(c), c.base_channels, rngs=rngs)
+        self.emb_dense0 = _dense(c, c.embedding_dim + c.extra_cond_dim, width, rngs=build)
+        self.emb_dense1 = _dense(c, width, width, rngs=build)
+        self.conv_in = _conv(c, _input_channels(c), c.base_channels, rngs=build)
         down, skips = _down_layout(c)
-        self.down = nnx.List([_build(s, c, Downsample, rngs) for s in down])
+        self.down = nnx.List([_build(s, c, Downsample, build) for s in down])
         mid = skips[-1]
-        self.mid_res1 = ResBlock(mid, mid, c, rngs=rngs)
-        self.mid_attn = AttnBlock(mid, c, rngs=rngs) if c.mid_attention else None
-        self.mid_res2 = ResBlock(mid, mid, c, rngs=rngs)
-        self.up = nnx.List([_build(s, c, Upsample, rngs) for s in _up_layout(c, skips)])
+        self.mid_res1 = ResBlock(mid, mid, c, rngs=build)
+        self.mid_attn = AttnBlock(mid, c, rngs=build) if c.mid_attention else None
+        self.mid_res2 = ResBlock(mid, mid, c, rngs=build)
+        self.up = nnx.List([_build(s, c, Upsample, build) for s in _up_layout(c, skips)])
         out_ch = c.base_channels * c.channel_mult[0]
-        self.norm_out = _norm(c, out_ch, rngs=rngs)
+        self.norm_out = _norm(c, out_ch, rngs=build)
         self.conv_out = _conv(c, out_ch, c.in_channels * (1 + c.learned_variance),
-                              zero=c.zero_init_output, rngs=rngs)
+                              zero=c.zero_init_output, rngs=build)
+        _initialise(self, rngs)
 
     def __call__(self, z: jax.Array, cond: jax.Array, *, extra_cond: jax.Array | None = None,
-                 key: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+                 key: jax.Array | None = None) -> jax.Array:
         """Predicts from a noisy image.
 
         Args:
-          z: [B, H, W, C] floating noisy image, H = W = image_size, C = in_channels.
+          z: [B, H, W, C] floating noisy image, C = in_channels; H and W multiples of
+            2**(len(channel_mult)-1) (any size without downsampling).
           cond: [B] (or scalar, broadcast) normalised time / noise level, roughly in [0, 1];
             embedded as `sinusoidal_embedding(1000 * cond)`.
           extra_cond: optional [B, extra_cond_dim] extra conditioning (zeros if None).
           key: dropout key; dropout is active iff a key is given.
 
         Returns:
-          [B, H, W, C] prediction in z's dtype, or `(prediction, v)` with v [B, H, W, C]
-          when `learned_variance`.
+          [B, H, W, C] prediction in z's dtype; with `learned_variance`, [B, H, W, 2C]: the
+          prediction's C channels, then v's (`as_pred_fn` splits them).
 
         Raises:
           ValueError / TypeError at trace time for inputs of the wrong shape or dtype.
         """
+        return _apply(*nnx.split(self), z, cond, extra_cond, key)
+
+    def _forward(self, z: jax.Array, cond: jax.Array, extra_cond: jax.Array | None,
+                 key: jax.Array | None) -> jax.Array:
         _check_z(self.config, z)
         cond = _check_cond(cond, z.shape[0])
         extra_cond = _check_extra_cond(self.config, extra_cond, z.shape[0])
@@ -621,32 +719,88 @@ class UNet(nnx.Module):
 
     def _block(self, layer: nnx.Module, *args) -> jax.Array:
         """Calls a block; with `config.remat` its activations are recomputed in the backward pass."""
-        if not self.config.remat:
-            return layer(*args)
-        graphdef, params = nnx.split(layer)
-        return jax.checkpoint(lambda p, *a: nnx.merge(graphdef, p)(*a))(params, *args)
+        return (_call_remat if self.config.remat else _call)(layer, *args)
 
-    def _output(self, out: jax.Array, z: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """Casts to z's dtype, splits off v, adds the base measure z if configured."""
+    def _output(self, out: jax.Array, z: jax.Array) -> jax.Array:
+        """Casts to z's dtype and adds the base measure z to the prediction channels if configured."""
         out = out.astype(z.dtype)
-        pred, v = jnp.split(out, 2, axis=-1) if self.config.learned_variance else (out, None)
-        if self.config.skip_input:
-            pred = pred + z
-        return pred if v is None else (pred, v)
+        if not self.config.skip_input:
+            return out
+        if not self.config.learned_variance:
+            return out + z
+        pred, v = jnp.split(out, 2, axis=-1)
+        return jnp.concatenate([pred + z, v], axis=-1)
 
 
-def count_params(config: UNetConfig) -> int:
-    """Number of parameters of `UNet(config)`, counted from shapes only (nothing allocated)."""
-    model = nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0)))
-    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def _call(layer: nnx.Module, *args) -> jax.Array:
+    return layer(*args)
 
 
-def init_model(config: UNetConfig, key) -> tuple[Any, Any]:
-    """(graphdef, params) of a new `UNet(config)`, initialised in one compiled call.
+_call_remat = nnx.remat(_call)
 
-    Op-by-op initialisation compiles one small program per parameter shape, which takes many
-    seconds on a CPU; `nnx.merge(graphdef, params)` gives the module back.
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef: nnx.GraphDef, params: nnx.State, z: jax.Array, cond: jax.Array,
+           extra_cond: jax.Array | None, key: jax.Array | None) -> jax.Array:
+    """`UNet.__call__` as one pure compiled function (nested calls inline into the caller's)."""
+    return nnx.merge(graphdef, params)._forward(z, cond, extra_cond, key)
+
+
+# --------------------------------------------------------------------------------------------
+# The network as the core's prediction function; parameter counts
+# --------------------------------------------------------------------------------------------
+
+
+def as_pred_fn(model: UNet, gamma_fn: Callable[[jax.Array], jax.Array] | None = None, *,
+               gamma_min: float = -13.3, gamma_max: float = 5.0,
+               key: jax.Array | None = None) -> Callable:
+    """`pred_fn(z_t, t)` for the core's losses and samplers, from a `UNet` (docs/math.md §4.4).
+
+    `t` is a float time in [0, 1] ([B] or a scalar), as every `pred_fn` receives it. The network
+    is conditioned on:
+
+    - without `gamma_fn` (DDPM): t itself, embedded as 1000 t (DDPM step i is t = i/T);
+    - with `gamma_fn` (VDM): the noise level (γ(t) - gamma_min) / (gamma_max - gamma_min), so it
+      sees where on the noise scale it is even when the schedule is learned.
+
+    Args:
+      model: a `UNet` (also one rebuilt with `nnx.merge` inside a traced function).
+      gamma_fn: the schedule t -> γ(t), or None to condition on t.
+      gamma_min, gamma_max: the end points that map γ to [0, 1] (VDM's defaults).
+      key: dropout key for every call of `pred_fn` (None: no dropout).
+
+    Returns:
+      `pred_fn(z_t, t)` -> the prediction [B, H, W, C], or `(prediction, v)` when the model has
+      `learned_variance` (what the core's `variance='learned'` expects).
     """
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0))))
-    params = jax.jit(lambda k: nnx.split(UNet(config, rngs=nnx.Rngs(params=k)))[1])(key)
-    return graphdef, params
+    if not isinstance(model, UNet):
+        raise TypeError(f"as_pred_fn: model: expected a UNet, got {type(model).__name__}")
+    if gamma_fn is not None and not callable(gamma_fn):
+        raise TypeError(f"as_pred_fn: gamma_fn: expected a schedule t -> gamma(t) or None, got "
+                        f"{type(gamma_fn).__name__}")
+    on_host = all(isinstance(g, (int, float)) for g in (gamma_min, gamma_max))
+    if on_host and not gamma_max > gamma_min:
+        raise ValueError(f"as_pred_fn: gamma_max: expected > gamma_min = {gamma_min}, got {gamma_max}")
+    learned = model.config.learned_variance
+
+    def pred_fn(z_t: jax.Array, t: jax.Array):
+        t = jnp.asarray(t)
+        if not jnp.issubdtype(t.dtype, jnp.floating):  # e.g. DDPM's integer steps: t = step / T
+            raise TypeError(f"pred_fn: t: expected float times in [0, 1], got dtype {t.dtype}")
+        cond = t if gamma_fn is None else (gamma_fn(t) - gamma_min) / (gamma_max - gamma_min)
+        out = model(z_t, jnp.asarray(cond, jnp.result_type(z_t)), key=key)
+        return tuple(jnp.split(out, 2, axis=-1)) if learned else out
+
+    return pred_fn
+
+
+def count_params(model_or_config: UNet | UNetConfig) -> int:
+    """Number of parameters of a `UNet`, or of `UNet(config)` counted from shapes only."""
+    if isinstance(model_or_config, UNet):
+        model = model_or_config
+    elif isinstance(model_or_config, UNetConfig):
+        model = nnx.eval_shape(lambda: UNet(model_or_config, rngs=nnx.Rngs(0)))
+    else:
+        raise TypeError(f"count_params: model_or_config: expected a UNet or a UNetConfig, got "
+                        f"{type(model_or_config).__name__}")
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

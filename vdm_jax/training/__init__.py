@@ -11,5 +11,5 @@ from vdm_jax.training.faults import NonFiniteError
 from vdm_jax.training.loop import WorkdirError, train_and_evaluate
 from vdm_jax.training.objective import Objective
 from vdm_jax.training.parallel import make_mesh
-from vdm_jax.training.state import TrainState, create_train_state, init_model, make_optimizer
+from vdm_jax.training.state import TrainState, create_train_state, make_optimizer
 from vdm_jax.training.steps import eval_step, sample_step, train_step, train_steps

@@ -95,6 +95,11 @@ class Objective:
             def pred_fn(z, t):
                 cond = (gamma_fn(t) - self.gamma_min) / (self.gamma_max - self.gamma_min)
                 return model(z, cond.astype(z.dtype), key=key)
+        if model.config.learned_variance:  # The UNet returns [..., 2C]; the core takes (prediction, v).
+            joined = pred_fn
+
+            def pred_fn(z, t):
+                return tuple(jnp.split(joined(z, t), 2, axis=-1))
         return pred_fn
 
     # --- losses --------------------------------------------------------------------------------

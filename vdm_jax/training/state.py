@@ -11,7 +11,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from flax import nnx, struct
 
-from vdm_jax.models import UNet, UNetConfig, init_model  # noqa: F401  (init_model: re-exported)
+from vdm_jax.models import UNet, UNetConfig
 from vdm_jax.training.faults import init_faults
 from vdm_jax.training.objective import Objective
 
