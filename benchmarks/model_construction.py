@@ -96,9 +96,10 @@ def _has_init_model(checkout: str) -> bool:
         return "init_model" in f.read()
 
 
-def _commit(checkout: str) -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True,
-                          text=True).stdout.strip()
+def _commit(checkout: str) -> str | None:
+    """The checkout's commit, or None where git cannot tell (e.g. a pruned worktree's copy)."""
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True)
+    return proc.stdout.strip() or None
 
 
 _TIMES = ("import_s", "build_s", "first_call_s", "second_call_s", "build_plus_first_call_s")
@@ -114,7 +115,7 @@ def _measure_checkout(checkout: str) -> dict:
             r = {k: statistics.median(run[k] for run in runs) for k in _TIMES}
             r |= {"backend": runs[0]["backend"], "compiles": runs[0]["compiles"], "runs": runs}
             result["models"][name][way] = r
-            print(f"{result['commit']} {name:>13} {way:>10}: build {r['build_s']:6.2f} s "
+            print(f"{result['commit'] or checkout} {name:>13} {way:>10}: build {r['build_s']:6.2f} s "
                   f"({r['compiles']['build']['count']} compiles), first call {r['first_call_s']:6.2f} s "
                   f"({r['compiles']['first_call']['count']}), together {r['build_plus_first_call_s']:6.2f} s; "
                   f"second call {r['second_call_s']:.3f} s", flush=True)
