@@ -68,7 +68,7 @@ def boundary(**contract):
             if given["arrays"]:  # per-example values [B] -> [B, 1, ..., 1]
                 ndim = a[given["arrays"][0]].ndim
                 for n in (n for kind in _EXPANDED for n in given[kind] if a[n].ndim == 1):
-                    a[n] = a[n].reshape(a[n].shape + (1,) * (ndim - 1))
+                    a[n] = _per_example(a[n], ndim)
             token = _INSIDE.set(True)
             try:
                 return fn(*bound.args, **bound.kwargs)
@@ -76,6 +76,11 @@ def boundary(**contract):
                 _INSIDE.reset(token)
         return public
     return decorate
+
+
+@functools.partial(jax.jit, static_argnums=1)  # jitted: eagerly, one fast dispatch instead of a reshape op's
+def _per_example(value, ndim):
+    return value.reshape(value.shape + (1,) * (ndim - 1))
 
 
 def _asarray(name, value, kind, check):
