@@ -7,7 +7,7 @@
 `evaluate_bpd` reads every example of the split exactly once (the data pipeline pads the last batch
 and masks the padding out), averages `draws` independent estimates of each example's bound — or,
 for a DDPM, the full discrete bound over all T steps — and reports each term's mean and standard
-error over the examples, in bits per dimension (MATH.md §5). `generate_samples` draws fixed-size
+error over the examples, in bits per dimension (docs/math.md §5). `generate_samples` draws fixed-size
 batches sharded over the devices (one compiled program, the whole reverse chain in one
 `lax.scan`); the images depend only on the state, the key and the batch size.
 
