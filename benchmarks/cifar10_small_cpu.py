@@ -1,7 +1,7 @@
 """The `small` CIFAR-10 config on a CPU for a fixed wall-clock budget: does the loss fall and the
 test bits/dim improve? (Issue 3, acceptance 4; a benchmark, not a test.)
 
-    python -m benchmarks.cifar10_small_cpu --data=../shared/data/cifar10_jpeg.zip --minutes=30 \\
+    python -m benchmarks.cifar10_small_cpu --data=$VDM_JAX_DATA_DIR/cifar10_jpeg.zip --minutes=30 \\
         --out=benchmarks/results/cifar10_small_cpu.json
 
 Trains `experiments/configs/cifar10.py:small` on the JPEG copy of CIFAR-10 (lossy: its bpd is not
@@ -18,7 +18,9 @@ import time
 
 from absl import app, flags, logging
 
-flags.DEFINE_string("data", "../shared/data/cifar10_jpeg.zip", "Folder or zip of <split>/<class>/*.jpg.")
+_DATA_DIR = os.environ.get("VDM_JAX_DATA_DIR")  # a folder holding cifar10_jpeg.zip
+flags.DEFINE_string("data", os.path.join(_DATA_DIR, "cifar10_jpeg.zip") if _DATA_DIR else None,
+                    "Folder or zip of <split>/<class>/*.jpg; default $VDM_JAX_DATA_DIR/cifar10_jpeg.zip.")
 flags.DEFINE_float("minutes", 30.0, "Wall-clock budget for training (evaluations included).")
 flags.DEFINE_integer("eval_every", 400, "Steps between full test-set evaluations.")
 flags.DEFINE_string("workdir", "/tmp/vdm_jax_bench_small", "Work directory (emptied first).")
@@ -38,6 +40,9 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)
     FLAGS = flags.FLAGS
+    if FLAGS.data is None:
+        raise SystemExit("error: no CIFAR-10 data; set VDM_JAX_DATA_DIR (a folder holding cifar10_jpeg.zip) "
+                         "or pass --data=PATH.")
     if not os.path.exists(FLAGS.data):
         raise SystemExit(f"error: no data at {FLAGS.data}; pass --data=PATH (a folder or zip of images).")
     shutil.rmtree(FLAGS.workdir, ignore_errors=True)

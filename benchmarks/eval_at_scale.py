@@ -1,6 +1,6 @@
 """Time to evaluate bits/dim on the 10,000 CIFAR-10 test images and to sample 10,000 images.
 
-    python -m benchmarks.eval_at_scale [--model=small|ddpm] [--source=images:../shared/data/cifar10_jpeg.zip]
+    python -m benchmarks.eval_at_scale [--model=small|ddpm] [--source=images:$VDM_JAX_DATA_DIR/cifar10_jpeg.zip]
                                        [--bpd_images=10000] [--sample_batches=1]
 
 Uses the library's own evaluation (`evaluate_bpd`: every image once, sharded over all devices,
@@ -14,6 +14,7 @@ sampler is one network call). Compilation is timed separately (the first call).
 Writes benchmarks/results/eval_at_scale_<backend>_<model>.json (or `--out`).
 """
 import math
+import os
 import platform
 import time
 
@@ -22,7 +23,9 @@ from absl import app, flags, logging
 from benchmarks.common import write_result
 
 flags.DEFINE_enum("model", "small", ["small", "ddpm", "vdm"], "experiments/configs/cifar10.py variant.")
-flags.DEFINE_string("source", "images:../shared/data/cifar10_jpeg.zip", "Data spec of CIFAR-10 (its 'test' split).")
+_DATA_DIR = os.environ.get("VDM_JAX_DATA_DIR")  # a folder holding cifar10_jpeg.zip
+flags.DEFINE_string("source", f"images:{os.path.join(_DATA_DIR, 'cifar10_jpeg.zip')}" if _DATA_DIR else None,
+                    "Data spec of CIFAR-10 (its 'test' split); default images:$VDM_JAX_DATA_DIR/cifar10_jpeg.zip.")
 flags.DEFINE_integer("bpd_images", 10_000, "Test images to evaluate (the first N).")
 flags.DEFINE_integer("batch_size", 200, "Evaluation batch.")
 flags.DEFINE_integer("num_samples", 10_000, "Samples the projection is for.")
@@ -51,6 +54,9 @@ class _First:
 
 def main(argv):
     del argv
+    if FLAGS.source is None:
+        raise SystemExit("error: no CIFAR-10 data; set VDM_JAX_DATA_DIR (a folder holding cifar10_jpeg.zip) "
+                         "or pass --source=SPEC.")
     from vdm_jax import set_cpu_xla_flags
 
     set_cpu_xla_flags()  # as the entry points do, before the first computation

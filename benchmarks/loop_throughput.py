@@ -24,7 +24,7 @@ from benchmarks.common import write_result
 flags.DEFINE_integer("steps", 300, "Training steps per variant.")
 flags.DEFINE_integer("batch", 64, "Global batch size.")
 flags.DEFINE_string("source", "digits", "Data spec (vdm_jax.data.load_source); 32×32×3 sources train the small "
-                    "CIFAR-10 U-Net, e.g. images:../shared/data/cifar10_jpeg.zip (evaluated on its whole test split).")
+                    "CIFAR-10 U-Net, e.g. images:$VDM_JAX_DATA_DIR/cifar10_jpeg.zip (evaluated on its whole test split).")
 flags.DEFINE_integer("log_every", 50, "Steps between logged steps/s.")
 flags.DEFINE_string("out", None, "JSON output path.")
 FLAGS = flags.FLAGS

@@ -22,7 +22,7 @@ small — fits a 2-core CPU: the tiny U-Net (0.42M params) on 32×32×3, DDPM wi
   benchmarks/results/cifar10_small_cpu.json (`python -m benchmarks.cifar10_small_cpu`); samples
   are still blobs at this size and budget.
 
-Offline data: add --config.data.source=images:../shared/data/cifar10_jpeg.zip (or
+Offline data: add --config.data.source=images:$VDM_JAX_DATA_DIR/cifar10_jpeg.zip (or
 cifar10_tar:PATH, npz:PATH); see `vdm_jax.data.load_source`.
 """
 from vdm_jax.models import ddpm_cifar10, tiny, vdm_cifar10
