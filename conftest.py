@@ -8,7 +8,10 @@ kernels that `--nbmake` starts (they inherit this environment) run alike:
   step another 35% faster but slows the Monte Carlo tests and the notebook's training 1.5-3×: the
   whole suite took as long);
 - vdm_jax's XLA:CPU flags (`vdm_jax.set_cpu_xla_flags()`, as the entry points set them);
-- one persistent compilation cache, `.jax_cache/` (or $VDM_JAX_TEST_CACHE).
+- one persistent compilation cache, `.jax_cache/` (or $VDM_JAX_TEST_CACHE);
+- VDM_JAX_DATA_DIR (the folder of the optional real CIFAR-10 copies that the notebooks and
+  benchmarks read) set to the repository's sibling `../shared/data` when that folder exists and
+  the variable is unset, so the notebook kernels find the data on the development machines.
 """
 import os
 
@@ -19,6 +22,10 @@ CACHE_DIR = os.environ.get("VDM_JAX_TEST_CACHE", os.path.join(os.path.dirname(os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+_SIBLING_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shared", "data")
+if os.path.isdir(_SIBLING_DATA):
+    os.environ.setdefault("VDM_JAX_DATA_DIR", _SIBLING_DATA)
 
 from vdm_jax import set_cpu_xla_flags  # noqa: E402
 
