@@ -60,15 +60,15 @@ def _sampling(FLAGS, config, objective) -> tuple[str, int]:
 
     sampler = FLAGS.sampler or config.training.sampler
     if FLAGS.sample_steps is not None:
-        steps, name = FLAGS.sample_steps, "--sample_steps"
+        sample_steps, name = FLAGS.sample_steps, "--sample_steps"
     elif sampler == config.training.sampler:
-        steps, name = config.training.sample_steps, "the run's training.sample_steps"
+        sample_steps, name = config.training.sample_steps, "the run's training.sample_steps"
     else:
-        steps, name = 0, "--sample_steps"
+        sample_steps, name = 0, "--sample_steps"
     if FLAGS.num_samples:
-        check_sample_steps(steps, family=objective.family, timesteps=objective.timesteps, sampler=sampler,
+        check_sample_steps(sample_steps, family=objective.family, timesteps=objective.timesteps, sampler=sampler,
                            name=name)
-    return sampler, steps
+    return sampler, sample_steps
 
 
 def evaluate(FLAGS) -> dict:
@@ -126,7 +126,7 @@ def evaluate(FLAGS) -> dict:
     if FLAGS.num_samples:
         start = time.perf_counter()
         images = generate_samples(state, mesh=mesh, num=FLAGS.num_samples, key=jax.random.key(FLAGS.seed),
-                                  batch_size=FLAGS.sample_batch_size, sampler=sampler, steps=sample_steps,
+                                  batch_size=FLAGS.sample_batch_size, sampler=sampler, sample_steps=sample_steps,
                                   progress=FLAGS.progress_bar)
         seconds = time.perf_counter() - start
         stem = os.path.join(out_dir, f"samples_{sampler}{sample_steps or ''}_seed{FLAGS.seed}")

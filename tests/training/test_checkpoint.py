@@ -15,7 +15,7 @@ from vdm_jax.training.checkpoint import config_changes, save_config
 
 
 def _state(config, seed=0):
-    return create_train_state(config, validate_config(config), jax.random.key(seed))
+    return create_train_state(config, validate_config(config), key=jax.random.key(seed))
 
 
 @pytest.mark.parametrize("schedule", ["linear", "learned"])

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from vdm_jax import ddpm_vlb, pixels_to_data, vdm_elbo
+from vdm_jax.models import as_pred_fn
 from vdm_jax.data.array_source import ArraySource
 from vdm_jax.training import (RunNotFoundError, create_train_state, evaluate_bpd, generate_samples, load_checkpoint,
                               make_mesh, parallel, validate_config)
@@ -24,7 +25,7 @@ def _source(n, seed=0):
 
 
 def _state(config, mesh):
-    state = create_train_state(config, validate_config(config), jax.random.key(0))
+    state = create_train_state(config, validate_config(config), key=jax.random.key(0))
     # Make the EMA differ from the parameters, so that using the wrong ones would show.
     state = state.replace(ema_params=jax.tree.map(lambda p: p * 0.9, state.params))
     return parallel.replicate(state, mesh)
@@ -56,15 +57,17 @@ def test_bpd_equals_the_core_elbo_on_the_same_draws(micro, family):
     pixels = source.images[16:32]
     draw_key = jax.random.fold_in(jax.random.fold_in(key, 1), 0)
     if family == "ddpm":
-        core = jax.jit(lambda p, k: ddpm_vlb(objective.predictor(model), p, k, objective.discrete_schedule()))(
-            pixels, draw_key)
+        core = jax.jit(lambda p, k: ddpm_vlb(as_pred_fn(model), pixels_to_data(p, grid="ddpm"),
+                                             objective.discrete_schedule(), key=k))(pixels, draw_key)
         assert len(result["per_t_bpd"]) == 20
         np.testing.assert_allclose(np.sum(result["per_t_bpd"]), result["bpd"]["diffusion"]["mean"]
                                    + result["bpd"]["reconstruction"]["mean"], rtol=1e-6)
     else:
         gamma_fn = objective.gamma_fn()
-        core = jax.jit(lambda p, k: vdm_elbo(objective.predictor(model, gamma_fn), pixels_to_data(p, grid="vdm"),
-                                             k, gamma_fn, pixels=p))(pixels, draw_key)
+        pred_fn = as_pred_fn(model, gamma_fn, gamma_min=config.diffusion.gamma_min,
+                             gamma_max=config.diffusion.gamma_max)
+        core = jax.jit(lambda p, k: vdm_elbo(pred_fn, pixels_to_data(p, grid="vdm"), gamma_fn, key=k))(
+            pixels, draw_key)
     np.testing.assert_allclose(per["total"][16:32], core["total"], rtol=2e-5)
     np.testing.assert_allclose(per["prior"][16:32], core["prior"], rtol=2e-5)
     np.testing.assert_allclose(per["reconstruction"][16:32], core["reconstruction"], rtol=2e-5)
@@ -110,7 +113,7 @@ def test_samples_are_sharded_deterministic_and_differ_across_seeds(micro):
     mesh = make_mesh()
     state = _state(micro(timesteps=20), mesh)
     sample = lambda seed: generate_samples(state, mesh=mesh, num=20, key=jax.random.key(seed), batch_size=16,
-                                           sampler="ddim", steps=4)
+                                           sampler="ddim", sample_steps=4)
     a, b, c = sample(0), sample(0), sample(1)
     assert a.shape == (20, 8, 8, 1) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
@@ -182,7 +185,7 @@ def test_evaluate_cli_on_a_quickstart_checkpoint(tmp_path):
     _, state16 = load_checkpoint(workdir, dtype="bfloat16")
     assert nnx.merge(state16.graphdef, state16.ema_params["model"]).conv_in.dtype == "bfloat16"
     a16 = generate_samples(state16, mesh=make_mesh(), num=10, key=jax.random.key(0), batch_size=8, sampler="ddim",
-                           steps=3)
+                           sample_steps=3)
     assert a16.shape == a.shape and a16.dtype == np.uint8
     assert np.abs(a16.astype(int) - a.astype(int)).mean() < 2.0  # pixel levels of 0..255
 

@@ -13,7 +13,7 @@ from vdm_jax.training.loop import compiled_steps
 
 
 def _state(config):
-    return create_train_state(config, validate_config(config), jax.random.key(0))
+    return create_train_state(config, validate_config(config), key=jax.random.key(0))
 
 
 def _batch(seed=0):

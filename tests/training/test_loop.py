@@ -89,7 +89,7 @@ def test_checkpoint_from_a_different_model(tmp_path, micro_run):
     """Resuming a work directory whose checkpoint another model wrote stops before training."""
     config = micro_run()
     ckpt = Checkpointer(str(tmp_path / "checkpoints"))
-    ckpt.save(1, create_train_state(config, validate_config(config), jax.random.key(0)).checkpoint_tree(), {})
+    ckpt.save(1, create_train_state(config, validate_config(config), key=jax.random.key(0)).checkpoint_tree(), {})
     ckpt.close()
     config.model.base_channels = 16
     with pytest.raises(CheckpointMismatchError, match="different model"):

@@ -11,7 +11,7 @@ from vdm_jax.training import create_train_state, parallel, steps, validate_confi
 
 
 def _state(config, seed=0):
-    return create_train_state(config, validate_config(config), jax.random.key(seed))
+    return create_train_state(config, validate_config(config), key=jax.random.key(seed))
 
 
 def _batch(n, size=8, channels=1, seed=0):
@@ -19,7 +19,11 @@ def _batch(n, size=8, channels=1, seed=0):
     return {"image": rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)}
 
 
-def _compiled(mesh, fn=steps.train_step, leading=0):
+def train_step(state, batch, key):  # positional, for jit's in_shardings (named as in loop.compiled_steps)
+    return steps.train_step(state, batch, key=key)
+
+
+def _compiled(mesh, fn=train_step, leading=0):
     rep = parallel.replicated(mesh)
     return jax.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh, leading), rep),
                    out_shardings=(rep, rep), donate_argnums=0)
@@ -53,7 +57,7 @@ def test_step_compiles_once_and_is_reproducible(micro):
     config = micro()
     mesh = parallel.make_mesh()
     rep = parallel.replicated(mesh)
-    traced = chex.assert_max_traces(steps.train_step, n=1)
+    traced = chex.assert_max_traces(train_step, n=1)
     step = jax.jit(traced, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=(rep, rep),
                    donate_argnums=0)
     losses = []
@@ -79,7 +83,10 @@ def test_several_steps_per_call_equal_single_steps(micro, unroll):
         state, _ = one(state, parallel.global_batch(b, mesh), jax.random.key(3))
     state2 = parallel.replicate(_state(config), mesh)
     stacked = {"image": np.stack([b["image"] for b in batches])}
-    many = _compiled(mesh, functools.partial(steps.train_steps, unroll=unroll), leading=1)
+    def train_steps(state, batches, key):
+        return steps.train_steps(state, batches, key=key, unroll=unroll)
+
+    many = _compiled(mesh, train_steps, leading=1)
     args = (state2, parallel.global_batch(stacked, mesh, leading_axes=1), jax.random.key(3))
     state2, metrics = many(*args)
     assert int(state2.step) == 2
@@ -96,7 +103,7 @@ def test_several_steps_per_call_unroll_on_cpu(micro):
 
     def loops(unroll):  # while loops in the lowered program (the PRNG has some of its own)
         fn = jax.jit(functools.partial(steps.train_steps, unroll=unroll))
-        return fn.lower(state, batches, jax.random.key(0)).as_text().count("stablehlo.while")
+        return fn.lower(state, batches, key=jax.random.key(0)).as_text().count("stablehlo.while")
 
     assert jax.default_backend() == "cpu"
     assert loops(None) == loops(True) < loops(False)
@@ -118,7 +125,7 @@ def test_every_objective_trains(micro, diffusion):
     state = _state(config)
     before = jax.device_get(state.params)
     step = jax.jit(steps.train_step)
-    state, metrics = step(state, _batch(16), jax.random.key(0))
+    state, metrics = step(state, _batch(16), key=jax.random.key(0))
     assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
     moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params)))]
     assert any(moved)
@@ -150,7 +157,7 @@ def test_hybrid_trains_the_variance_through_the_vlb_only(micro):
 def test_eval_step_terms(micro, full_vlb):
     config = micro(timesteps=10)
     state = _state(config)
-    out = jax.jit(lambda s, b, k: steps.eval_step(s, b, k, draws=3, full_vlb=full_vlb))(
+    out = jax.jit(lambda s, b, k: steps.eval_step(s, b, key=k, draws=3, full_vlb=full_vlb))(
         state, _batch(16), jax.random.key(0))
     np.testing.assert_allclose(out["total"], out["prior"] + out["diffusion"] + out["reconstruction"], rtol=1e-5)
     assert out["total"].shape == (16,) and np.all(np.isfinite(out["total"])) and np.all(out["total"] > 0)
@@ -159,12 +166,13 @@ def test_eval_step_terms(micro, full_vlb):
         np.testing.assert_allclose(out["per_t"][:, 0], out["reconstruction"], rtol=1e-6)
         np.testing.assert_allclose(out["per_t"][:, 1:].sum(axis=1), out["diffusion"], rtol=1e-5)
     with pytest.raises(ValueError, match="draws must be >= 1"):
-        steps.eval_step(state, _batch(16), jax.random.key(0), draws=0)
+        steps.eval_step(state, _batch(16), key=jax.random.key(0), draws=0)
 
 
 @pytest.mark.parametrize("family,sampler", [("ddpm", "ancestral"), ("ddpm", "ddim"), ("vdm", "ancestral"), ("vdm", "ddim")])
 def test_sample_step(micro, family, sampler):
     config = micro(family=family, timesteps=0 if family == "vdm" else 20)
     state = _state(config)
-    out = jax.jit(lambda s, k: steps.sample_step(s, k, num=4, sampler=sampler, steps=5))(state, jax.random.key(0))
+    out = jax.jit(lambda s, k: steps.sample_step(s, key=k, num=4, sampler=sampler, sample_steps=5))(
+        state, jax.random.key(0))
     assert out.shape == (4, 8, 8, 1) and out.dtype == jnp.uint8

@@ -147,22 +147,22 @@ def _one_of(name, value, options):
         raise ValueError(f"config key {name!r} must be one of {options}, got {value!r}.")
 
 
-def check_sample_steps(steps: int, *, family: str, timesteps: int, sampler: str,
+def check_sample_steps(sample_steps: int, *, family: str, timesteps: int, sampler: str,
                        name: str = "training.sample_steps") -> None:
-    """Raises ValueError naming `name` unless the sampler can take `steps` reverse steps.
+    """Raises ValueError naming `name` unless the sampler can take `sample_steps` reverse steps.
 
     0 means all: T (1000 for a continuous-time VDM). DDPM's ancestral sampler always runs all T
     steps; DDIM on a DDPM takes 1..T of them; VDM's samplers take any number.
     """
-    if steps < 0:
-        raise ValueError(f"{name} must be >= 0 (0 = all T steps), got {steps}.")
-    if family != "ddpm" or steps in (0, timesteps):
+    if sample_steps < 0:
+        raise ValueError(f"{name} must be >= 0 (0 = all T steps), got {sample_steps}.")
+    if family != "ddpm" or sample_steps in (0, timesteps):
         return
     if sampler == "ancestral":
-        raise ValueError(f"{name}={steps}: DDPM's ancestral sampler runs all T = {timesteps} steps; "
+        raise ValueError(f"{name}={sample_steps}: DDPM's ancestral sampler runs all T = {timesteps} steps; "
                          "use 0 (= T), or the 'ddim' sampler for fewer steps.")
-    if steps > timesteps:
-        raise ValueError(f"{name}={steps}: DDIM on a DDPM with T = {timesteps} takes at most T steps.")
+    if sample_steps > timesteps:
+        raise ValueError(f"{name}={sample_steps}: DDIM on a DDPM with T = {timesteps} takes at most T steps.")
 
 
 def _check_values(config) -> None:

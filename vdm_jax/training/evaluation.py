@@ -2,7 +2,7 @@
 
     config, state = load_checkpoint(workdir)            # EMA parameters included, replicated
     result = evaluate_bpd(state, source, mesh=mesh, batch_size=256, key=key, draws=4)
-    images = generate_samples(state, mesh=mesh, num=10_000, key=key, sampler="ddim", steps=100)
+    images = generate_samples(state, mesh=mesh, num=10_000, key=key, sampler="ddim", sample_steps=100)
 
 `evaluate_bpd` reads every example of the split exactly once (the data pipeline pads the last batch
 and masks the padding out), averages `draws` independent estimates of each example's bound — or,
@@ -83,7 +83,7 @@ def load_checkpoint(workdir: str, *, step: int | None = None, mesh=None, dtype: 
             raise RunNotFoundError(f"{workdir} has no checkpoint yet (looked in {directory}).")
         if step is not None and step not in steps_saved:
             raise RunNotFoundError(f"{workdir} has no checkpoint at step {step}; it has steps {steps_saved}.")
-        abstract = jax.eval_shape(lambda key: create_train_state(config, model_config, key), jax.random.key(0))
+        abstract = jax.eval_shape(lambda key: create_train_state(config, model_config, key=key), jax.random.key(0))
         target = parallel.replicated_like(abstract.checkpoint_tree(), mesh)
         if step is None:
             _, tree, _ = ckpt.restore_latest(target)
@@ -102,7 +102,7 @@ def _bound_fn(mesh, draws: int, full_vlb: bool):
     rep = parallel.replicated(mesh)
 
     def fn(state, batch, key):
-        terms = steps.eval_step(state, {"image": batch["image"]}, key, draws=draws, full_vlb=full_vlb)
+        terms = steps.eval_step(state, {"image": batch["image"]}, key=key, draws=draws, full_vlb=full_vlb)
         return terms, batch["index"], batch["mask"]
 
     return jax.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
@@ -192,7 +192,7 @@ def _sample_fn(mesh, batch_size: int, sampler: str, sample_steps: int):
     sharded, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
 
     def fn(state, key):
-        images = steps.sample_step(state, key, num=batch_size, sampler=sampler, steps=sample_steps)
+        images = steps.sample_step(state, key=key, num=batch_size, sampler=sampler, sample_steps=sample_steps)
         # Pin the batch axis of the whole chain to the devices, then gather the (uint8) result.
         return jax.lax.with_sharding_constraint(images, sharded)
 
@@ -200,7 +200,7 @@ def _sample_fn(mesh, batch_size: int, sampler: str, sample_steps: int):
 
 
 def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int = 256,
-                     sampler: str = "ancestral", steps: int = 0, progress: bool = False) -> np.ndarray:
+                     sampler: str = "ancestral", sample_steps: int = 0, progress: bool = False) -> np.ndarray:
     """`num` samples as uint8 [num, H, W, C] from the EMA parameters, in batches sharded over devices.
 
     Args:
@@ -212,7 +212,7 @@ def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int 
       batch_size: images per compiled call (a multiple of the device count); the last batch is
         drawn whole and trimmed, so every call has the same shape and nothing recompiles.
       sampler: 'ancestral' (DDPM or VDM) or 'ddim'.
-      steps: reverse steps (0: T, or 1000 for a continuous-time VDM).
+      sample_steps: the sampler's steps (0: T, or 1000 for a continuous-time VDM).
       progress: show a progress bar.
     """
     if num < 1:
@@ -220,10 +220,10 @@ def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int 
     if sampler not in ("ancestral", "ddim"):
         raise ValueError(f"sampler must be 'ancestral' or 'ddim', got {sampler!r}.")
     objective = state.objective
-    check_sample_steps(steps, family=objective.family, timesteps=objective.timesteps, sampler=sampler,
-                       name="steps")
+    check_sample_steps(sample_steps, family=objective.family, timesteps=objective.timesteps, sampler=sampler,
+                       name="sample_steps")
     parallel.check_batch_size(batch_size, mesh, name="batch_size")
-    fn = _sample_fn(mesh, int(batch_size), sampler, int(steps))
+    fn = _sample_fn(mesh, int(batch_size), sampler, int(sample_steps))
     num_batches = math.ceil(num / batch_size)
     bar = progress_bar(progress, total=num, desc="samples", unit="image")
     out = []

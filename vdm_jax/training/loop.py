@@ -135,7 +135,7 @@ class _Run:
 
     def initial_state(self) -> TrainState:
         """A new state, or the newest intact checkpoint's (with the data iterator's position)."""
-        state = create_train_state(self.config, self.model_config, self.key_init)
+        state = create_train_state(self.config, self.model_config, key=self.key_init)
         config_dict = self.config.to_dict()
         restored = self.ckpt.restore_latest(parallel.replicated_like(state.checkpoint_tree(), self.mesh))
         resume_step = None
@@ -235,7 +235,7 @@ class _Run:
         n = self.mesh.devices.size
         images = generate_samples(state, mesh=self.mesh, num=t.num_samples, batch_size=-(-t.num_samples // n) * n,
                                   key=jax.random.fold_in(self.key_sample, int(state.step)), sampler=t.sampler,
-                                  steps=t.sample_steps)
+                                  sample_steps=t.sample_steps)
         picture = image_grid(images)
         path = os.path.join(self.workdir, "samples", f"step_{int(state.step):08d}.png")
         if self.is_main:
@@ -245,15 +245,25 @@ class _Run:
 
 
 def compiled_steps(mesh):
-    """(train_step, train_steps) jitted as the loop runs them: state replicated and donated, batch sharded."""
+    """(train_step, train_steps) jitted as the loop runs them: state replicated and donated, batch sharded.
+
+    Both are called positionally, `(state, batch, key)` (jit's in_shardings cover positional
+    arguments only; the steps themselves take `key` keyword-only).
+    """
     rep = parallel.replicated(mesh)
-    one = jax.jit(steps.train_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep),
-                  out_shardings=(rep, rep), donate_argnums=0)
     # Unrolled on CPU, where XLA's convolution gradients are slow inside a loop (`train_steps`).
     unroll = mesh.devices.flat[0].platform == "cpu"
-    many = jax.jit(functools.partial(steps.train_steps, unroll=unroll),
-                   in_shardings=(rep, parallel.batch_sharding(mesh, 1), rep), out_shardings=(rep, rep),
-                   donate_argnums=0)
+
+    def train_step(state, batch, key):
+        return steps.train_step(state, batch, key=key)
+
+    def train_steps(state, batches, key):
+        return steps.train_steps(state, batches, key=key, unroll=unroll)
+
+    one = jax.jit(train_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep),
+                  out_shardings=(rep, rep), donate_argnums=0)
+    many = jax.jit(train_steps, in_shardings=(rep, parallel.batch_sharding(mesh, 1), rep),
+                   out_shardings=(rep, rep), donate_argnums=0)
     return one, many
 
 

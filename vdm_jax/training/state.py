@@ -82,7 +82,7 @@ def _optimizer(*, optimizer, learning_rate, warmup_steps, b1, b2, eps, weight_de
     return optax.chain(*parts, opt), lr
 
 
-def create_train_state(config, model_config: UNetConfig, key) -> TrainState:
+def create_train_state(config, model_config: UNetConfig, *, key) -> TrainState:
     """Builds the model (and learned schedule), the optimiser and the EMA from a validated config.
 
     Everything is initialised in one compiled call: op-by-op initialisation compiles one small

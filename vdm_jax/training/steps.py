@@ -1,8 +1,10 @@
 """Pure step functions: `train_step`, `train_steps` (several per call), `eval_step`, `sample_step`.
 
-Each is a function of pytrees only; the caller jits it with shardings (see `parallel.py`) and
-donates the state. Per-step randomness is `fold_in(key, state.step)`, so a run is reproducible and
-does not depend on how many steps each call makes.
+Each is a function of pytrees only, with `key` keyword-only. The caller jits it with shardings
+(`parallel.py`) and donates the state; `jax.jit`'s in_shardings cover positional arguments only,
+so `loop.compiled_steps` wraps each step in a positional function. Per-step randomness is
+`fold_in(key, state.step)`, so a run is reproducible and does not depend on how many steps each
+call makes.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def _loss_fn(state: TrainState, batch, key):
     def loss_fn(model_params, schedule_params):
         model, schedule_model = model_and_schedule(state.graphdef, model_params, state.schedule_graphdef,
                                                    schedule_params)
-        loss, terms = objective.per_example_loss(model, schedule_model, batch, key)
+        loss, terms = objective.per_example_loss(model, schedule_model, batch, key=key)
         diffusion = terms.get("diffusion", jnp.zeros_like(loss))
         return (loss / dims, diffusion / dims), terms
 
@@ -62,12 +64,13 @@ def _term_metrics(terms, dims):
     return out
 
 
-def train_step(state: TrainState, batch, key) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(state: TrainState, batch, *, key) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on a batch {'image': uint8 [B, H, W, C]}.
 
     The model follows ∇ mean(loss); with a learned VDM schedule and variance minimisation, the
     schedule's shape follows ∇ mean(L_diffusion²) (`vdm_jax.variance_minimising_grads`). The EMA
     of all parameters is updated after the step, with decay min(ema_decay, (1 + step)/(10 + step)).
+    The step's randomness is `fold_in(key, state.step)`: pass the same `key` at every step.
     A step whose loss, loss terms or gradients are not all finite is not applied: the state
     records it and, as `state.on_nonfinite` says, freezes or skips it (`vdm_jax.training.faults`).
     """
@@ -105,7 +108,7 @@ def train_step(state: TrainState, batch, key) -> tuple[TrainState, dict[str, jax
     return new_state, metrics
 
 
-def train_steps(state: TrainState, batches, key, *, unroll: bool | None = None
+def train_steps(state: TrainState, batches, *, key, unroll: bool | None = None
                 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """`k` train steps in one call (a `lax.scan`); batches have a leading micro-step axis [k, B, ...].
 
@@ -113,16 +116,13 @@ def train_steps(state: TrainState, batches, key, *, unroll: bool | None = None
     the fraction of finite steps and `skipped_steps` the count after the last. Same result as k
     calls of `train_step`.
 
-    unroll: unroll the k steps instead of looping over one compiled step. None (default): unroll
-    when JAX's default backend is the CPU. XLA:CPU leaves the gradient convolutions of a loop
-    body in a layout that its fast (Eigen) convolution kernels do not take (it canonicalises them
-    only outside loops; jax-ml/jax#12868), so a scanned step ran 13× slower per step than single
-    steps (quickstart model, batch 64: 1.19 s against 0.089 s; unrolled: 0.078 s). Unrolling
-    costs compile time (23 s for one step, 37 s for four unrolled, 27 s for four scanned).
+    unroll: unroll the k steps instead of looping over one compiled step (more compile time).
+    None (default): unroll when JAX's default backend is the CPU, whose gradient convolutions
+    inside a loop body miss XLA:CPU's fast kernels (jax-ml/jax#12868).
     """
     if unroll is None:
         unroll = jax.default_backend() == "cpu"
-    state, metrics = jax.lax.scan(lambda s, b: train_step(s, b, key), state, batches, unroll=bool(unroll))
+    state, metrics = jax.lax.scan(lambda s, b: train_step(s, b, key=key), state, batches, unroll=bool(unroll))
     finite = metrics.pop("finite")
     skipped = metrics.pop("skipped_steps")
     ok = finite > 0
@@ -138,7 +138,7 @@ def _ema_modules(state: TrainState):
     return model_and_schedule(state.graphdef, params["model"], state.schedule_graphdef, params["schedule"])
 
 
-def eval_step(state: TrainState, batch, key, *, draws: int = 1, full_vlb: bool = False) -> dict[str, jax.Array]:
+def eval_step(state: TrainState, batch, *, key, draws: int = 1, full_vlb: bool = False) -> dict[str, jax.Array]:
     """The bound -ELBO of each example (nats) and its terms, with the EMA parameters.
 
     batch: {'image': uint8 [B, H, W, C], ...}. Returns 'prior', 'diffusion', 'reconstruction' and
@@ -160,18 +160,23 @@ def eval_step(state: TrainState, batch, key, *, draws: int = 1, full_vlb: bool =
     def one(d):
         k = jax.random.fold_in(key, d)
         if full_vlb:
-            return objective.per_example_full_vlb(model, batch, k)
-        return objective.per_example_bound(model, schedule_model, batch, k)
+            return objective.per_example_full_vlb(model, batch, key=k)
+        return objective.per_example_bound(model, schedule_model, batch, key=k)
 
     if draws == 1:
         return one(0)
     return jax.tree.map(lambda v: jnp.mean(v, axis=0), jax.lax.map(one, jnp.arange(draws)))
 
 
-def sample_step(state: TrainState, key, *, num: int, sampler: str = "ancestral", steps: int = 0):
-    """`num` samples as uint8 [num, H, W, C] from the EMA parameters."""
+def sample_step(state: TrainState, *, key, num: int, sampler: str = "ancestral", sample_steps: int = 0):
+    """`num` samples as uint8 [num, H, W, C] from the EMA parameters.
+
+    sampler: 'ancestral' (DDPM or VDM) or 'ddim'; sample_steps: its steps (0: T, or 1000 for a
+    continuous-time VDM).
+    """
     model, schedule_model = _ema_modules(state)
-    return state.objective.sample(model, schedule_model, num, key, sampler=sampler, steps=steps)
+    return state.objective.sample(model, schedule_model, key=key, num=num, sampler=sampler,
+                                  sample_steps=sample_steps)
 
 
 def explain_fault(state: TrainState) -> str:
