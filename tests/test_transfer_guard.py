@@ -134,3 +134,34 @@ def test_every_public_name_is_covered():
     host_only = {"linear_betas", "cosine_betas", "strided_times", "set_cpu_xla_flags"}  # take Python values
     callables = {n for n in vj.__all__ if callable(getattr(vj, n))} - host_only
     assert callables <= covered, callables - covered
+
+
+@pytest.mark.xdist_group("micro_run")  # the worker that already has test_faults' compiled step
+def test_train_step_reads_nothing_back(no_host_reads):
+    """The loop's compiled train step (`loop.compiled_steps`, the program tests/training/test_faults.py
+    builds for the same micro run, so the compilation cache serves it) on state and batch already
+    on the devices: no transfer in either direction, no host read."""
+    import importlib.util
+    import os
+
+    from vdm_jax.training import create_train_state, parallel, validate_config
+    from vdm_jax.training.loop import compiled_steps
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "training", "micro_config.py")
+    spec = importlib.util.spec_from_file_location("micro_config", path)
+    micro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(micro)
+    config = micro.get_config()
+    mesh = parallel.make_mesh()
+    one, _ = compiled_steps(mesh)
+    rep = parallel.replicated(mesh)
+    state = jax.device_put(create_train_state(config, validate_config(config), key=jax.random.key(0)), rep)
+    images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+    batch = jax.device_put({"image": images}, parallel.batch_sharding(mesh))
+    key = jax.device_put(jax.random.key(1), rep)
+    with no_host_reads(), jax.transfer_guard("disallow"):
+        state, metrics = one(state, batch, key)
+        state = jax.block_until_ready(state)
+    assert int(state.step) == 1
+    assert all(np.isfinite(float(v)) for v in metrics.values()), metrics
+    assert float(metrics["finite"]) == 1.0 and float(metrics["grad_norm"]) > 0
