@@ -31,7 +31,7 @@ def elbo_figures():
     def chunk(key, T):
         kx, ke = jax.random.split(key)
         x = M + S * jax.random.normal(kx, (B, 1))
-        return vj.vdm_elbo(pred, x, ke, sched, T=T, decoder="gaussian")["total"].mean()
+        return vj.vdm_elbo(pred, x, sched, key=ke, T=T, decoder="gaussian")["total"].mean()
 
     means = np.array([float(chunk(jax.random.key(i), 0)) for i in range(60)])
     se = means.std(ddof=1) / np.sqrt(len(means))

@@ -72,7 +72,7 @@ def main(argv):
     config = get_config(FLAGS.model)
     model_config = validate_config(config)
     mesh = make_mesh()
-    state = parallel.replicate(create_train_state(config, model_config, jax.random.key(0)), mesh)
+    state = parallel.replicate(create_train_state(config, model_config, key=jax.random.key(0)), mesh)
     source = _First(load_source(FLAGS.source, "test"), FLAGS.bpd_images)
     record = {"benchmark": "eval_at_scale", "model": FLAGS.model, "params": count_params(model_config),
               "source": FLAGS.source,
@@ -94,7 +94,8 @@ def main(argv):
 
     def sample(b):
         return generate_samples(state, mesh=mesh, num=FLAGS.sample_batch, batch_size=FLAGS.sample_batch,
-                                key=jax.random.fold_in(key, b), sampler=FLAGS.sampler, steps=FLAGS.sample_steps)
+                                key=jax.random.fold_in(key, b), sampler=FLAGS.sampler,
+                                sample_steps=FLAGS.sample_steps)
 
     start = time.perf_counter()
     sample(0)

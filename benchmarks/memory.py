@@ -45,12 +45,12 @@ def measure(model: str, dtype: str, remat: bool, batch: int) -> dict:
 
     config = _config(model, dtype, remat, batch)
     model_config = validate_config(config)
-    state = jax.eval_shape(lambda k: create_train_state(config, model_config, k), jax.random.key(0))
+    state = jax.eval_shape(lambda k: create_train_state(config, model_config, key=k), jax.random.key(0))
     shape = (batch, model_config.image_size, model_config.image_size, model_config.in_channels)
     batch_spec = {"image": jax.ShapeDtypeStruct(shape, np.uint8)}
     step = jax.jit(steps.train_step, donate_argnums=0)
     start = time.perf_counter()
-    compiled = step.lower(state, batch_spec, jax.random.key(1)).compile()
+    compiled = step.lower(state, batch_spec, key=jax.random.key(1)).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     # FLOPs of the loss gradient alone (see benchmarks/run.py: the cost analysis overcounts the

@@ -103,6 +103,7 @@ def bench_jax(model_config, batch: int) -> dict:
 
     from vdm_jax.models import count_params
     from vdm_jax.training import create_train_state, default_config, parallel, steps, validate_config
+    from vdm_jax.training.loop import compiled_steps
 
     c = default_config()
     c.model.update(model_config.to_dict())
@@ -112,7 +113,7 @@ def bench_jax(model_config, batch: int) -> dict:
     mesh = parallel.make_mesh()
     parallel.check_batch_size(batch, mesh, "--batch")
     rep = parallel.replicated(mesh)
-    state = parallel.replicate(create_train_state(c, model_config, jax.random.key(0)), mesh)
+    state = parallel.replicate(create_train_state(c, model_config, key=jax.random.key(0)), mesh)
     shape = (model_config.image_size, model_config.image_size, model_config.in_channels)
     images = np.random.default_rng(0).integers(0, 256, (batch, *shape), dtype=np.uint8)
     data = parallel.global_batch({"image": images}, mesh)
@@ -120,8 +121,7 @@ def bench_jax(model_config, batch: int) -> dict:
     result = {"params": count_params(model_config), "devices": mesh.devices.size}
 
     # Train: the step as the loop compiles it (replicated state, sharded batch, state donated).
-    train = jax.jit(steps.train_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep),
-                       out_shardings=(rep, rep), donate_argnums=0)
+    train, _ = compiled_steps(mesh)
     compiled, result["train_compile_s"] = _timed_compile(train, state, data, key)
     # Model FLOPs (forward and backward: the MFU convention) from the compiled loss gradient alone.
     # The optimiser's elementwise update is not model work, and XLA's cost analysis counts its fused
@@ -153,7 +153,7 @@ def bench_jax(model_config, batch: int) -> dict:
 
     # Sample: one ancestral chain, the whole chain one compiled scan.
     n = FLAGS.sample_batch
-    sample = jax.jit(lambda s, k: steps.sample_step(s, k, num=n, sampler="ancestral", steps=0),
+    sample = jax.jit(lambda s, k: steps.sample_step(s, key=k, num=n, sampler="ancestral", sample_steps=0),
                         in_shardings=(rep, rep), out_shardings=rep)
     compiled_sample, result["sample_compile_s"] = _timed_compile(sample, state, key)
     result["sample_chain_s"] = median_time(lambda: jax.block_until_ready(compiled_sample(state, key)),
@@ -163,7 +163,8 @@ def bench_jax(model_config, batch: int) -> dict:
     # Evaluate: the one-t bound per image.
     eval_images = np.resize(images, (FLAGS.eval_batch, *shape))
     eval_data = parallel.global_batch({"image": eval_images}, mesh)
-    evaluate = jax.jit(steps.eval_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
+    evaluate = jax.jit(lambda s, b, k: steps.eval_step(s, b, key=k),
+                       in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
     compiled_eval, result["eval_compile_s"] = _timed_compile(evaluate, state, eval_data, key)
     jax.block_until_ready(compiled_eval(state, eval_data, key))
     eval_s = median_time(lambda: jax.block_until_ready(compiled_eval(state, eval_data, key)), FLAGS.repeats)

@@ -62,7 +62,7 @@ def main(argv):
     from flax import nnx
 
     import vdm_jax as vj
-    from vdm_jax.models import count_params
+    from vdm_jax.models import as_pred_fn, count_params
 
     config, graphdef, params = _model(FLAGS.model)
     T = FLAGS.T
@@ -70,20 +70,19 @@ def main(argv):
     shape = (FLAGS.batch, config.image_size, config.image_size, config.in_channels)
     device = jax.devices()[0]
 
-    def pred_fn(params):
-        model = nnx.merge(graphdef, params)
-        return lambda z, t: model(z, t.astype(z.dtype) / T)
+    def pred_fn(params):  # DDPM: the network sees t = step/T
+        return as_pred_fn(nnx.merge(graphdef, params))
 
     key = jax.random.key(0)
     key_init, key_steps = jax.random.split(key)
-    scan = jax.jit(lambda p, k: vj.ddpm_sample(pred_fn(p), sched, shape, k, clip_x=(-1.0, 1.0)))
-    step = jax.jit(lambda p, z, t: vj.ddpm_step(pred_fn(p), sched, z, t, key_steps, clip_x=(-1.0, 1.0)))
+    scan = jax.jit(lambda p, k: vj.ddpm_sample(pred_fn(p), sched, shape, key=k, clip_x=(-1.0, 1.0)))
+    step = jax.jit(lambda p, z, i: vj.ddpm_step(pred_fn(p), sched, z, i, key=key_steps, clip_x=(-1.0, 1.0)))
     z_T = jax.random.normal(key_init, shape)
 
     def loop():
         z = z_T
-        for t in range(T, 0, -1):
-            z = step(params, z, jnp.int32(t))
+        for i in range(T, 0, -1):
+            z = step(params, z, jnp.int32(i))
         return z
 
     start = time.perf_counter()
