@@ -53,8 +53,7 @@ def measure(model: str, dtype: str, remat: bool, batch: int) -> dict:
     compiled = step.lower(state, batch_spec, key=jax.random.key(1)).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    # FLOPs of the loss gradient alone (see benchmarks/run.py: the cost analysis overcounts the
-    # raveled optimiser update, which is not model work).
+    # FLOPs of the loss gradient alone (the MFU convention; the optimiser's update is not model work).
     analysis = jax.jit(steps._grads).lower(state, batch_spec, jax.random.key(1)).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return {"model": model, "dtype": dtype, "remat": remat, "batch": batch, "compile_s": seconds,

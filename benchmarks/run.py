@@ -124,9 +124,8 @@ def bench_jax(model_config, batch: int) -> dict:
     train, _ = compiled_steps(mesh)
     compiled, result["train_compile_s"] = _timed_compile(train, state, data, key)
     # Model FLOPs (forward and backward: the MFU convention) from the compiled loss gradient alone.
-    # The optimiser's elementwise update is not model work, and XLA's cost analysis counts its fused
-    # update of the raveled parameters once per parameter array it is sliced into (~90 GFLOP a
-    # step for ddpm_cifar10, which it does not compute).
+    # The optimiser's elementwise update is not model work (and XLA's cost analysis of the whole step
+    # counted the raveled update of vdm_jax 0.1 once per parameter array, ~90 GFLOP too many).
     flops = _flops(jax.jit(steps._grads, in_shardings=(rep, parallel.batch_sharding(mesh), rep))
                    .lower(state, data, key).compile())
     result["train_temp_bytes"] = _temp_bytes(compiled)

@@ -56,8 +56,6 @@ def _devices() -> str:
 
 def _sampling(FLAGS, config, objective) -> tuple[str, int]:
     """The sampler and its number of steps: the flags', else the run's (its steps only with its sampler)."""
-    from vdm_jax.training.config import check_sample_steps
-
     sampler = FLAGS.sampler or config.training.sampler
     if FLAGS.sample_steps is not None:
         sample_steps, name = FLAGS.sample_steps, "--sample_steps"
@@ -66,8 +64,7 @@ def _sampling(FLAGS, config, objective) -> tuple[str, int]:
     else:
         sample_steps, name = 0, "--sample_steps"
     if FLAGS.num_samples:
-        check_sample_steps(sample_steps, family=objective.family, timesteps=objective.timesteps, sampler=sampler,
-                           name=name)
+        objective.check_sample_steps(sample_steps, sampler, name=name)
     return sampler, sample_steps
 
 

@@ -52,7 +52,7 @@ from vdm_jax.variance import variance_minimising_grads
 from vdm_jax.sampling import ddim_sample, ddpm_sample, ddpm_step, strided_times, vdm_sample
 from vdm_jax.xla_flags import set_cpu_xla_flags
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # schedules (docs/math.md §1)

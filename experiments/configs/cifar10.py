@@ -10,7 +10,9 @@ ddpm — Ho et al. 2020's CIFAR-10 recipe: the 35.7M U-Net, T = 1000 linear β, 
 
 vdm — Kingma et al. 2021's recipe: the 31M no-downsampling U-Net with Fourier features,
   continuous time (T = 0), learned monotone schedule from γ ∈ [-13.3, 5] with VDM's
-  variance minimisation, AdamW 2e-4 (b2 0.99, wd 0.01), batch 128, EMA 0.9999, no flips.
+  variance minimisation, AdamW 2e-4 (b1 0.9, b2 0.99, eps 1e-8; weight decay 0.01 on the U-Net's
+  kernels only, not on biases, norm scales/offsets or the schedule), 100 warm-up steps, no
+  clipping, batch 128, EMA 0.9999, no flips.
     python -m experiments.cifar10 --workdir=runs/vdm --config=experiments/configs/cifar10.py:vdm
   Cost: the paper trained 10M steps on TPU v3-8 pods (weeks); needs accelerators. Should reach
   ~2.65 bits/dim (the paper's test bpd without data augmentation).
@@ -67,7 +69,7 @@ def vdm():
     c.diffusion.gamma_max = 5.0
     c.optim.optimizer = "adamw"
     c.optim.learning_rate = 2e-4
-    c.optim.warmup_steps = 0
+    c.optim.warmup_steps = 100
     c.optim.b2 = 0.99
     c.optim.weight_decay = 0.01
     c.optim.grad_clip = 0.0

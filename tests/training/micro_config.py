@@ -17,6 +17,7 @@ def micro_config(image_size=8, channels=1, **diffusion):
     c.diffusion.schedule_hidden = 16
     for k, v in diffusion.items():
         c.diffusion[k] = v
+    c.optim.warmup_steps = 0  # (warm-up starts at lr 0: the first step would change nothing)
     c.training.batch_size = 16
     c.training.eval_batch_size = 16
     c.training.num_samples = 8
@@ -28,12 +29,17 @@ def micro_config(image_size=8, channels=1, **diffusion):
 
 def get_config(family: str = "ddpm"):
     """`micro_config` on the digits: 12 steps, a log line and a metrics record every step,
-    checkpoints every 3 steps, evaluation and samples only at the end."""
+    checkpoints every 3 steps, evaluation and samples only at the end. 'vdm' is the `vdm` CIFAR-10
+    recipe in small: continuous time, a learned schedule with variance minimisation, AdamW with
+    masked weight decay, warmed up over 4 steps."""
     c = micro_config(family=family, timesteps=20 if family == "ddpm" else 0)
     c.data.source = "digits"
     c.data.random_flip = False
     c.optim.warmup_steps = 0
     c.optim.learning_rate = 1e-3
+    if family == "vdm":
+        c.diffusion.schedule = "learned"
+        c.optim.update(optimizer="adamw", b2=0.99, weight_decay=0.01, grad_clip=0.0, warmup_steps=4)
     c.training.num_steps = 12
     c.training.log_every = 1
     c.training.checkpoint_every = 3

@@ -1,7 +1,7 @@
 """Config validation: unknown keys, wrong types, impossible combinations."""
 import pytest
 
-from vdm_jax.training import compute_dtype, default_config, validate_config
+from vdm_jax.training import checked_config, compute_dtype, default_config, validate_config
 
 from experiments.configs import cifar10
 
@@ -43,7 +43,7 @@ def test_wrong_type():
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"diffusion.variance": "learned"}, "needs model.learned_variance=True"),
+    ({"diffusion.variance": "learned", "diffusion.loss": "hybrid"}, "needs model.learned_variance=True"),
     ({"model.learned_variance": True}, "needs model.learned_variance=False"),
     ({"diffusion.loss": "hybrid"}, "needs diffusion.variance='learned'"),
     ({"diffusion.loss": "simple", "diffusion.variance": "learned", "model.learned_variance": True},
@@ -120,3 +120,54 @@ def test_bad_dtype_is_named():
     c.model.dtype = "half-ish"
     with pytest.raises(ValueError, match=r"config.model: UNetConfig.dtype: expected a floating dtype"):
         validate_config(c)
+
+
+def test_default_config_is_locked():
+    """A typo in a config file fails where it is made, not at validation."""
+    c = default_config()
+    with pytest.raises((AttributeError, KeyError), match="bacth_size"):
+        c.training.bacth_size = 3
+
+
+@pytest.mark.parametrize("values, error, message", [
+    ({"training": {"bacth_size": 3}}, ValueError,
+     r"unknown config key 'training.bacth_size' \(did you mean 'batch_size'\?\); valid keys here are: batch_size,"),
+    ({"trainin": {"batch_size": 3}}, ValueError, r"unknown config key 'trainin' \(did you mean 'training'\?\)"),
+    ({"training": {"batch_size": True}}, TypeError, r"'training.batch_size' must be of type int, got True \(bool\)"),
+    ({"training": {"batch_size": 3.0}}, TypeError, r"'training.batch_size' must be of type int, got 3.0 \(float\)"),
+    ({"training": {"progress_bar": 1}}, TypeError, r"'training.progress_bar' must be of type bool, got 1 \(int\)"),
+    ({"optim": {"learning_rate": "fast"}}, TypeError, r"'optim.learning_rate' must be of type float"),
+    ({"training": 3}, TypeError, r"config key 'training' must be a group of settings, got 3 \(int\)"),
+    ({"seed": {"value": 1}}, TypeError, r"config key 'seed' is a setting, not a group of settings"),
+    ({"optim": {"eps": float("inf")}}, ValueError, r"'optim.eps' must be a finite number, got inf"),
+])
+def test_checked_config_names_the_key(values, error, message):
+    with pytest.raises(error, match=message):
+        checked_config(values)
+
+
+def test_checked_config_reads_a_saved_config_back():
+    """config.json's plain values (lists for tuples, ints for floats) come back with the schema's types."""
+    import json
+
+    c = cifar10.get_config("vdm")
+    saved = json.loads(json.dumps(c.to_dict(), default=list))
+    saved["optim"]["learning_rate"] = 1  # an int where the schema has a float
+    back = checked_config(saved)
+    assert back.model.channel_mult == tuple(c.model.channel_mult) and isinstance(back.model.channel_mult, tuple)
+    assert back.optim.learning_rate == 1.0 and isinstance(back.optim.learning_rate, float)
+    assert back.diffusion.to_dict() == c.diffusion.to_dict() and back.is_locked
+    assert validate_config(back) == validate_config(c)
+
+
+def test_read_config_names_the_file(tmp_path):
+    import json
+
+    from vdm_jax.training.evaluation import read_config
+
+    saved = default_config().to_dict()
+    saved["training"]["num_stepz"] = 5
+    (tmp_path / "config.json").write_text(json.dumps(saved, default=list))
+    with pytest.raises(ValueError, match=r"config.json: unknown config key 'training.num_stepz' \(did you mean "
+                                         r"'num_steps'\?\)"):
+        read_config(str(tmp_path))

@@ -4,6 +4,7 @@ bitwise equal to the uninterrupted one; two processes train exactly like one; a 
 The runs are the real entry point (`python -m experiments.cifar10`) on the micro config
 (`micro_config.get_config`: 12 steps on the digits, a metrics line every step, checkpoints every 3).
 """
+import functools
 import json
 import logging
 import os
@@ -33,8 +34,9 @@ def _env(devices: int = 8) -> dict:
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
 
 
-def _launch(workdir, *flags, devices: int = 8) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "experiments.cifar10", f"--workdir={workdir}", f"--config={MICRO_CONFIG_FILE}", *flags]
+def _launch(workdir, *flags, devices: int = 8, family: str = "ddpm") -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "experiments.cifar10", f"--workdir={workdir}", f"--config={MICRO_CONFIG_FILE}:{family}",
+           *flags]
     return subprocess.Popen(cmd, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -82,21 +84,34 @@ def _final_arrays(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, micro_run):
-    """The micro run, uninterrupted, in this process (8 devices)."""
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    summary = train_and_evaluate(micro_run(), str(workdir))
-    return workdir, summary
+def uninterrupted(tmp_path_factory, micro_run):
+    """family -> the micro run of that family, uninterrupted, in this process (8 devices)."""
+    runs = {}
+
+    def run(family="ddpm"):
+        if family not in runs:
+            workdir = tmp_path_factory.mktemp(f"uninterrupted_{family}")
+            runs[family] = workdir, train_and_evaluate(micro_run(family), str(workdir))
+        return runs[family]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted):
+    return uninterrupted("ddpm")
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("micro_run")
-def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, reference):
-    ref_dir, _ = reference
+@pytest.mark.parametrize("family", ["ddpm", "vdm"])  # vdm: a learned schedule and masked AdamW state too
+def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, uninterrupted, family):
+    ref_dir, _ = uninterrupted(family)
     workdir = tmp_path / "interrupted"
+    launch = functools.partial(_launch, family=family)
 
     # 1. SIGTERM mid-run: a last checkpoint, a message, exit status 0.
-    run = _launch(workdir)
+    run = launch(workdir)
     _wait_for_step(run, workdir, 2)
     run.send_signal(signal.SIGTERM)
     code, out, err = _finish(run)
@@ -105,7 +120,7 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_p
     assert 2 <= saved < 12 and str(saved) in os.listdir(workdir / "checkpoints")
 
     # 2. Resume, then SIGKILL a few steps later: whatever it was doing (a step, a save) is lost.
-    run = _launch(workdir)
+    run = launch(workdir)
     _wait_for_step(run, workdir, saved + 4)
     run.kill()
     code, _, err = _finish(run)
@@ -115,7 +130,7 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_p
     assert killed_at < 12, "the run finished before it was killed"
 
     # 3. Resume to the end.
-    code, out, err = _finish(_launch(workdir))
+    code, out, err = _finish(launch(workdir))
     assert code == 0, err[-3000:]
     resumed = int(re.search(r"resuming from step (\d+)", err).group(1))
     assert saved <= resumed <= killed_at  # == saved when the kill landed while step 6 was being saved

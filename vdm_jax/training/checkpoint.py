@@ -183,6 +183,13 @@ class Checkpointer:
         missing = sorted(set(wanted) - set(saved))
         extra = sorted(set(saved) - set(wanted))
         differ = sorted(k for k in set(wanted) & set(saved) if wanted[k] != saved[k])
+        if (missing or extra or differ) and all(k.startswith(("opt_state/", "faults/"))
+                                                for k in missing + extra + differ):
+            raise CheckpointMismatchError(
+                f"the checkpoint at step {step} in {self.directory} was written by vdm_jax 0.1 (its "
+                "optimiser state is one raveled vector, its fault record a bit mask); vdm_jax 0.2 keeps the "
+                "parameter tree's structure and can't restore it. Use a new --workdir, or the older vdm_jax to "
+                "finish or evaluate that run.")
         if missing or extra or differ:
             detail = []
             if differ:

@@ -6,6 +6,7 @@ message each, before anything is built.
 """
 from __future__ import annotations
 
+import difflib
 import math
 
 import jax
@@ -13,10 +14,9 @@ import ml_collections
 
 from vdm_jax.models import UNetConfig, tiny
 from vdm_jax.training.faults import ON_NONFINITE
+from vdm_jax.training.objective import OBJECTIVES, make_objective
 
-FAMILIES = ("ddpm", "vdm")
-DDPM_LOSSES = ("simple", "vlb", "hybrid")
-VARIANCES = ("posterior", "beta", "learned")
+FAMILIES = tuple(OBJECTIVES)
 SAMPLERS = ("ancestral", "ddim")
 OPTIMIZERS = ("adam", "adamw")
 # model.dtype = 'auto': bfloat16 activations on these backends (float32 parameters, loss and optimiser
@@ -97,6 +97,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.training.progress_bar = True
     c.training.on_nonfinite = "stop"  # a NaN/Inf loss or gradient: 'stop' (raise) or 'skip' the step
     c.training.max_consecutive_skips = 100  # with 'skip': raise after this many bad steps in a row (0 = never)
+    c.lock()
     return c
 
 
@@ -106,153 +107,105 @@ def set_model(config: ml_collections.ConfigDict, model: UNetConfig, *, dtype: st
     config.model.update({**model.to_dict(), "dtype": dtype})
 
 
-def _walk(config, reference, path=""):
-    """Yields (dotted key, value, reference value); raises on keys the reference lacks."""
-    for key in config.keys():
-        name = f"{path}{key}"
-        if key not in reference:
-            known = ", ".join(sorted(reference.keys()))
-            raise ValueError(f"unknown config key {name!r}; valid keys here are: {known}.")
-        value, ref = config[key], reference[key]
-        if isinstance(ref, ml_collections.ConfigDict):
-            if not isinstance(value, (ml_collections.ConfigDict, dict)):
-                raise TypeError(f"config key {name!r} must be a group of settings, got {value!r}.")
-            yield from _walk(value, ref, name + ".")
-        else:
-            yield name, value, ref
+def checked_config(values) -> ml_collections.ConfigDict:
+    """`values` (a ConfigDict, or the dict of a saved config.json) read into `default_config()`.
 
-
-def _check_type(name, value, ref):
-    if isinstance(ref, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(ref, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(ref, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif isinstance(ref, str):
-        ok = isinstance(value, str)
-    elif isinstance(ref, (tuple, list)):
-        ok = isinstance(value, (tuple, list))
-    else:
-        ok = True
-    if not ok:
-        raise TypeError(f"config key {name!r} must be of type {type(ref).__name__}, got {value!r} "
-                        f"({type(value).__name__}).")
-    if isinstance(ref, float) and not math.isfinite(value):
-        raise ValueError(f"config key {name!r} must be a finite number, got {value!r}.")
-
-
-def _one_of(name, value, options):
-    if value not in options:
-        raise ValueError(f"config key {name!r} must be one of {options}, got {value!r}.")
-
-
-def check_sample_steps(sample_steps: int, *, family: str, timesteps: int, sampler: str,
-                       name: str = "training.sample_steps") -> None:
-    """Raises ValueError naming `name` unless the sampler can take `sample_steps` reverse steps.
-
-    0 means all: T (1000 for a continuous-time VDM). DDPM's ancestral sampler always runs all T
-    steps; DDIM on a DDPM takes 1..T of them; VDM's samplers take any number.
+    The result is a locked ConfigDict with the schema's types (ml_collections casts ints to floats
+    and lists to tuples, and refuses other types). Raises ValueError for a key the schema lacks
+    (naming it with its group, the valid keys and the closest one) and TypeError for a value of
+    the wrong type.
     """
-    if sample_steps < 0:
-        raise ValueError(f"{name} must be >= 0 (0 = all T steps), got {sample_steps}.")
-    if family != "ddpm" or sample_steps in (0, timesteps):
-        return
-    if sampler == "ancestral":
-        raise ValueError(f"{name}={sample_steps}: DDPM's ancestral sampler runs all T = {timesteps} steps; "
-                         "use 0 (= T), or the 'ddim' sampler for fewer steps.")
-    if sample_steps > timesteps:
-        raise ValueError(f"{name}={sample_steps}: DDIM on a DDPM with T = {timesteps} takes at most T steps.")
+    config = default_config()
+    for name, value in _leaves(values):
+        parent, key = _group_of(config, name)
+        ref = parent[key]
+        want = ("a group of settings" if isinstance(ref, ml_collections.ConfigDict)
+                else f"of type {type(ref).__name__}")
+        try:
+            if isinstance(value, bool) is not isinstance(ref, bool) or isinstance(ref, ml_collections.ConfigDict):
+                raise TypeError  # (ConfigDict would cast a bool to a number)
+            parent[key] = value
+        except TypeError:
+            raise TypeError(f"config key {name!r} must be {want}, got {value!r} ({type(value).__name__}).") from None
+        if isinstance(ref, float) and not math.isfinite(parent[key]):
+            raise ValueError(f"config key {name!r} must be a finite number, got {value!r}.")
+    return config
 
 
-def _check_values(config) -> None:
-    """Values no single type check catches: ranges, and settings that only fit some families."""
-    d, t, o = config.diffusion, config.training, config.optim
-    for name, value, low in [("seed", config.seed, 0), ("data.num_workers", config.data.num_workers, 0),
-                             ("data.prefetch", config.data.prefetch, 0),
-                             ("diffusion.hybrid_lambda", d.hybrid_lambda, 0),
-                             ("training.num_processes", t.num_processes, 0),
-                             ("training.process_id", t.process_id, -1)]:
-        if value < low:
-            raise ValueError(f"config key {name!r} must be >= {low}, got {value}.")
-    if d.family == "ddpm" and d.schedule == "linear" and not 0.0 < d.beta_start <= d.beta_end < 1.0:
-        raise ValueError("config keys 'diffusion.beta_start' and 'diffusion.beta_end' must satisfy "
-                         f"0 < beta_start <= beta_end < 1, got {d.beta_start} and {d.beta_end}.")
-    if d.family == "vdm" and d.schedule == "learned" and d.schedule_hidden < 1:
-        raise ValueError(f"config key 'diffusion.schedule_hidden' must be >= 1, got {d.schedule_hidden}.")
-    for name, value in (("optim.b1", o.b1), ("optim.b2", o.b2)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"config key {name!r} must be in [0, 1), got {value}.")
-    if not o.eps > 0:
-        raise ValueError(f"config key 'optim.eps' must be > 0, got {o.eps}.")
-    if t.num_processes > 0 and t.process_id >= t.num_processes:
-        raise ValueError(f"config key 'training.process_id' must be < training.num_processes = "
-                         f"{t.num_processes} (or -1 = auto-detect), got {t.process_id}.")
-    check_sample_steps(t.sample_steps, family=d.family, timesteps=d.timesteps, sampler=t.sampler)
+def _group_of(config, name: str):
+    """(the group holding the dotted key `name`, its last part); raises naming an unknown key."""
+    parts = name.split(".")
+    group = config
+    for i, part in enumerate(parts):
+        if not isinstance(group, ml_collections.ConfigDict):
+            raise TypeError(f"config key {'.'.join(parts[:i])!r} is a setting, not a group of settings.")
+        if part not in group:
+            hint = difflib.get_close_matches(part, list(group.keys()), n=1)
+            raise ValueError(f"unknown config key {'.'.join(parts[:i + 1])!r}"
+                             + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                             + f"; valid keys here are: {', '.join(sorted(group.keys()))}.")
+        if i < len(parts) - 1:
+            group = group[part]
+    return group, parts[-1]
+
+
+def _leaves(values, prefix=""):
+    """(dotted key, value) for every setting of a nested config or dict (groups are walked into)."""
+    for key, value in values.items():
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+# Single settings' ranges; the rules that span settings follow in `validate_config`, and each
+# family's own in its objective (`objective.py`).
+_CHOICES = {"diffusion.family": FAMILIES, "training.sampler": SAMPLERS, "optim.optimizer": OPTIMIZERS,
+            "training.on_nonfinite": ON_NONFINITE}
+_POSITIVE = ("training.batch_size", "training.num_steps", "training.steps_per_call", "training.log_every",
+             "training.eval_batch_size", "training.checkpoint_every", "training.keep_checkpoints",
+             "training.num_samples", "optim.learning_rate", "optim.eps")
+_AT_LEAST = {"seed": 0, "data.num_workers": 0, "data.prefetch": 0, "diffusion.hybrid_lambda": 0,
+             "optim.warmup_steps": 0, "optim.grad_clip": 0, "optim.weight_decay": 0, "training.eval_every": 0,
+             "training.sample_every": 0, "training.keep_every": 0, "training.max_consecutive_skips": 0,
+             "training.num_processes": 0, "training.process_id": -1}
+_UNIT_INTERVAL = ("optim.b1", "optim.b2", "optim.ema_decay")  # [0, 1)
+
+
+def _get(config, name):
+    group, _, key = name.rpartition(".")
+    return (config[group] if group else config)[key]
 
 
 def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
-    """Checks a config against `default_config()`; returns the validated model config.
-
-    `model.dtype = 'auto'` is resolved for JAX's default backend (`compute_dtype`).
+    """Checks a config against `default_config()` (`checked_config`) and the rules between its
+    settings; returns the model's config, with `model.dtype = 'auto'` resolved for JAX's default
+    backend (`compute_dtype`).
 
     Raises:
       ValueError: unknown keys, values out of range, impossible combinations.
       TypeError: values of the wrong type.
     """
-    for name, value, ref in _walk(config, default_config()):
-        _check_type(name, value, ref)
+    config = checked_config(config)
+    for name, options in _CHOICES.items():
+        if _get(config, name) not in options:
+            raise ValueError(f"config key {name!r} must be one of {options}, got {_get(config, name)!r}.")
+    for name in _POSITIVE:
+        if not _get(config, name) > 0:
+            raise ValueError(f"config key {name!r} must be > 0, got {_get(config, name)}.")
+    for name, low in _AT_LEAST.items():
+        if _get(config, name) < low:
+            raise ValueError(f"config key {name!r} must be >= {low}, got {_get(config, name)}.")
+    for name in _UNIT_INTERVAL:
+        if not 0.0 <= _get(config, name) < 1.0:
+            raise ValueError(f"config key {name!r} must be in [0, 1), got {_get(config, name)}.")
     try:
-        fields = dict(config.model)
-        fields["dtype"] = compute_dtype(fields.get("dtype", "float32"))
-        model = UNetConfig.from_dict(fields)
+        model = UNetConfig.from_dict({**config.model, "dtype": compute_dtype(config.model.dtype)})
     except (ValueError, TypeError) as e:
         raise type(e)(f"config.model: {e}") from None
-    d, t, o = config.diffusion, config.training, config.optim
-    _one_of("diffusion.family", d.family, FAMILIES)
-    _one_of("training.sampler", t.sampler, SAMPLERS)
-    _one_of("optim.optimizer", o.optimizer, OPTIMIZERS)
-    _one_of("training.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
-    if d.family == "ddpm":
-        _one_of("diffusion.schedule", d.schedule, ("linear", "cosine"))
-        _one_of("diffusion.loss", d.loss, DDPM_LOSSES)
-        _one_of("diffusion.variance", d.variance, VARIANCES)
-        if d.timesteps < 1:
-            raise ValueError(f"config key 'diffusion.timesteps' must be >= 1 for a DDPM, got {d.timesteps}.")
-        learned = d.variance == "learned"
-        if learned != model.learned_variance:
-            raise ValueError(
-                f"diffusion.variance={d.variance!r} needs model.learned_variance={learned}, got "
-                f"{model.learned_variance}: a learned variance needs the model's extra output channels, "
-                "and those channels are only trained with a learned variance.")
-        if d.loss == "hybrid" and not learned:
-            raise ValueError("diffusion.loss='hybrid' trains the learned variance: it needs "
-                             "diffusion.variance='learned' (and model.learned_variance=True).")
-        if learned and d.loss == "simple":
-            raise ValueError("diffusion.loss='simple' cannot train a learned variance: use 'hybrid' or 'vlb'.")
-    else:
-        _one_of("diffusion.schedule", d.schedule, ("linear", "cosine", "learned"))
-        if d.timesteps < 0:
-            raise ValueError(f"config key 'diffusion.timesteps' must be >= 0 (0 = continuous), got {d.timesteps}.")
-        if model.learned_variance:
-            raise ValueError("model.learned_variance is a DDPM option; VDM's reverse variance is the posterior's.")
-        if not d.gamma_min < d.gamma_max:
-            raise ValueError(f"diffusion.gamma_min must be < diffusion.gamma_max, got {d.gamma_min}, {d.gamma_max}.")
-    positive = {"training.batch_size": t.batch_size, "training.num_steps": t.num_steps,
-                "training.steps_per_call": t.steps_per_call, "training.log_every": t.log_every,
-                "training.eval_batch_size": t.eval_batch_size, "training.checkpoint_every": t.checkpoint_every,
-                "training.keep_checkpoints": t.keep_checkpoints, "training.num_samples": t.num_samples,
-                "optim.learning_rate": o.learning_rate}
-    for name, value in positive.items():
-        if not value > 0:
-            raise ValueError(f"config key {name!r} must be > 0, got {value}.")
-    if not 0.0 <= o.ema_decay < 1.0:
-        raise ValueError(f"config key 'optim.ema_decay' must be in [0, 1), got {o.ema_decay}.")
-    for name in ("optim.warmup_steps", "optim.grad_clip", "optim.weight_decay", "training.eval_every",
-                 "training.sample_every", "training.keep_every", "training.sample_steps",
-                 "training.max_consecutive_skips"):
-        group, key = name.split(".")
-        if config[group][key] < 0:
-            raise ValueError(f"config key {name!r} must be >= 0, got {config[group][key]}.")
-    _check_values(config)
+    t = config.training
+    if t.num_processes > 0 and t.process_id >= t.num_processes:
+        raise ValueError(f"config key 'training.process_id' must be < training.num_processes = "
+                         f"{t.num_processes} (or -1 = auto-detect), got {t.process_id}.")
+    make_objective(config, model).check_sample_steps(t.sample_steps, t.sampler)  # and the family's own rules
     return model

@@ -28,7 +28,7 @@ import numpy as np
 from vdm_jax.data import check_source, eval_iterator, num_eval_batches
 from vdm_jax.training import parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, saved_config
-from vdm_jax.training.config import check_sample_steps, validate_config
+from vdm_jax.training.config import checked_config, validate_config
 from vdm_jax.training.metrics import progress_bar
 from vdm_jax.training.state import TrainState, create_train_state
 
@@ -41,13 +41,16 @@ class RunNotFoundError(FileNotFoundError):
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run saved in `workdir/config.json`."""
+    """The config a run saved in `workdir/config.json`, read into the schema (`checked_config`)."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = saved_config(workdir)
     if config is None:
         raise RunNotFoundError(f"{os.path.join(workdir, 'config.json')} does not exist: --workdir must be the work "
                                "directory of a training run (experiments.quickstart or experiments.cifar10).")
-    return ml_collections.ConfigDict(config)
+    try:
+        return checked_config(config)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{os.path.join(workdir, 'config.json')}: {e}") from None
 
 
 def load_checkpoint(workdir: str, *, step: int | None = None, mesh=None, dtype: str | None = None
@@ -220,8 +223,7 @@ def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int 
     if sampler not in ("ancestral", "ddim"):
         raise ValueError(f"sampler must be 'ancestral' or 'ddim', got {sampler!r}.")
     objective = state.objective
-    check_sample_steps(sample_steps, family=objective.family, timesteps=objective.timesteps, sampler=sampler,
-                       name="sample_steps")
+    objective.check_sample_steps(sample_steps, sampler, name="sample_steps")
     parallel.check_batch_size(batch_size, mesh, name="batch_size")
     fn = _sample_fn(mesh, int(batch_size), sampler, int(sample_steps))
     num_batches = math.ceil(num / batch_size)

@@ -12,17 +12,21 @@ step. What happens next is `training.on_nonfinite`:
   advances). `faults['skipped']` counts the dropped steps (logged as `skipped_steps`); more than
   `training.max_consecutive_skips` in a row raise `NonFiniteError` as above.
 
-The record lives in `TrainState.faults` (int32 scalars, checkpointed with the state):
-`step` (the state's step when the last bad update was computed, -1 if none), `terms` (a bit
-mask over `term_names`), `grad_leaf` (index of the first non-finite gradient array, -1 if none),
-`skipped` and `consecutive`.
+The record lives in `TrainState.faults` (checkpointed with the state): `step` (the state's step
+when the last bad update was computed, -1 if none), `grad_leaf` (index of the first non-finite
+gradient array in `jax.tree.leaves(params)` order, -1 if none), `skipped`, `consecutive`, and
+`values`: that step's batch means of the loss and of each loss term, from which the host names
+the terms that were not finite.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from vdm_jax.training.checkpoint import path_str
 
 ON_NONFINITE = ("stop", "skip")
 
@@ -31,33 +35,29 @@ class NonFiniteError(FloatingPointError):
     """Training produced a NaN or Inf loss or gradient (see `vdm_jax.training.faults`)."""
 
 
-def init_faults() -> dict[str, jax.Array]:
-    """A record of no faults."""
-    return {name: jnp.asarray(value, jnp.int32) for name, value in
-            (("step", -1), ("terms", 0), ("grad_leaf", -1), ("skipped", 0), ("consecutive", 0))}
+def init_faults(terms: Sequence[str]) -> dict[str, Any]:
+    """A record of no faults, for a loss with these term names."""
+    ints = {name: jnp.asarray(value, jnp.int32) for name, value in
+            (("step", -1), ("grad_leaf", -1), ("skipped", 0), ("consecutive", 0))}
+    return {**ints, "values": {name: jnp.zeros((), jnp.float32) for name in ("loss", *terms)}}
 
 
-def term_names(terms: dict[str, Any]) -> list[str]:
-    """The order of the bits of `faults['terms']`: the mean loss, then each loss term by name."""
-    return ["loss", *sorted(terms)]
-
-
-def inspect(loss, terms: dict[str, jax.Array], grads) -> dict[str, jax.Array]:
+def inspect(loss, terms: dict[str, jax.Array], grads) -> dict[str, Any]:
     """Whether a step's loss, terms and gradients are finite, and the gradients' global norm.
 
-    Returns {'ok': bool, 'terms': bit mask of the non-finite terms, 'grad_leaf': index of the first
-    non-finite gradient array or -1, 'grad_norm'}. The per-array sums of squares that give the
-    norm also give the finiteness (a sum of squares is finite iff the array is, barring overflow
-    past ~1e19 per element), so the check costs no extra pass over the gradients.
+    Returns {'ok', 'grad_leaf': index of the first non-finite gradient array or -1, 'grad_norm',
+    'values': batch means of the loss and the terms}. A mean is finite iff every value is (barring
+    overflow), and the per-array sums of squares that give the norm also give the gradients'
+    finiteness, so the check costs no extra pass over the gradients.
     """
-    values = [loss, *(terms[name] for name in sorted(terms))]
-    bad_terms = jnp.stack([~jnp.all(jnp.isfinite(v)) for v in values])
+    values = {"loss": jnp.mean(loss), **{name: jnp.mean(v) for name, v in terms.items()}}
     squares = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)])
     bad_grads = ~jnp.isfinite(squares)
-    return {"ok": ~(jnp.any(bad_terms) | jnp.any(bad_grads)),
-            "terms": jnp.sum(bad_terms.astype(jnp.int32) << jnp.arange(len(values), dtype=jnp.int32)),
+    finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in values.values()]))
+    return {"ok": finite & ~jnp.any(bad_grads),
             "grad_leaf": jnp.where(jnp.any(bad_grads), jnp.argmax(bad_grads), -1).astype(jnp.int32),
-            "grad_norm": jnp.sqrt(jnp.sum(squares))}
+            "grad_norm": jnp.sqrt(jnp.sum(squares)),
+            "values": jax.tree.map(lambda v: v.astype(jnp.float32), values)}
 
 
 def should_apply(faults: dict[str, jax.Array], ok: jax.Array, mode: str) -> jax.Array:
@@ -75,21 +75,26 @@ def record(faults: dict[str, jax.Array], report: dict[str, jax.Array], step: jax
     advance = should_apply(faults, ok, mode) if mode == "stop" else jnp.bool_(True)
     out = {
         "step": jnp.where(new, step, faults["step"]),
-        "terms": jnp.where(new, report["terms"], faults["terms"]),
         "grad_leaf": jnp.where(new, report["grad_leaf"], faults["grad_leaf"]),
         "skipped": faults["skipped"] + (new & (mode == "skip")),
         "consecutive": jnp.where(ok, 0, faults["consecutive"] + 1),
     }
-    return {k: v.astype(jnp.int32) for k, v in out.items()}, advance.astype(jnp.int32)
+    out = {k: v.astype(jnp.int32) for k, v in out.items()}
+    values = jax.tree.map(lambda now, before: jnp.where(new, now, before), report["values"], faults["values"])
+    return {**out, "values": values}, advance.astype(jnp.int32)
 
 
-def describe(faults: dict[str, Any], names: Sequence[str], grad_paths: Sequence[str]) -> str:
-    """'step N+1 (the update from step N): non-finite loss terms a, b; the first non-finite gradient is p'."""
-    step, bits, leaf = int(faults["step"]), int(faults["terms"]), int(faults["grad_leaf"])
-    bad = [name for i, name in enumerate(names) if bits >> i & 1]
+def describe(faults: dict[str, Any], params) -> str:
+    """'step N+1 (the update from step N): non-finite loss terms a, b; the first non-finite gradient is p'.
+
+    `faults` is the host's copy of the record; `params` the parameter tree (for the gradient's path).
+    """
+    step, leaf, values = int(faults["step"]), int(faults["grad_leaf"]), faults["values"]
+    bad = [name for name in ["loss", *sorted(set(values) - {"loss"})] if not math.isfinite(float(values[name]))]
     parts = [f"non-finite loss terms {', '.join(bad)}" if bad else "finite loss terms"]
     if leaf >= 0:
-        parts.append(f"the first non-finite gradient is {grad_paths[leaf]}")
+        paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        parts.append(f"the first non-finite gradient is {paths[leaf]}")
     return f"step {step + 1} (the update from step {step}): " + "; ".join(parts)
 
 

@@ -104,30 +104,14 @@ class _StopSignal(contextlib.AbstractContextManager):
 
 
 class _Run:
-    """The pieces of one run; `train_and_evaluate` drives it."""
+    """The pieces of one run, opened by `train_and_evaluate`; its methods do the run's work."""
 
-    def __init__(self, config, workdir: str):
-        self.config = config
-        self.model_config = validate_config(config)
-        if config.training.distributed:
-            _initialize_distributed(config.training)
-        self.workdir = _prepare_workdir(workdir)
-        self.mesh = parallel.make_mesh()
-        parallel.check_batch_size(config.training.batch_size, self.mesh)
-        parallel.check_batch_size(config.training.eval_batch_size, self.mesh, "training.eval_batch_size")
+    def __init__(self, config, model_config, *, workdir: str, mesh, train_iter, eval_source, ckpt: Checkpointer):
+        self.config, self.model_config, self.workdir, self.mesh = config, model_config, workdir, mesh
+        self.train_iter, self.eval_source, self.ckpt = train_iter, eval_source, ckpt
         self.is_main = jax.process_index() == 0
-        key = jax.random.key(config.seed)
-        self.key_init, self.key_train, self.key_eval, self.key_sample = jax.random.split(key, 4)
-        self.train_source = load_source(config.data.source, config.data.train_split)
-        self.eval_source = load_source(config.data.source, config.data.eval_split)
-        _check_images(self.train_source, self.model_config, f"{config.data.source} {config.data.train_split}")
-        _check_images(self.eval_source, self.model_config, f"{config.data.source} {config.data.eval_split}")
-        self.train_iter = train_iterator(
-            self.train_source, global_batch_size=config.training.batch_size, seed=config.seed,
-            random_flip=config.data.random_flip, num_workers=config.data.num_workers)
-        self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=config.training.keep_checkpoints,
-                                 keep_every=config.training.keep_every)
-        self.writer: MetricWriter | None = None
+        self.key_init, self.key_train, self.key_eval, self.key_sample = jax.random.split(jax.random.key(config.seed), 4)
+        self.writer: MetricWriter | None = None  # opened by `initial_state`, once the resume step is known
         self.skipped_seen = 0
         self.batches: DevicePrefetcher | None = None  # made by `start_batches` once the state is restored
 
@@ -162,11 +146,11 @@ class _Run:
         skipped = int(record["skipped"])
         if skipped > self.skipped_seen:
             log.warning("%d training steps with non-finite values skipped so far; the last: %s", skipped,
-                        steps.explain_fault(state))
+                        faults.describe(record, state.params))
             self.skipped_seen = skipped
         try:
             faults.check(record, state.on_nonfinite, self.config.training.max_consecutive_skips,
-                         lambda: steps.explain_fault(state))
+                         lambda: faults.describe(record, state.params))
         except faults.NonFiniteError as e:
             self.ckpt.wait()
             latest = self.ckpt.latest_step()
@@ -308,7 +292,23 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       CorruptCheckpointError: the work directory has checkpoints but none can be restored.
       CheckpointMismatchError: its checkpoints belong to another model.
     """
-    run = _Run(config, workdir)
+    model_config = validate_config(config)
+    t = config.training
+    if t.distributed:
+        _initialize_distributed(t)
+    workdir = _prepare_workdir(workdir)
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(t.batch_size, mesh)
+    parallel.check_batch_size(t.eval_batch_size, mesh, "training.eval_batch_size")
+    train_source = load_source(config.data.source, config.data.train_split)
+    eval_source = load_source(config.data.source, config.data.eval_split)
+    _check_images(train_source, model_config, f"{config.data.source} {config.data.train_split}")
+    _check_images(eval_source, model_config, f"{config.data.source} {config.data.eval_split}")
+    train_iter = train_iterator(train_source, global_batch_size=t.batch_size, seed=config.seed,
+                                random_flip=config.data.random_flip, num_workers=config.data.num_workers)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, keep_every=t.keep_every)
+    run = _Run(config, model_config, workdir=workdir, mesh=mesh, train_iter=train_iter, eval_source=eval_source,
+               ckpt=ckpt)
     try:
         return _train(run)
     finally:

@@ -1,19 +1,66 @@
-"""The training state: a pytree of arrays plus the static pieces that say how to use them."""
+"""The training state: a pytree of arrays plus hashable descriptions of how to use them."""
 from __future__ import annotations
 
-import functools
-import types
-from typing import Any, Callable
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.flatten_util import ravel_pytree
 from flax import nnx, struct
 
 from vdm_jax.models import UNet, UNetConfig
+from vdm_jax.training.checkpoint import path_str
 from vdm_jax.training.faults import init_faults
-from vdm_jax.training.objective import Objective
+from vdm_jax.training.objective import Objective, make_objective
+
+
+def decay_mask(params) -> Any:
+    """True for the parameters weight decay applies to: the U-Net's kernels (convolutions, dense
+    layers), as in the official VDM recipe. Biases, GroupNorm scales and offsets, and the learned
+    schedule's parameters are not decayed: decay would pull the schedule's end points γ(0), γ(1)
+    (and so the noise range and the bound) toward 0, and its softplus weights toward log 2."""
+    def decayed(path, _):
+        names = path_str(path).removesuffix("/value").split("/")  # (nnx.State's paths end in the Variable's value)
+        return names[0] == "model" and names[-1] == "kernel"
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """The optimiser's settings (`config.optim` without the EMA): hashable, static under `jit`.
+
+    Adam or AdamW (weight decay on the kernels only, `decay_mask`) after global-norm clipping
+    (`grad_clip`, 0: none), with the learning rate warmed up linearly from 0 over `warmup_steps`
+    steps, lr·min(1, step/warmup_steps), then constant.
+    """
+
+    optimizer: str = "adam"
+    learning_rate: float = 2e-4
+    warmup_steps: int = 0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+
+    @classmethod
+    def from_config(cls, optim) -> "Optimizer":
+        return cls(**{f.name: optim[f.name] for f in dataclasses.fields(cls)})
+
+    def schedule(self) -> optax.Schedule:
+        if self.warmup_steps == 0:
+            return optax.constant_schedule(self.learning_rate)
+        return optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps)
+
+    def transformation(self) -> optax.GradientTransformation:
+        lr = self.schedule()
+        if self.optimizer == "adamw":
+            opt = optax.adamw(lr, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay,
+                              mask=decay_mask)
+        else:
+            opt = optax.adam(lr, b1=self.b1, b2=self.b2, eps=self.eps)
+        return optax.chain(*([optax.clip_by_global_norm(self.grad_clip)] if self.grad_clip > 0 else []), opt)
 
 
 @struct.dataclass
@@ -21,25 +68,22 @@ class TrainState:
     """Everything a training step reads and writes.
 
     `params` and `ema_params` are `{'model': nnx.State, 'schedule': nnx.State or {}}` (the
-    schedule's state only for a learned VDM schedule). `opt_state` is the optimiser's state for
-    all parameters raveled into one vector (`jax.flatten_util.ravel_pytree` order): the step
-    updates the parameters, the optimiser state and the EMA as a few loops over that vector
-    rather than several per parameter array. `faults` records non-finite steps
-    (`vdm_jax.training.faults`). The static fields (graph definitions, optimiser, objective,
-    what to do with a non-finite step) are part of the pytree's structure, so `train_step` stays
-    a pure function of this state.
+    schedule's state only for a learned VDM schedule); `opt_state` is optax's state for that tree.
+    `faults` records non-finite steps (`vdm_jax.training.faults`). The static fields (graph
+    definitions, objective, optimiser settings, EMA decay, what to do with a non-finite step) are
+    hashable descriptions, part of the pytree's structure, so `train_step` stays a pure function
+    of this state and two states built from one config compile once.
     """
 
     step: jax.Array
     params: Any
     ema_params: Any
     opt_state: Any
-    faults: dict[str, jax.Array]
+    faults: dict[str, Any]
     graphdef: Any = struct.field(pytree_node=False)
     schedule_graphdef: Any = struct.field(pytree_node=False)
-    tx: optax.GradientTransformation = struct.field(pytree_node=False)
-    learning_rate: Callable = struct.field(pytree_node=False)
     objective: Objective = struct.field(pytree_node=False)
+    optimizer: Optimizer = struct.field(pytree_node=False)
     ema_decay: float = struct.field(pytree_node=False)
     on_nonfinite: str = struct.field(pytree_node=False, default="stop")
 
@@ -49,65 +93,33 @@ class TrainState:
                 "opt_state": self.opt_state, "faults": self.faults}
 
     def replace_from_checkpoint(self, tree: dict[str, Any]) -> "TrainState":
-        return self.replace(step=tree["step"], params=tree["params"], ema_params=tree["ema_params"],
-                            opt_state=tree["opt_state"], faults=tree["faults"])
-
-
-def make_optimizer(optim) -> tuple[optax.GradientTransformation, Callable]:
-    """Adam/AdamW with linear warmup to a constant learning rate and global-norm clipping.
-
-    The same settings give the same (cached) objects, so states built twice from one config have
-    equal static fields and a jitted step does not recompile for the second one.
-    """
-    return _optimizer(**{k: optim[k] for k in ("optimizer", "learning_rate", "warmup_steps", "b1", "b2",
-                                               "eps", "weight_decay", "grad_clip")})
-
-
-@functools.lru_cache(maxsize=None)
-def _optimizer(*, optimizer, learning_rate, warmup_steps, b1, b2, eps, weight_decay, grad_clip):
-    optim = types.SimpleNamespace(optimizer=optimizer, learning_rate=learning_rate, warmup_steps=warmup_steps,
-                                  b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, grad_clip=grad_clip)
-    # Warm-up from lr/warmup (not 0, which would make the first step a no-op) to lr.
-    lr = optax.join_schedules(
-        [optax.linear_schedule(optim.learning_rate / max(optim.warmup_steps, 1), optim.learning_rate,
-                               max(optim.warmup_steps, 1)),
-         optax.constant_schedule(optim.learning_rate)], [max(optim.warmup_steps, 1)])
-    if optim.warmup_steps == 0:
-        lr = optax.constant_schedule(optim.learning_rate)
-    if optim.optimizer == "adamw":
-        opt = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
-    else:
-        opt = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
-    parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
-    return optax.chain(*parts, opt), lr
+        return self.replace(**tree)
 
 
 def create_train_state(config, model_config: UNetConfig, *, key) -> TrainState:
-    """Builds the model (and learned schedule), the optimiser and the EMA from a validated config.
+    """Builds the model (and learned schedule), the optimiser state and the EMA from a validated config.
 
     Everything is initialised in one compiled call: op-by-op initialisation compiles one small
     program per parameter shape, which takes many seconds on a CPU.
     """
-    objective = Objective.from_config(config, model_config)
-    hidden = config.diffusion.schedule_hidden
-    tx, lr = make_optimizer(config.optim)
+    objective = make_objective(config, model_config)
+    optimizer = Optimizer.from_config(config.optim)
 
     def modules(key):
         key_model, key_schedule = jax.random.split(key)
-        model = UNet(model_config, rngs=nnx.Rngs(params=key_model))
-        return model, objective.make_schedule_model(hidden, nnx.Rngs(params=key_schedule))
+        return (UNet(model_config, rngs=nnx.Rngs(params=key_model)),
+                objective.init_schedule(nnx.Rngs(params=key_schedule)))
 
     def init(key):
         model, schedule_model = modules(key)
         params = {"model": nnx.split(model)[1],
                   "schedule": {} if schedule_model is None else nnx.split(schedule_model)[1]}
-        return params, jax.tree.map(jnp.copy, params), tx.init(ravel_pytree(params)[0])
+        return params, jax.tree.map(jnp.copy, params), optimizer.transformation().init(params)
 
     model, schedule_model = nnx.eval_shape(lambda: modules(jax.random.key(0)))
-    graphdef = nnx.split(model)[0]
-    schedule_graphdef = None if schedule_model is None else nnx.split(schedule_model)[0]
     params, ema_params, opt_state = jax.jit(init)(key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params, opt_state=opt_state,
-                      faults=init_faults(), graphdef=graphdef, schedule_graphdef=schedule_graphdef, tx=tx,
-                      learning_rate=lr, objective=objective, ema_decay=float(config.optim.ema_decay),
+                      faults=init_faults(objective.terms), graphdef=nnx.split(model)[0],
+                      schedule_graphdef=None if schedule_model is None else nnx.split(schedule_model)[0],
+                      objective=objective, optimizer=optimizer, ema_decay=float(config.optim.ema_decay),
                       on_nonfinite=config.training.on_nonfinite)

@@ -1,0 +1,88 @@
+"""The optimiser on the parameter tree: the official VDM recipe's weight-decay mask and warm-up."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vdm_jax.training import Optimizer, create_train_state, decay_mask, validate_config
+from vdm_jax.training.checkpoint import path_str
+
+from experiments.configs import cifar10
+
+
+def _leaf_names(tree):
+    return [path_str(p).removesuffix("/value") for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+@pytest.fixture(scope="module")
+def vdm_state():
+    """The micro model with a learned schedule, trained with the `vdm` config's optimiser."""
+    from tests.training.conftest import micro_config
+
+    config = micro_config(family="vdm", timesteps=0, schedule="learned")
+    config.optim.update(cifar10.get_config("vdm").optim)
+    return jax.device_get(create_train_state(config, validate_config(config), key=jax.random.key(0)))
+
+
+def test_vdm_config_is_the_official_optimiser():
+    assert Optimizer.from_config(cifar10.get_config("vdm").optim) == Optimizer(
+        optimizer="adamw", learning_rate=2e-4, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01,
+        grad_clip=0.0)
+    # Ho et al.'s DDPM: Adam 2e-4, 5000 warm-up steps, clipping at norm 1, no weight decay.
+    assert Optimizer.from_config(cifar10.get_config("ddpm").optim) == Optimizer(
+        optimizer="adam", learning_rate=2e-4, warmup_steps=5000, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+        grad_clip=1.0)
+
+
+def test_learning_rate_follows_the_official_warmup():
+    """google-research/vdm: lr · min(1, step / 100), with optax's step count from 0."""
+    lr = Optimizer.from_config(cifar10.get_config("vdm").optim).schedule()
+    for step in (0, 1, 50, 99, 100, 101, 10_000):
+        assert float(lr(step)) == pytest.approx(2e-4 * min(1.0, step / 100), rel=1e-6, abs=0.0), step
+    assert float(lr(0)) == 0.0 and float(lr(50)) == pytest.approx(1e-4) and float(lr(100)) == pytest.approx(2e-4)
+
+
+def test_decay_mask_is_every_kernel_of_the_unet_only(vdm_state):
+    mask = decay_mask(vdm_state.params)
+    names = dict(zip(_leaf_names(vdm_state.params), jax.tree.leaves(mask)))
+    kinds = {name.rsplit("/", 1)[-1] for name in names if name.startswith("model/")}
+    assert kinds == {"kernel", "bias", "scale"}  # convolutions, dense layers, GroupNorms
+    assert all(decayed == (name.startswith("model/") and name.endswith("/kernel")) for name, decayed in names.items())
+    assert sorted(n for n in names if n.startswith("schedule/")) == [
+        "schedule/endpoints/gamma_0", "schedule/endpoints/raw_gap", "schedule/shape/b2", "schedule/shape/w1",
+        "schedule/shape/w2", "schedule/shape/w3"]
+
+
+def test_zero_gradient_adamw_update_decays_every_kernel_and_nothing_else(vdm_state):
+    """One update with zero gradients under the `vdm` config, past the warm-up: Adam's part is 0, so
+    every kernel shrinks by lr·wd·kernel, and every bias, norm scale/offset and schedule parameter
+    is unchanged. At step 0 (lr 0) nothing changes at all. (The parameters are redrawn away from 0
+    first: the U-Net's output convolution starts at zero, which decay leaves at zero.)"""
+    state = vdm_state
+    leaves, treedef = jax.tree.flatten(state.params)
+    rng = np.random.default_rng(0)
+    params = jax.tree.unflatten(treedef, [rng.uniform(0.5, 1.5, x.shape).astype(x.dtype) for x in leaves])
+    tx = state.optimizer.transformation()
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    @jax.jit
+    def update(opt_state, params):
+        updates, _ = tx.update(zeros, opt_state, params)
+        return optax.apply_updates(params, updates)
+
+    chex.assert_trees_all_equal(update(state.opt_state, params), params)  # step 0: lr = 0
+    after_warmup = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.full_like(x, 100) if path_str(p).endswith("count") else x, state.opt_state)
+    new = update(after_warmup, params)
+    checked = 0
+    for name, before, now in zip(_leaf_names(params), jax.tree.leaves(params), jax.tree.leaves(new)):
+        before, now = np.asarray(before), np.asarray(now)
+        if name.startswith("model/") and name.endswith("/kernel"):
+            assert np.all(now != before), name
+            np.testing.assert_allclose(now, before * (1 - 2e-4 * 0.01), rtol=1e-6, err_msg=name)
+            checked += 1
+        else:
+            np.testing.assert_array_equal(now, before, err_msg=name)
+    assert checked > 10
