@@ -11,7 +11,8 @@ import pytest
 
 from vdm_jax.training import (Checkpointer, CheckpointMismatchError, CorruptCheckpointError, create_train_state,
                               validate_config)
-from vdm_jax.training.checkpoint import config_changes, save_config
+from vdm_jax.training.checkpoint import save_config, saved_config
+from vdm_jax.training.config import config_changes
 
 
 def _state(config, seed=0):
@@ -21,6 +22,8 @@ def _state(config, seed=0):
 @pytest.mark.parametrize("schedule", ["linear", "learned"])
 def test_round_trip_is_exact(tmp_path, micro, schedule):
     config = micro(family="vdm", timesteps=0, schedule=schedule)
+    if schedule == "learned":  # and the vdm recipe's masked AdamW state (optax's MaskedNode leaves)
+        config.optim.update(optimizer="adamw", weight_decay=0.01)
     state = _state(config)
     ckpt = Checkpointer(str(tmp_path / "ckpt"))
     ckpt.save(3, state.checkpoint_tree(), {"iterator": {"next_index": 5}})
@@ -32,6 +35,25 @@ def test_round_trip_is_exact(tmp_path, micro, schedule):
     assert jax.tree.structure(restored.opt_state) == jax.tree.structure(state.opt_state)
     for a, b in zip(jax.tree.leaves(restored.checkpoint_tree()), jax.tree.leaves(state.checkpoint_tree())):
         np.testing.assert_array_equal(a, b)
+    ckpt.close()
+
+
+def test_a_checkpoint_of_vdm_jax_0_1_is_refused_by_name(tmp_path, micro):
+    """vdm_jax 0.1 kept optax's state for one raveled parameter vector and a fault bit mask."""
+    import optax
+    from jax.flatten_util import ravel_pytree
+
+    state = _state(micro())
+    flat = ravel_pytree(state.params)[0]
+    old = {**state.checkpoint_tree(),
+           "opt_state": optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)).init(flat),
+           "faults": {name: np.int32(0) for name in ("step", "terms", "grad_leaf", "skipped", "consecutive")}}
+    ckpt = Checkpointer(str(tmp_path / "ckpt"))
+    ckpt.save(5, old, {})
+    ckpt.wait()
+    with pytest.raises(CheckpointMismatchError, match=r"at step 5 .* was written by vdm_jax 0.1 \(its optimiser state "
+                                                      r"is one raveled vector"):
+        ckpt.restore_latest(jax.device_get(state.checkpoint_tree()))
     ckpt.close()
 
 
@@ -58,8 +80,8 @@ def test_different_model_is_reported(tmp_path, micro):
 
 def test_config_changes_are_listed(tmp_path):
     save_config(str(tmp_path), {"a": 1, "b": {"c": 2, "d": [1, 2]}})
-    assert config_changes(str(tmp_path), {"a": 1, "b": {"c": 3, "d": (1, 2)}}) == ["b.c: 2 -> 3"]
-    assert config_changes(str(tmp_path / "none"), {"a": 1}) == []
+    assert config_changes(saved_config(str(tmp_path)), {"a": 1, "b": {"c": 3, "d": (1, 2)}}) == ["b.c: 2 -> 3"]
+    assert config_changes(saved_config(str(tmp_path / "none")), {"a": 1}) == []
 
 
 # --- damaged checkpoints ------------------------------------------------------------------------

@@ -228,24 +228,3 @@ def saved_config(workdir: str) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def config_changes(workdir: str, config_dict: dict) -> list[str]:
-    """Differences between the config saved in `workdir` and `config_dict`, as 'key: old -> new'."""
-    old = saved_config(workdir)
-    if old is None:
-        return []
-    new = json.loads(json.dumps(config_dict, default=list))
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    a, b = flat(old), flat(new)
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -7,6 +7,7 @@ message each, before anything is built.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 
 import jax
@@ -147,6 +148,15 @@ def _group_of(config, name: str):
         if i < len(parts) - 1:
             group = group[part]
     return group, parts[-1]
+
+
+def config_changes(old: dict | None, new: dict) -> list[str]:
+    """'key: old -> new' for each setting that differs between two config dicts (old: None = none saved)."""
+    if old is None:
+        return []
+    a, b = dict(_leaves(old)), dict(_leaves(json.loads(json.dumps(new, default=list))))  # tuples as JSON lists
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def _leaves(values, prefix=""):

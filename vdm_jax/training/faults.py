@@ -60,19 +60,12 @@ def inspect(loss, terms: dict[str, jax.Array], grads) -> dict[str, Any]:
             "values": jax.tree.map(lambda v: v.astype(jnp.float32), values)}
 
 
-def should_apply(faults: dict[str, jax.Array], ok: jax.Array, mode: str) -> jax.Array:
-    """Whether to apply this step: it is finite and (in 'stop' mode) no earlier step was not."""
-    return ok & (faults["step"] < 0) if mode == "stop" else ok
-
-
-def record(faults: dict[str, jax.Array], report: dict[str, jax.Array], step: jax.Array, mode: str):
-    """The fault record after a step computed at `step` (see the module docstring).
-
-    Returns (new record, how much the step counter advances: 0 or 1).
-    """
+def record(faults: dict[str, Any], report: dict[str, Any], step: jax.Array, mode: str):
+    """(the fault record after a step computed at `step`, whether to apply the step, how far the step
+    counter advances). A step is applied if it is finite and, in 'stop' mode, no earlier one was not."""
     ok = report["ok"]
+    apply = ok & (faults["step"] < 0) if mode == "stop" else ok
     new = ~ok & (faults["step"] < 0) if mode == "stop" else ~ok
-    advance = should_apply(faults, ok, mode) if mode == "stop" else jnp.bool_(True)
     out = {
         "step": jnp.where(new, step, faults["step"]),
         "grad_leaf": jnp.where(new, report["grad_leaf"], faults["grad_leaf"]),
@@ -80,8 +73,8 @@ def record(faults: dict[str, jax.Array], report: dict[str, jax.Array], step: jax
         "consecutive": jnp.where(ok, 0, faults["consecutive"] + 1),
     }
     out = {k: v.astype(jnp.int32) for k, v in out.items()}
-    values = jax.tree.map(lambda now, before: jnp.where(new, now, before), report["values"], faults["values"])
-    return {**out, "values": values}, advance.astype(jnp.int32)
+    out["values"] = jax.tree.map(lambda now, before: jnp.where(new, now, before), report["values"], faults["values"])
+    return out, apply, (apply if mode == "stop" else jnp.bool_(True)).astype(jnp.int32)
 
 
 def describe(faults: dict[str, Any], params) -> str:

@@ -16,7 +16,6 @@ Never losing a run (the README's "Running long jobs" lists the tests):
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -28,10 +27,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vdm_jax.data import load_source, train_iterator
+from vdm_jax.data import check_source, load_source, train_iterator
 from vdm_jax.training import faults, parallel, steps
-from vdm_jax.training.checkpoint import Checkpointer, config_changes, save_config
-from vdm_jax.training.config import validate_config
+from vdm_jax.training.checkpoint import Checkpointer, save_config, saved_config
+from vdm_jax.training.config import config_changes, validate_config
 from vdm_jax.training.evaluation import evaluate_bpd, generate_samples
 from vdm_jax.training.metrics import MetricWriter, image_grid, progress_bar, save_png
 from vdm_jax.training.prefetch import DevicePrefetcher, call_sizes
@@ -56,12 +55,10 @@ def _prepare_workdir(workdir: str) -> str:
 
 
 def _check_images(source, model_config, what: str) -> None:
-    image = np.asarray(source[0]["image"])
-    want = (model_config.image_size, model_config.image_size, model_config.in_channels)
-    if image.dtype != np.uint8:
-        raise TypeError(f"{what} images must be uint8, got {image.dtype}.")
-    if image.shape != want:
-        raise ValueError(f"{what} images have shape {image.shape} but the model takes {want} "
+    shape, want = tuple(check_source(source)), (model_config.image_size, model_config.image_size,
+                                                model_config.in_channels)
+    if shape != want:
+        raise ValueError(f"{what} images have shape {shape} but the model takes {want} "
                          "(config.model.image_size, config.model.in_channels).")
 
 
@@ -129,7 +126,7 @@ class _Run:
             if data.get("iterator"):
                 self.train_iter.set_state(data["iterator"])
             self.skipped_seen = int(jax.device_get(state.faults["skipped"]))
-            changes = config_changes(self.workdir, config_dict)
+            changes = config_changes(saved_config(self.workdir), config_dict)
             log.warning("resuming from step %d in %s", resume_step, self.workdir)
             if changes:
                 log.warning("the config differs from the one saved in %s/config.json:\n  %s",
@@ -189,12 +186,6 @@ class _Run:
             self.ckpt.close()
             if self.writer is not None:
                 self.writer.close()
-
-    # --- compiled functions ---------------------------------------------------------------------
-
-    @functools.cached_property
-    def step_fns(self):
-        return compiled_steps(self.mesh)
 
     # --- work ---------------------------------------------------------------------------------
 
@@ -320,7 +311,7 @@ def _train(run: _Run) -> dict[str, Any]:
     t = config.training
     state = run.initial_state()
     start = step = int(state.step)
-    one, many = run.step_fns
+    one, many = compiled_steps(run.mesh)
     batches = run.start_batches(start)
     summary: dict[str, Any] = {"start_step": start}
     progress = progress_bar(t.progress_bar, total=t.num_steps, initial=start, desc="train", unit="step")

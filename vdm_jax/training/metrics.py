@@ -91,22 +91,7 @@ def _drop_lines_after(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
-class _NoBar:
-    """Stands in for a progress bar that is not shown."""
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def progress_bar(enabled: bool, **tqdm_kwargs):
-    """A tqdm bar on process 0 when `enabled`, else an object with the same no-op methods."""
-    if not enabled or jax.process_index() != 0:
-        return _NoBar()
+    """A tqdm bar on process 0 when `enabled`; else a disabled one (its methods do nothing)."""
     from tqdm.auto import tqdm
-    return tqdm(dynamic_ncols=True, **tqdm_kwargs)
+    return tqdm(dynamic_ncols=True, disable=not enabled or jax.process_index() != 0, **tqdm_kwargs)

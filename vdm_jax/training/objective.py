@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -27,35 +26,35 @@ from vdm_jax.schedules import (CosineSchedule, DiscreteSchedule, LearnedSchedule
 Terms = dict[str, jax.Array]
 
 
-class Objective(Protocol):
-    """What the training steps need of a diffusion family. Every method is traceable.
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the training steps need of a diffusion family; every method is traceable.
 
-    Losses and bounds are per example ([B], nats, for the whole image); `batch` is
-    {'image': uint8 [B, H, W, C]}; `model` is the U-Net and `schedule_model` the learned noise
-    schedule (None unless the schedule is learned).
+    Losses and bounds are per example ([B], nats per image); `batch` is {'image': uint8
+    [B, H, W, C]}; `schedule_model` is the learned schedule's module (None unless learned).
+
+    - `per_example_loss(model, schedule_model, batch, *, key) -> (loss, terms)`: the training
+      loss and its terms, named by `terms`.
+    - `per_example_bound(model, schedule_model, batch, *, key) -> terms`: an unbiased estimate of
+      −ELBO, 'prior' + 'diffusion' + 'reconstruction' = 'total'.
+    - `sample(model, schedule_model, *, key, num, sampler, sample_steps)`: uint8 [num, H, W, C]
+      from the reverse chain (one `lax.scan`); `check_sample_steps(sample_steps, sampler, name)`
+      raises ValueError naming `name` unless `sampler` can take that many steps (0 = all).
+    - `timesteps`: T (0: continuous time).
     """
 
     prediction: str  # what the network predicts: 'eps' | 'x' | 'v' | 'score'
     image_shape: tuple[int, int, int]
-    timesteps: int  # T (0: continuous time)
-    terms: tuple[str, ...]  # the names of `per_example_loss`'s terms
-    learned_variance: bool  # the network also outputs the reverse variance's interpolation v
-    minimise_variance: bool  # the schedule follows ∇E[L_diffusion²] (`vdm_jax.variance_minimising_grads`)
+
+    learned_variance = False  # the network also outputs the reverse variance's interpolation v
+    minimise_variance = False  # the schedule follows ∇E[L_diffusion²] (`vdm_jax.variance_minimising_grads`)
 
     def init_schedule(self, rngs: nnx.Rngs) -> LearnedSchedule | None:
-        """The learned schedule's module, or None when the schedule is fixed."""
+        return None
 
-    def per_example_loss(self, model, schedule_model, batch, *, key) -> tuple[jax.Array, Terms]:
-        """The training loss and its named terms (each [B])."""
-
-    def per_example_bound(self, model, schedule_model, batch, *, key) -> Terms:
-        """An unbiased estimate of −ELBO: 'prior', 'diffusion', 'reconstruction', 'total'."""
-
-    def sample(self, model, schedule_model, *, key, num: int, sampler: str, sample_steps: int) -> jax.Array:
-        """`num` images, uint8 [num, H, W, C], from the reverse chain (one `lax.scan`)."""
-
-    def check_sample_steps(self, sample_steps: int, sampler: str, name: str = "training.sample_steps") -> None:
-        """Raises ValueError naming `name` unless `sampler` can take `sample_steps` steps (0 = all)."""
+    @property
+    def dims(self) -> int:
+        return math.prod(self.image_shape)
 
 
 def _one_of(field: str, value, options) -> None:
@@ -64,7 +63,7 @@ def _one_of(field: str, value, options) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class DDPMObjective:
+class DDPMObjective(Objective):
     """Ho et al. 2020: T discrete steps of a β schedule; the loss L_simple, the VLB or their hybrid.
 
     loss: 'simple' = ‖prediction − target‖² in the model's own parameterisation; 'vlb' = L_prior +
@@ -73,8 +72,6 @@ class DDPMObjective:
     Dhariwal). variance: the reverse variance, 'posterior' (β̃), 'beta' (β) or 'learned'.
     """
 
-    prediction: str
-    image_shape: tuple[int, int, int]
     timesteps: int = 1000
     schedule: str = "linear"  # 'linear' | 'cosine'
     beta_start: float = 1e-4
@@ -84,7 +81,6 @@ class DDPMObjective:
     hybrid_lambda: float = 0.001
 
     grid = "ddpm"  # pixel grid of `vdm_jax.pixels`
-    minimise_variance = False
 
     def __post_init__(self):
         _one_of("schedule", self.schedule, ("linear", "cosine"))
@@ -109,17 +105,10 @@ class DDPMObjective:
     def terms(self) -> tuple[str, ...]:
         return {"simple": ("simple",), "hybrid": ("simple", "vlb_t"), "vlb": ("prior", "vlb_t")}[self.loss]
 
-    @property
-    def dims(self) -> int:
-        return math.prod(self.image_shape)
-
     def discrete_schedule(self) -> DiscreteSchedule:
         betas = (linear_betas(self.timesteps, self.beta_start, self.beta_end) if self.schedule == "linear"
                  else cosine_betas(self.timesteps))
         return DiscreteSchedule(betas)
-
-    def init_schedule(self, rngs: nnx.Rngs) -> None:
-        return None
 
     def pred_fn(self, model, schedule_model=None, *, key=None):
         """`pred_fn(z_t, t)` for the core (t = i/T); `key` is the dropout key (None: no dropout)."""
@@ -216,7 +205,7 @@ class DDPMObjective:
         pred_fn, sched = self.pred_fn(model), self.discrete_schedule()
         if sampler == "ddim":
             if self.learned_variance:  # DDIM takes no reverse variance: the prediction channels only
-                pred_fn = _prediction_only(pred_fn)
+                pred_fn = lambda z_t, t, with_v=pred_fn: with_v(z_t, t)[0]  # noqa: E731
             times = sampling.strided_times(self.timesteps, sample_steps or self.timesteps)
             x = sampling.ddim_sample(pred_fn, sched, times, shape, key=key, kind=self.prediction, clip_x=(-1.0, 1.0))
         else:
@@ -226,7 +215,7 @@ class DDPMObjective:
 
 
 @dataclasses.dataclass(frozen=True)
-class VDMObjective:
+class VDMObjective(Objective):
     """Kingma et al. 2021: a γ schedule (fixed, or learned and monotone), trained on its ELBO.
 
     timesteps: 0 for continuous time, else T discrete steps of the same γ. With a learned schedule
@@ -234,8 +223,6 @@ class VDMObjective:
     the ELBO (`vdm_jax.variance_minimising_grads`).
     """
 
-    prediction: str
-    image_shape: tuple[int, int, int]
     timesteps: int = 0
     schedule: str = "linear"  # 'linear' | 'cosine' | 'learned'
     gamma_min: float = -13.3
@@ -244,7 +231,6 @@ class VDMObjective:
     variance_minimisation: bool = True
 
     grid = "vdm"
-    learned_variance = False
     terms = ("diffusion", "prior", "reconstruction", "total")
 
     def __post_init__(self):
@@ -264,10 +250,6 @@ class VDMObjective:
     @property
     def minimise_variance(self) -> bool:
         return self.learned_schedule and self.variance_minimisation
-
-    @property
-    def dims(self) -> int:
-        return math.prod(self.image_shape)
 
     def init_schedule(self, rngs: nnx.Rngs) -> LearnedSchedule | None:
         if not self.learned_schedule:
@@ -351,15 +333,3 @@ def make_objective(config, model_config: UNetConfig) -> DDPMObjective | VDMObjec
             "learned variance (a DDPM option) needs the model's extra output channels, and those channels are "
             "only trained with a learned variance.")
     return objective
-
-
-def _prediction_only(pred_fn):
-    """A learned-variance `pred_fn` (returning (prediction, v)) without its v."""
-    return lambda z_t, t: pred_fn(z_t, t)[0]
-
-
-def model_and_schedule(graphdef: Any, params: Any, schedule_graphdef: Any, schedule_params: Any):
-    """Merges the pure states back into modules (inside traced functions)."""
-    model = nnx.merge(graphdef, params)
-    schedule_model = None if schedule_graphdef is None else nnx.merge(schedule_graphdef, schedule_params)
-    return model, schedule_model

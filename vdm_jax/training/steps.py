@@ -13,53 +13,46 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from vdm_jax.training import faults
-from vdm_jax.training.objective import model_and_schedule
 from vdm_jax.training.state import TrainState
 from vdm_jax.variance import variance_minimising_grads
 
 _LN2 = math.log(2.0)
 
 
-def _loss_fn(state: TrainState, batch, key):
-    """(model params, schedule params) -> ((loss [B], diffusion [B]), terms), in nats per dimension."""
-    objective = state.objective
-    dims = objective.dims
-
-    def loss_fn(model_params, schedule_params):
-        model, schedule_model = model_and_schedule(state.graphdef, model_params, state.schedule_graphdef,
-                                                   schedule_params)
-        loss, terms = objective.per_example_loss(model, schedule_model, batch, key=key)
-        diffusion = terms.get("diffusion", jnp.zeros_like(loss))
-        return (loss / dims, diffusion / dims), terms
-
-    return loss_fn
+def _modules(state: TrainState, params):
+    """The model and schedule modules with these parameters ({'model': ..., 'schedule': ...})."""
+    schedule = None if state.schedule_graphdef is None else nnx.merge(state.schedule_graphdef, params["schedule"])
+    return nnx.merge(state.graphdef, params["model"]), schedule
 
 
 def _grads(state: TrainState, batch, key):
-    loss_fn = _loss_fn(state, batch, key)
-    model_params, schedule_params = state.params["model"], state.params["schedule"]
+    """(mean loss, terms [B] each, gradients), the loss in nats per dimension."""
+    dims = state.objective.dims
+
+    def loss_fn(model_params, schedule_params):  # -> ((loss [B], diffusion [B]), terms)
+        model, schedule_model = _modules(state, {"model": model_params, "schedule": schedule_params})
+        loss, terms = state.objective.per_example_loss(model, schedule_model, batch, key=key)
+        return (loss / dims, terms.get("diffusion", jnp.zeros_like(loss)) / dims), terms
+
+    params = (state.params["model"], state.params["schedule"])
     if state.objective.minimise_variance:
-        loss, terms, g_model, g_schedule = variance_minimising_grads(
-            loss_fn, model_params, schedule_params, has_aux=True)
+        loss, terms, g_model, g_schedule = variance_minimising_grads(loss_fn, *params, has_aux=True)
     else:
         def mean_loss(m, s):
             (loss, _), terms = loss_fn(m, s)
             return loss.mean(), terms
-        (loss, terms), (g_model, g_schedule) = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(
-            model_params, schedule_params)
+        (loss, terms), (g_model, g_schedule) = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(*params)
     return loss, terms, {"model": g_model, "schedule": g_schedule}
 
 
-def _term_metrics(terms, dims):
-    """Batch means of the loss terms, per dimension: bits for bound terms, nats for the rest."""
+def _term_metrics(values, dims):
+    """The loss terms' batch means per dimension: bits for bound terms, nats for the rest."""
     bound = {"prior", "diffusion", "reconstruction", "total", "vlb_t"}
-    out = {}
-    for name, value in terms.items():
-        scale = dims * (_LN2 if name in bound else 1.0)
-        out[f"terms/{name}" + ("_bpd" if name in bound else "")] = jnp.mean(value) / scale
-    return out
+    return {f"terms/{name}" + ("_bpd" if name in bound else ""): value / (dims * (_LN2 if name in bound else 1.0))
+            for name, value in values.items() if name != "loss"}
 
 
 def train_step(state: TrainState, batch, *, key) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -90,14 +83,13 @@ def train_step(state: TrainState, batch, *, key) -> tuple[TrainState, dict[str, 
     def keep(_):
         return state.params, state.ema_params, state.opt_state
 
-    apply = faults.should_apply(state.faults, report["ok"], state.on_nonfinite)
+    record, apply, advance = faults.record(state.faults, report, state.step, state.on_nonfinite)
     params, ema, opt_state = jax.lax.cond(apply, update, keep, None)
-    record, advance = faults.record(state.faults, report, state.step, state.on_nonfinite)
     new_state = state.replace(step=state.step + advance, params=params, ema_params=ema, opt_state=opt_state,
                               faults=record)
     metrics = {"loss": loss, "grad_norm": report["grad_norm"],
                "learning_rate": state.optimizer.schedule()(state.step),
-               **_term_metrics(terms, state.objective.dims),
+               **_term_metrics(report["values"], state.objective.dims),
                "finite": report["ok"].astype(jnp.float32),
                "skipped_steps": record["skipped"].astype(jnp.float32)}
     return new_state, metrics
@@ -127,24 +119,15 @@ def train_steps(state: TrainState, batches, *, key, unroll: bool | None = None
     return state, {**out, "finite": jnp.mean(finite), "skipped_steps": skipped[-1]}
 
 
-def _ema_modules(state: TrainState):
-    """The model and schedule with the EMA parameters, which evaluation and sampling use."""
-    params = state.ema_params
-    return model_and_schedule(state.graphdef, params["model"], state.schedule_graphdef, params["schedule"])
-
-
 def eval_step(state: TrainState, batch, *, key, draws: int = 1, full_vlb: bool = False) -> dict[str, jax.Array]:
-    """The bound -ELBO of each example (nats) and its terms, with the EMA parameters.
+    """The bound −ELBO of each example (nats) and its terms, with the EMA parameters.
 
-    batch: {'image': uint8 [B, H, W, C], ...}. Returns 'prior', 'diffusion', 'reconstruction' and
-    'total', each [B]: the average of `draws` independent estimates, draw d using
-    `fold_in(key, d)` (`Objective.per_example_bound`: for a DDPM one t in 2..T per example plus
-    the reconstruction term; for a VDM its one-t ELBO). With `full_vlb` (DDPM
-    only) every draw is the whole discrete bound over all T steps (`vdm_jax.ddpm_vlb`), and
-    'per_t' [B, T] adds the terms L_{t-1} for t = 1..T (t = 1: the reconstruction).
+    batch: {'image': uint8 [B, H, W, C], ...}. Returns the average of `draws` independent
+    estimates, draw d using `fold_in(key, d)`: each the objective's `per_example_bound`, or with
+    `full_vlb` (DDPM only) its `per_example_full_vlb`, the whole discrete bound with 'per_t' [B, T].
     Padding examples are evaluated like the others; the caller masks them out.
     """
-    model, schedule_model = _ema_modules(state)
+    model, schedule_model = _modules(state, state.ema_params)  # evaluation and sampling use the EMA
     objective = state.objective
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}.")
@@ -166,6 +149,6 @@ def sample_step(state: TrainState, *, key, num: int, sampler: str = "ancestral",
     sampler: 'ancestral' (DDPM or VDM) or 'ddim'; sample_steps: its steps (0: T, or 1000 for a
     continuous-time VDM).
     """
-    model, schedule_model = _ema_modules(state)
+    model, schedule_model = _modules(state, state.ema_params)  # evaluation and sampling use the EMA
     return state.objective.sample(model, schedule_model, key=key, num=num, sampler=sampler,
                                   sample_steps=sample_steps)
