@@ -13,10 +13,17 @@ from ml_collections import config_flags
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "cifar10.py") + ":small"
 def _unknown_key(e):
-    """Exits with ml_collections' unknown-key error (from a --config.x override) in one line."""
-    text = str(e.args[0] if e.args else e).replace("\\'", "").replace("'", "")
-    text = text.replace("\\n", " ").replace("\n", " ").replace(" Did you mean", "; did you mean")
-    sys.exit(f"error: unknown config key {text}")
+    """Exits with one line naming a mistyped --config.key override: its dotted key and the closest."""
+    from vdm_jax.training.config import check_key
+
+    for arg in sys.argv[1:]:
+        if arg.startswith("--config."):
+            try:
+                check_key(arg[len("--config."):].split("=", 1)[0])
+            except (ValueError, TypeError) as err:
+                sys.exit(f"error: {err}")
+    text = str(e.args[0] if e.args else e).replace("\\'", "").replace("'", "")  # (not an override: as it came)
+    sys.exit(f"error: unknown config key {' '.join(text.split())}")
 
 
 try:  # ml_collections reads --config.x overrides from sys.argv already here
@@ -43,7 +50,8 @@ def main(argv):
     summary = run_or_explain(train_and_evaluate, config, flags.FLAGS.workdir)
     if "eval" in summary:
         print(f"step {summary['step']}: test bpd {summary['eval']['eval/total_bpd']:.4f} "
-              f"over {int(summary['eval']['eval/examples'])} images; samples: {summary['samples']}")
+              f"over {int(summary['eval']['eval/examples'])} images"
+              + (f"; samples: {summary['samples']}" if "samples" in summary else ""))
 
 
 def parse_flags(argv):
@@ -52,7 +60,7 @@ def parse_flags(argv):
     from experiments import common
 
     try:
-        return common.parse_flags(argv)  # a bad flag value, or an error inside the config file
+        return common.parse_flags(argv, config_keys=True)  # a bad flag value, or an error inside the config file
     except (AttributeError, KeyError) as e:
         _unknown_key(e)
 

@@ -43,9 +43,30 @@ def exit_with_flag_error(e: Exception):
     sys.exit("error: " + (f"{lines[0]} {lines[-1].strip()}" if len(lines) > 1 else lines[0]))
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--help=true")
+
+
+def print_help(config_keys: bool = False) -> None:
+    """The entry point's docstring, its flags, and with `config_keys` every `--config.` key with its
+    default and meaning (`vdm_jax.training.describe_config`, from the schema itself)."""
+    main = sys.modules["__main__"]
+    text = [(main.__doc__ or "").strip(), "", "flags:"]
+    text += [line for line in flags.FLAGS.main_module_help().splitlines()[1:]
+             if line.strip() and not line.startswith("Try --helpfull")]
+    if config_keys:
+        from vdm_jax.training.config import describe_config
+
+        text += ["", "config keys (the schema's defaults; the config file's variant changes some):", describe_config()]
+    print("\n".join(text))
+
+
+def parse_flags(argv: list[str], *, config_keys: bool = False) -> list[str]:
     """absl's parser (for `app.run(main, flags_parser=parse_flags)`): a bad or unknown flag, or an
-    argument that is not a flag, exits with one line `error: ...`."""
+    argument that is not a flag, exits with one line `error: ...`; `--help` (or -h, --helpfull)
+    prints the help (`print_help`) and exits 0."""
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print_help(config_keys)
+        sys.exit(0)
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:

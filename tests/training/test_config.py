@@ -131,7 +131,8 @@ def test_default_config_is_locked():
 
 @pytest.mark.parametrize("values, error, message", [
     ({"training": {"bacth_size": 3}}, ValueError,
-     r"unknown config key 'training.bacth_size' \(did you mean 'batch_size'\?\); valid keys here are: batch_size,"),
+     r"unknown config key 'training.bacth_size' \(did you mean 'training.batch_size'\?\); valid keys here "
+     r"are: batch_size,"),
     ({"trainin": {"batch_size": 3}}, ValueError, r"unknown config key 'trainin' \(did you mean 'training'\?\)"),
     ({"training": {"batch_size": True}}, TypeError, r"'training.batch_size' must be of type int, got True \(bool\)"),
     ({"training": {"batch_size": 3.0}}, TypeError, r"'training.batch_size' must be of type int, got 3.0 \(float\)"),
@@ -169,5 +170,18 @@ def test_read_config_names_the_file(tmp_path):
     saved["training"]["num_stepz"] = 5
     (tmp_path / "config.json").write_text(json.dumps(saved, default=list))
     with pytest.raises(ValueError, match=r"config.json: unknown config key 'training.num_stepz' \(did you mean "
-                                         r"'num_steps'\?\)"):
+                                         r"'training.num_steps'\?\)"):
         read_config(str(tmp_path))
+
+
+def test_every_key_has_a_meaning():
+    """`--help`'s table: every key of the schema with its default and a meaning (the model's from
+    UNetConfig's docstring), nothing else."""
+    from vdm_jax.training.config import _leaves, describe_config
+
+    lines = describe_config().splitlines()
+    settings = list(_leaves(default_config()))
+    assert len(lines) == len(settings)
+    for line, (name, value) in zip(lines, settings):
+        head = f"  --config.{name}={value!r}"
+        assert line.startswith(head) and len(line[len(head):].strip()) > 8, line  # a meaning follows

@@ -81,8 +81,24 @@ def test_images_of_the_wrong_shape(tmp_path, micro):
 def test_unknown_config_key_on_the_command_line(tmp_path):
     out = _cli(tmp_path, "--config.training.bacth_size=3", mock=False)
     assert out.returncode != 0
-    assert out.stderr.strip().splitlines()[-1] == (
-        'error: unknown config key bacth_size; did you mean "batch_size" instead of "bacth_size"?')
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: unknown config key 'training.bacth_size' (did you mean 'training.batch_size'?); valid keys here "
+        "are: batch_size, checkpoint_every,")
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
+def test_help_lists_every_config_key_and_exits_0(tmp_path, flag):
+    """`--help` prints the flags and every config key with its default and meaning, from the schema."""
+    from vdm_jax.training import default_config
+    from vdm_jax.training.config import _leaves
+
+    out = _cli(tmp_path, flag, mock=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--workdir: Where checkpoints" in out.stdout
+    assert "  --config.training.num_steps=10000" in out.stdout and "training steps" in out.stdout
+    listed = [line.split("=")[0].strip() for line in out.stdout.splitlines() if line.startswith("  --config.")]
+    assert listed == [f"--config.{name}" for name, _ in _leaves(default_config())]
+    assert not os.path.exists(tmp_path / "config.json")  # nothing was run
 
 
 def test_checkpoint_from_a_different_model(tmp_path, micro_run):

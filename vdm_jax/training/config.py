@@ -35,71 +35,101 @@ def compute_dtype(dtype: str, backend: str | None = None) -> str:
     return "bfloat16" if (backend or jax.default_backend()) in MIXED_PRECISION_BACKENDS else "float32"
 
 
+# Every setting but the model's: (default, meaning). The one source of `default_config()` and of the
+# entry points' `--help` (`describe_config`); the model's settings are `UNetConfig`'s fields.
+SETTINGS = {
+    "seed": (0, "the run's seed: initialisation, data order, every random draw"),
+    "data.source": ("tfds:cifar10", "a vdm_jax.data.load_source spec: tfds:NAME[@DIR], cifar10_tar:PATH, "
+                                    "npz:PATH, images:PATH, digits"),
+    "data.train_split": ("train", "the split to train on"),
+    "data.eval_split": ("test", "the split the bound is evaluated on"),
+    "data.random_flip": (True, "flip training images left-right at random"),
+    "data.num_workers": (0, "grain worker processes reading the training data (0: in the main process)"),
+    "data.prefetch": (2, "calls' batches read and put on the devices ahead, on a background thread (0: none)"),
+    "diffusion.family": ("ddpm", "'ddpm' (discrete, a β schedule) or 'vdm' (a γ schedule, trained on its ELBO)"),
+    "diffusion.timesteps": (1000, "T, the number of diffusion steps; for 'vdm', 0 = continuous time"),
+    "diffusion.schedule": ("linear", "ddpm: 'linear' | 'cosine'; vdm: 'linear' | 'cosine' | 'learned'"),
+    "diffusion.beta_start": (1e-4, "ddpm, linear schedule: β_1"),
+    "diffusion.beta_end": (0.02, "ddpm, linear schedule: β_T"),
+    "diffusion.loss": ("simple", "ddpm: 'simple' | 'vlb' | 'hybrid' (vdm always trains its ELBO)"),
+    "diffusion.variance": ("posterior", "ddpm's reverse variance: 'posterior' | 'beta' | 'learned'"),
+    "diffusion.hybrid_lambda": (0.001, "ddpm, 'hybrid' loss: the weight λ of its VLB term"),
+    "diffusion.gamma_min": (-13.3, "vdm: γ(0) = -log SNR at t = 0 (the learned schedule's start)"),
+    "diffusion.gamma_max": (5.0, "vdm: γ(1) = -log SNR at t = 1 (the learned schedule's end)"),
+    "diffusion.schedule_hidden": (1024, "vdm, learned schedule: the width of its monotone MLP"),
+    "diffusion.variance_minimisation": (True, "vdm, learned schedule: its shape follows ∇E[L_diffusion²]"),
+    "optim.optimizer": ("adam", "'adam' or 'adamw' (weight decay on the U-Net's kernels only)"),
+    "optim.learning_rate": (2e-4, "the learning rate after warm-up"),
+    "optim.warmup_steps": (1000, "linear warm-up from 0: lr·min(1, step/warmup_steps) (0: none)"),
+    "optim.b1": (0.9, "Adam's β1"),
+    "optim.b2": (0.999, "Adam's β2"),
+    "optim.eps": (1e-8, "Adam's ε"),
+    "optim.weight_decay": (0.0, "adamw: decoupled weight decay"),
+    "optim.grad_clip": (1.0, "clip the gradients' global norm to this (0: no clipping)"),
+    "optim.ema_decay": (0.9999, "decay of the parameters' EMA, which evaluation and sampling use"),
+    "training.batch_size": (128, "global batch, over all devices and hosts"),
+    "training.num_steps": (10_000, "training steps"),
+    "training.steps_per_call": (1, "steps per compiled call (a lax.scan; unrolled on CPU)"),
+    "training.log_every": (100, "log the training metrics every this many steps"),
+    "training.eval_every": (5_000, "the bound on the whole eval split every this many steps (0: none during training)"),
+    "training.eval_at_start": (False, "also evaluate the initial model (a baseline for the curve)"),
+    "training.eval_at_end": (True, "evaluate the whole eval split when training ends"),
+    "training.eval_batch_size": (256, "global evaluation batch"),
+    "training.sample_every": (5_000, "a sample grid every this many steps (0: none during training)"),
+    "training.sample_at_end": (True, "a sample grid when training ends"),
+    "training.num_samples": (64, "images in each sample grid"),
+    "training.sampler": ("ancestral", "'ancestral' (DDPM's or VDM's) or 'ddim'"),
+    "training.sample_steps": (0, "the sampler's steps (0: T, or 1000 for a continuous-time VDM)"),
+    "training.checkpoint_every": (1_000, "save a checkpoint every this many steps"),
+    "training.keep_checkpoints": (3, "keep the last this many checkpoints ..."),
+    "training.keep_every": (0, "... and every this-many-th step's (0: none)"),
+    "training.distributed": (False, "call jax.distributed.initialize() (several hosts)"),
+    "training.coordinator_address": ("", "host:port of process 0 ('': auto-detect on Cloud TPU, SLURM, MPI)"),
+    "training.num_processes": (0, "processes in the run (0: auto-detect)"),
+    "training.process_id": (-1, "this process's index (-1: auto-detect)"),
+    "training.progress_bar": (True, "a progress bar on a terminal (a plain line at each log otherwise)"),
+    "training.on_nonfinite": ("stop", "a NaN/Inf loss or gradient: 'stop' (raise) or 'skip' the step"),
+    "training.max_consecutive_skips": (100, "with 'skip': raise after this many bad steps in a row (0: never)"),
+}
+_MODEL_DTYPE = "activations: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'"
+
+
 def default_config() -> ml_collections.ConfigDict:
-    """Every key a run can set, with defaults for a small DDPM on 32×32×3 images."""
+    """Every key a run can set (`SETTINGS` and the model's `UNetConfig` fields), with defaults for a
+    small DDPM on 32×32×3 images, as a locked ConfigDict."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
-
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds:cifar10"  # a `vdm_jax.data.load_source` spec
-    c.data.train_split = "train"
-    c.data.eval_split = "test"
-    c.data.random_flip = True
-    c.data.num_workers = 0  # grain worker processes
-    c.data.prefetch = 2  # calls' batches read and put on the devices ahead, on a background thread (0: none)
-
-    c.model = ml_collections.ConfigDict(tiny(dtype="float32").to_dict())
-    c.model.dtype = "auto"  # activations: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16'
-
-    c.diffusion = ml_collections.ConfigDict()
-    c.diffusion.family = "ddpm"  # 'ddpm' (discrete, β schedule) or 'vdm' (γ schedule, ELBO)
-    c.diffusion.timesteps = 1000  # T; for 'vdm', 0 = continuous time
-    c.diffusion.schedule = "linear"  # ddpm: 'linear' | 'cosine'; vdm: 'linear' | 'cosine' | 'learned'
-    c.diffusion.beta_start = 1e-4
-    c.diffusion.beta_end = 0.02
-    c.diffusion.loss = "simple"  # ddpm: 'simple' | 'vlb' | 'hybrid' (vdm always trains its ELBO)
-    c.diffusion.variance = "posterior"  # ddpm reverse variance: 'posterior' | 'beta' | 'learned'
-    c.diffusion.hybrid_lambda = 0.001
-    c.diffusion.gamma_min = -13.3
-    c.diffusion.gamma_max = 5.0
-    c.diffusion.schedule_hidden = 1024  # width of the learned schedule's MLP
-    c.diffusion.variance_minimisation = True  # learned schedule: shape follows ∇E[L_diffusion²]
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.optimizer = "adam"
-    c.optim.learning_rate = 2e-4
-    c.optim.warmup_steps = 1000
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.0
-    c.optim.grad_clip = 1.0  # global-norm clip; 0 disables
-    c.optim.ema_decay = 0.9999
-
-    c.training = ml_collections.ConfigDict()
-    c.training.batch_size = 128  # global, over all devices and hosts
-    c.training.num_steps = 10_000
-    c.training.steps_per_call = 1  # micro-steps per compiled call (a lax.scan; unrolled on CPU)
-    c.training.log_every = 100
-    c.training.eval_every = 5_000  # full-test-set bpd with the EMA parameters; 0 = only at the end
-    c.training.eval_batch_size = 256
-    c.training.eval_at_start = False  # also evaluate the initial model (a baseline for the curve)
-    c.training.sample_every = 5_000  # 0 = only at the end
-    c.training.num_samples = 64
-    c.training.sampler = "ancestral"  # 'ancestral' (DDPM / VDM) or 'ddim'
-    c.training.sample_steps = 0  # 0 = T (or 1000 for continuous VDM)
-    c.training.checkpoint_every = 1_000
-    c.training.keep_checkpoints = 3  # keep the last N ...
-    c.training.keep_every = 0  # ... and every K-th step (0 = none)
-    c.training.distributed = False  # call jax.distributed.initialize() (multi-host)
-    c.training.coordinator_address = ""  # host:port of process 0; "" = auto-detect (Cloud TPU, SLURM, MPI)
-    c.training.num_processes = 0  # 0 = auto-detect
-    c.training.process_id = -1  # -1 = auto-detect
-    c.training.progress_bar = True
-    c.training.on_nonfinite = "stop"  # a NaN/Inf loss or gradient: 'stop' (raise) or 'skip' the step
-    c.training.max_consecutive_skips = 100  # with 'skip': raise after this many bad steps in a row (0 = never)
+    c.model = ml_collections.ConfigDict({**tiny(dtype="float32").to_dict(), "dtype": "auto"})
+    for name, (value, _) in SETTINGS.items():
+        group, _, key = name.rpartition(".")
+        if group and group not in c:
+            c[group] = ml_collections.ConfigDict()
+        (c[group] if group else c)[key] = value
     c.lock()
     return c
+
+
+def describe_config(config: ml_collections.ConfigDict | None = None) -> str:
+    """Every config key with its value in `config` (default: `default_config()`) and its meaning."""
+    config = default_config() if config is None else config
+    meanings = {name: meaning for name, (_, meaning) in SETTINGS.items()}
+    meanings.update({f"model.{name}": text for name, text in _field_docs(UNetConfig).items()})
+    meanings["model.dtype"] = _MODEL_DTYPE
+    lines = []
+    for name, value in _leaves(config):
+        lines.append(f"  --config.{name}={value!r}".ljust(48) + f" {meanings.get(name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The first sentence of each field's entry in a dataclass's 'Attributes:' docstring."""
+    docs, name = {}, None
+    for line in (cls.__doc__ or "").split("Attributes:", 1)[-1].splitlines():
+        head, sep, text = line.strip().partition(": ")
+        if sep and line.startswith("      ") and not line.startswith("        ") and head.isidentifier():
+            name, docs[head] = head, text
+        elif name and line.startswith("        "):
+            docs[name] += " " + line.strip()
+    return {k: v.split(". ")[0].rstrip(".") for k, v in docs.items()}
 
 
 def set_model(config: ml_collections.ConfigDict, model: UNetConfig, *, dtype: str = "auto") -> None:
@@ -133,6 +163,12 @@ def checked_config(values) -> ml_collections.ConfigDict:
     return config
 
 
+def check_key(name: str) -> None:
+    """Raises ValueError naming the dotted key `name`, its closest valid one and the valid keys of
+    its group, unless the schema has it."""
+    _group_of(default_config(), name)
+
+
 def _group_of(config, name: str):
     """(the group holding the dotted key `name`, its last part); raises naming an unknown key."""
     parts = name.split(".")
@@ -143,7 +179,7 @@ def _group_of(config, name: str):
         if part not in group:
             hint = difflib.get_close_matches(part, list(group.keys()), n=1)
             raise ValueError(f"unknown config key {'.'.join(parts[:i + 1])!r}"
-                             + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                             + (f" (did you mean {'.'.join([*parts[:i], hint[0]])!r}?)" if hint else "")
                              + f"; valid keys here are: {', '.join(sorted(group.keys()))}.")
         if i < len(parts) - 1:
             group = group[part]

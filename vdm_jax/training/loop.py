@@ -365,9 +365,11 @@ def _train(run: _Run) -> dict[str, Any]:
                     name, int(state.step), run.workdir)
         print(f"{name} received: checkpoint saved at step {int(state.step)}; rerun to resume.", flush=True)
     else:
-        summary["eval"] = run.evaluate(state)
-        run.writer.scalars(int(state.step), summary["eval"])
-        summary["samples"] = run.sample(state)
+        if t.eval_at_end:
+            summary["eval"] = run.evaluate(state)
+            run.writer.scalars(int(state.step), summary["eval"])
+        if t.sample_at_end:
+            summary["samples"] = run.sample(state)
     summary["step"] = int(state.step)
     summary["interrupted"] = interrupted
     return summary
