@@ -5,10 +5,16 @@
 A thin entry point: it reads the flags and calls `vdm_jax.training.train_and_evaluate`.
 Rerunning the same command in the same work directory resumes from its latest checkpoint.
 """
+
+if __name__ == "__main__":  # first: a Ctrl-C or SIGTERM from here on is honoured cleanly
+    from experiments.common import hold_signals
+
+    hold_signals()
+
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "cifar10.py") + ":small"
@@ -66,4 +72,6 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    from experiments.common import run_app
+
+    run_app(main, parse_flags)

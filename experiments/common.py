@@ -1,5 +1,7 @@
-"""What the experiment entry points share: bad input ends the program with one line `error: ...`."""
+"""What the experiment entry points share: bad input ends the program with one line `error: ...`,
+and Ctrl-C or SIGTERM at any moment ends it cleanly."""
 import os
+import signal
 import sys
 
 from absl import flags
@@ -74,3 +76,37 @@ def parse_flags(argv: list[str], *, config_keys: bool = False) -> list[str]:
     if len(rest) > 1:
         sys.exit(f"error: unexpected arguments (not --flags): {' '.join(rest[1:])}")
     return rest
+
+
+class _HeldSignal:
+    """A SIGINT/SIGTERM handler that records the first signal (the training loop takes the record
+    over and stops at the next step it can: `vdm_jax.training.train_and_evaluate`); a second one
+    interrupts at once."""
+
+    signum = None
+
+    def __call__(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+def hold_signals() -> None:
+    """Installs `_HeldSignal` for SIGINT and SIGTERM: the first thing a training entry point does,
+    so that a signal during its imports, start-up or compilation is honoured, not lost or fatal."""
+    handler = _HeldSignal()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def run_app(main, flags_parser) -> None:
+    """`app.run(main, flags_parser=...)`, ending a KeyboardInterrupt with one line and exit status 130
+    (at once: no interpreter teardown under the data and checkpoint threads)."""
+    from absl import app
+
+    try:
+        app.run(main, flags_parser=flags_parser)
+    except KeyboardInterrupt:
+        print("interrupted.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)

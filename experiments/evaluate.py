@@ -5,8 +5,9 @@
 
 Reads the run's config and its latest (or `--step`) checkpoint and uses the EMA parameters.
 
-- Bits/dim: every example of the split exactly once (the count is printed), each term of the bound
-  (prior, diffusion, reconstruction, total) with its mean and standard error over the examples.
+- Bits/dim (unless only samples are asked for; `--bpd` for both): every example of the split
+  exactly once (the count is printed), each term of the bound (prior, diffusion, reconstruction,
+  total) with its mean and standard error over the examples.
   `--draws=K` averages K independent draws of (t, ε) per example; `--full_vlb` (DDPM) computes the
   whole discrete bound over all T steps instead of sampling t. Writes
   `OUT/bpd_<split>_<how>.json` (with each term per t for --full_vlb) and the per-example values
@@ -21,7 +22,7 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments.common import parse_flags, run_or_explain, start_jax
 
@@ -29,7 +30,8 @@ flags.DEFINE_string("workdir", None, "The training run's work directory.")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).", lower_bound=0)
 flags.DEFINE_string("split", None, "Split to evaluate (default: the run's config.data.eval_split).")
 flags.DEFINE_string("source", None, "Data spec to evaluate on (default: the run's config.data.source).")
-flags.DEFINE_boolean("bpd", True, "Compute bits/dim (--nobpd to only sample).")
+flags.DEFINE_boolean("bpd", None, "Compute bits/dim (default: yes, unless --num_samples asks for samples; "
+                     "--bpd for both, --nobpd for neither).")
 flags.DEFINE_integer("batch_size", None, "Global evaluation batch (default: config.training.eval_batch_size).",
                      lower_bound=1)
 flags.DEFINE_integer("draws", 1, "Independent draws of (t, ε) per example, averaged.", lower_bound=1)
@@ -80,7 +82,8 @@ def evaluate(FLAGS) -> dict:
     from vdm_jax.training.parallel import check_batch_size
 
     mesh = make_mesh()
-    if FLAGS.bpd and FLAGS.batch_size is not None:
+    bpd = FLAGS.bpd if FLAGS.bpd is not None else not FLAGS.num_samples  # only what was asked for
+    if bpd and FLAGS.batch_size is not None:
         check_batch_size(FLAGS.batch_size, mesh, "--batch_size")
     if FLAGS.num_samples:
         check_batch_size(FLAGS.sample_batch_size, mesh, "--sample_batch_size")
@@ -93,7 +96,7 @@ def evaluate(FLAGS) -> dict:
         os.makedirs(out_dir, exist_ok=True)
     summary = {"workdir": os.path.abspath(FLAGS.workdir), "step": step, "devices": _devices(),
                "jax": jax.__version__, "dtype": compute_dtype(config.model.dtype)}
-    if FLAGS.bpd:
+    if bpd:
         spec = FLAGS.source or config.data.source
         split = FLAGS.split or config.data.eval_split
         source = load_source(spec, split)
@@ -146,4 +149,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    from experiments.common import run_app
+
+    run_app(main, parse_flags)

@@ -11,9 +11,15 @@ Model: the tiny U-Net (0.41M parameters), DDPM with T = 1000 linear β, L_simple
 EMA 0.995 (with warm-up). It writes a sample grid (DDIM, 100 steps) and prints the test set's bits/dim.
 It runs in minutes on a laptop's CPU; the README gives its time on 2 cores and its bits/dim.
 """
+
+if __name__ == "__main__":  # first: a Ctrl-C or SIGTERM from here on is honoured cleanly
+    from experiments.common import hold_signals
+
+    hold_signals()
+
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments.common import parse_flags, run_or_explain, start_jax
 from experiments.configs.quickstart import get_config
@@ -36,4 +42,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    from experiments.common import run_app
+
+    run_app(main, parse_flags)

@@ -35,7 +35,7 @@ def test_missing_data_fails_fast_with_the_ways_to_get_it(tmp_path):
     assert time.monotonic() - start < 30  # no download attempt
     message = str(info.value)
     assert str(tmp_path) in message and "download=False" in message
-    for option in ("tfds build cifar10 --file_format=array_record", "vdm-jax[tf]",
+    for option in ("tfds build cifar10 --file_format=array_record", "pip install -e \".[tf]\"",
                    "'tfds:cifar10@DIR'", "'cifar10_tar:", "'npz:", "'images:", "'digits'",
                    "'digits16'"):
         assert option in message, option

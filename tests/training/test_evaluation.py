@@ -1,4 +1,5 @@
 """Evaluation: bits/dim over a whole split, the core's ELBO on the same draws, samples at scale, the CLI."""
+import glob
 import json
 import os
 import subprocess
@@ -151,7 +152,7 @@ def test_evaluate_cli_on_a_quickstart_checkpoint(tmp_path):
     run = subprocess.run([sys.executable, "-m", "experiments.quickstart", f"--workdir={workdir}", "--steps=2"],
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    first = _evaluate(f"--workdir={workdir}", "--num_samples=10", "--sample_batch_size=8", "--sampler=ddim",
+    first = _evaluate(f"--workdir={workdir}", "--bpd", "--num_samples=10", "--sample_batch_size=8", "--sampler=ddim",
                       "--sample_steps=3", "--draws=2")
     assert "297 examples, each exactly once" in first
     assert "EMA parameters at step 2" in first
@@ -168,8 +169,9 @@ def test_evaluate_cli_on_a_quickstart_checkpoint(tmp_path):
     assert per_example["total"].shape == (297,)
     assert os.path.exists(os.path.join(out_dir, "samples_ddim3_seed0.png"))
 
-    _evaluate(f"--workdir={workdir}", "--nobpd", "--num_samples=10", "--sample_batch_size=8", "--sampler=ddim",
-              "--sample_steps=3", f"--out={tmp_path / 'again'}")
+    sampled = _evaluate(f"--workdir={workdir}", "--num_samples=10", "--sample_batch_size=8", "--sampler=ddim",
+                        "--sample_steps=3", f"--out={tmp_path / 'again'}")  # samples only: no bound
+    assert "bits/dim" not in sampled and not glob.glob(str(tmp_path / "again" / "bpd_*"))
     _evaluate(f"--workdir={workdir}", "--nobpd", "--num_samples=10", "--sample_batch_size=8", "--sampler=ddim",
               "--sample_steps=3", "--seed=1", f"--out={tmp_path / 'seed1'}")
     a = np.load(os.path.join(out_dir, "samples_ddim3_seed0.npz"))["images"]

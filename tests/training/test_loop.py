@@ -61,6 +61,17 @@ def test_bad_workdir(tmp_path, micro):
     config.data.source = "digits"
     with pytest.raises(WorkdirError, match="is not writable"):
         train_and_evaluate(config, str(blocker / "run"))
+    with pytest.raises(WorkdirError, match=f"the work directory {blocker} is a file, not a directory"):
+        train_and_evaluate(config, str(blocker))
+
+
+def test_a_failed_start_leaves_no_work_directory(tmp_path, micro):
+    """Bad data (here a missing file) fails before the work directory is made."""
+    config = micro()
+    config.data.source = f"npz:{tmp_path / 'missing.npz'}"
+    with pytest.raises(OSError):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_batch_not_divisible_by_devices(tmp_path, micro):

@@ -6,7 +6,6 @@ The runs are the real entry point (`python -m experiments.cifar10`) on the micro
 """
 import functools
 import json
-import logging
 import os
 import re
 import signal
@@ -153,6 +152,27 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_p
         assert got_metrics[step]["grad_norm"] == ref_metrics[step]["grad_norm"]
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro_run")
+@pytest.mark.parametrize("delay", [0.3, 4.0])
+def test_a_signal_during_start_up_stops_cleanly(tmp_path, delay):
+    """SIGINT while the entry point imports, builds the state or compiles: it is honoured once the
+    current step or compilation is done, with one line and exit status 0, no traceback or crash;
+    a run stopped before its first step leaves no work directory behind."""
+    workdir = tmp_path / "run"
+    run = _launch(workdir)
+    time.sleep(delay)
+    run.send_signal(signal.SIGINT)
+    code, out, err = _finish(run)
+    assert code == 0, err[-3000:]
+    assert "Traceback" not in err and "Fatal" not in err, err[-3000:]
+    if "SIGINT received before training started: stopped at step 0; nothing new was saved." in out:
+        assert not os.path.exists(workdir)
+    else:  # the first call had finished (a warm compilation cache): its steps are saved
+        saved = int(re.search(r"SIGINT received: checkpoint saved at step (\d+); rerun to resume\.", out).group(1))
+        assert 1 <= saved < 12 and str(saved) in os.listdir(workdir / "checkpoints")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -207,7 +227,7 @@ class _FailingSource:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("micro_run")
-def test_a_data_error_saves_the_steps_done_before_failing(tmp_path, micro_run, monkeypatch, caplog):
+def test_a_data_error_saves_the_steps_done_before_failing(tmp_path, micro_run, monkeypatch, capsys):
     real = loop_module.load_source
     # Batches of 16: the 120th read falls in the 8th batch (after a few reads that check the source).
     monkeypatch.setattr(loop_module, "load_source",
@@ -221,7 +241,8 @@ def test_a_data_error_saves_the_steps_done_before_failing(tmp_path, micro_run, m
     monkeypatch.setattr(loop_module, "load_source", real)
     config = micro_run()
     config.training.log_every = 2
-    with caplog.at_level(logging.WARNING, logger="vdm_jax"):
-        summary = train_and_evaluate(config, str(tmp_path))
+    capsys.readouterr()
+    summary = train_and_evaluate(config, str(tmp_path))
     assert (summary["start_step"], summary["step"]) == (saved, 12)
-    assert "training.log_every: 1 -> 2" in caplog.text
+    notices = capsys.readouterr().err  # the run's own notices, plainly, once
+    assert f"resuming from step {saved} in {tmp_path}" in notices and "training.log_every: 1 -> 2" in notices

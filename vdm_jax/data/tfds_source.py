@@ -24,7 +24,7 @@ def _missing_message(name: str, data_dir: str, download_error: Exception | None)
     return (
         f"TFDS dataset {name!r} is not prepared in {data_dir} ({not_here}). "
         f"Supply the data one of these ways: (1) on a machine with internet, "
-        f"`pip install 'vdm-jax[tf]'` and run `tfds build {name} --file_format=array_record "
+        f"`pip install -e \".[tf]\"` (the README's install) and run `tfds build {name} --file_format=array_record "
         f"--data_dir=DIR` (or `tfds.builder({name!r}, data_dir=DIR, "
         f"file_format='array_record').download_and_prepare()`), copy DIR here and use "
         f"'tfds:{name}@DIR'; (2) read a local copy with one of the offline sources: "

@@ -74,11 +74,16 @@ class Checkpointer:
                  read_only: bool = False):
         self.directory = os.path.abspath(directory)
         self.read_only = read_only
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, keep_period=keep_every or None, create=not read_only, read_only=read_only,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        absl_log = logging.getLogger("absl")
+        absl_log.addFilter(_quiet_read_only)  # orbax's notices that read-only is read-only
+        try:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, keep_period=keep_every or None, create=not read_only, read_only=read_only,
+                enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        finally:
+            absl_log.removeFilter(_quiet_read_only)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -209,6 +214,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _quiet_read_only(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("CheckpointManagerOptions.read_only=True")
+                or message.startswith("Given directory is read only"))
 
 
 def _one_line(e: Exception) -> str:

@@ -10,7 +10,8 @@ Never losing a run (the README's "Running long jobs" lists the tests):
 - SIGTERM/SIGINT save a checkpoint and return (processes agree at the next log/checkpoint step).
 - Damaged checkpoints are skipped and set aside (`Checkpointer.restore_latest`).
 - A non-finite step is never applied or saved (`faults`); the host checks at log, checkpoint,
-  evaluation and sample steps only, so the loop does not wait on the device in between.
+  evaluation and sample steps only, so the loop does not wait on the device in between (but for
+  an interactive progress bar, which counts each call's steps when they are done, one call behind).
 - A data error saves the steps done before it is raised (one process).
 """
 from __future__ import annotations
@@ -18,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import sys
 import tempfile
 import time
 from typing import Any
@@ -39,19 +42,29 @@ from vdm_jax.training.state import TrainState, create_train_state
 log = logging.getLogger("vdm_jax")
 
 
+def _say(message: str) -> None:
+    """A notice of the run's own, once, plainly, on standard error (process 0 only)."""
+    if jax.process_count() == 1 or jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
 class WorkdirError(OSError):
     """The work directory can't be created or written."""
 
 
-def _prepare_workdir(workdir: str) -> str:
+def _prepare_workdir(workdir: str) -> tuple[str, bool]:
+    """(the absolute work directory, created and test-written; whether this run created it)."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"the work directory {workdir} is a file, not a directory.")
+    created = not os.path.exists(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir):
             pass
     except OSError as e:
         raise WorkdirError(f"the work directory {workdir} is not writable: {e.strerror or e}.") from None
-    return workdir
+    return workdir, created
 
 
 def _check_images(source, model_config, what: str) -> None:
@@ -86,7 +99,10 @@ class _StopSignal(contextlib.AbstractContextManager):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
-                pass
+                continue
+            # A handler before this one that held a signal back (`experiments.common.hold_signals`,
+            # during start-up): its signal is this run's.
+            self.signum = self.signum or getattr(self._old[sig], "signum", None)
         return self
 
     def _handle(self, signum, frame):
@@ -103,9 +119,10 @@ class _StopSignal(contextlib.AbstractContextManager):
 class _Run:
     """The pieces of one run, opened by `train_and_evaluate`; its methods do the run's work."""
 
-    def __init__(self, config, model_config, *, workdir: str, mesh, train_iter, eval_source, ckpt: Checkpointer):
+    def __init__(self, config, model_config, *, workdir: str, mesh, train_iter, eval_source, ckpt: Checkpointer,
+                 stop: _StopSignal):
         self.config, self.model_config, self.workdir, self.mesh = config, model_config, workdir, mesh
-        self.train_iter, self.eval_source, self.ckpt = train_iter, eval_source, ckpt
+        self.train_iter, self.eval_source, self.ckpt, self.stop = train_iter, eval_source, ckpt, stop
         self.is_main = jax.process_index() == 0
         self.key_init, self.key_train, self.key_eval, self.key_sample = jax.random.split(jax.random.key(config.seed), 4)
         self.writer: MetricWriter | None = None  # opened by `initial_state`, once the resume step is known
@@ -127,10 +144,9 @@ class _Run:
                 self.train_iter.set_state(data["iterator"])
             self.skipped_seen = int(jax.device_get(state.faults["skipped"]))
             changes = config_changes(saved_config(self.workdir), config_dict)
-            log.warning("resuming from step %d in %s", resume_step, self.workdir)
+            _say(f"resuming from step {resume_step} in {self.workdir}")
             if changes:
-                log.warning("the config differs from the one saved in %s/config.json:\n  %s",
-                            self.workdir, "\n  ".join(changes))
+                _say(f"the config differs from the one saved in {self.workdir}/config.json:\n  " + "\n  ".join(changes))
         if self.is_main:
             save_config(self.workdir, config_dict)
         self.writer = MetricWriter(os.path.join(self.workdir, "tensorboard"), enabled=self.is_main,
@@ -242,6 +258,19 @@ def compiled_steps(mesh):
     return one, many
 
 
+def _count_finished(progress, in_flight) -> None:
+    """Advances the bar by a call's steps once its results are ready (`in_flight`: (steps, metrics))."""
+    if in_flight is not None:
+        jax.block_until_ready(in_flight[1])
+        progress.update(in_flight[0])
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
 def _crossed(prev: int, now: int, every: int) -> bool:
     return every > 0 and now // every > prev // every
 
@@ -275,7 +304,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) a diffusion model as `config` says, writing everything to `workdir`.
 
     Returns a summary: the final step, the last training metrics, the last full evaluation and
-    the path of the last sample grid.
+    the path of the last sample grid. SIGTERM or SIGINT at any moment, start-up included, stops
+    the run once the current step or compilation is done: it saves a checkpoint and returns with
+    'interrupted' set (a run stopped before its first step leaves no work directory it made).
 
     Raises:
       NonFiniteError: a NaN/Inf loss or gradient (`training.on_nonfinite`); nothing from that
@@ -283,86 +314,112 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       CorruptCheckpointError: the work directory has checkpoints but none can be restored.
       CheckpointMismatchError: its checkpoints belong to another model.
     """
-    model_config = validate_config(config)
-    t = config.training
-    if t.distributed:
-        _initialize_distributed(t)
-    workdir = _prepare_workdir(workdir)
-    mesh = parallel.make_mesh()
-    parallel.check_batch_size(t.batch_size, mesh)
-    parallel.check_batch_size(t.eval_batch_size, mesh, "training.eval_batch_size")
-    train_source = load_source(config.data.source, config.data.train_split)
-    eval_source = load_source(config.data.source, config.data.eval_split)
-    _check_images(train_source, model_config, f"{config.data.source} {config.data.train_split}")
-    _check_images(eval_source, model_config, f"{config.data.source} {config.data.eval_split}")
-    train_iter = train_iterator(train_source, global_batch_size=t.batch_size, seed=config.seed,
-                                random_flip=config.data.random_flip, num_workers=config.data.num_workers)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, keep_every=t.keep_every)
-    run = _Run(config, model_config, workdir=workdir, mesh=mesh, train_iter=train_iter, eval_source=eval_source,
-               ckpt=ckpt)
-    try:
-        return _train(run)
-    finally:
-        run.close()
+    with _StopSignal() as stop:
+        if stop.signum is not None:  # a signal during start-up, before anything was done (and before JAX starts)
+            return _stopped_before_training(stop, 0)
+        model_config = validate_config(config)
+        t = config.training
+        if t.distributed:
+            _initialize_distributed(t)
+        mesh = parallel.make_mesh()
+        parallel.check_batch_size(t.batch_size, mesh)
+        parallel.check_batch_size(t.eval_batch_size, mesh, "training.eval_batch_size")
+        train_source = load_source(config.data.source, config.data.train_split)
+        eval_source = load_source(config.data.source, config.data.eval_split)
+        _check_images(train_source, model_config, f"{config.data.source} {config.data.train_split}")
+        _check_images(eval_source, model_config, f"{config.data.source} {config.data.eval_split}")
+        train_iter = train_iterator(train_source, global_batch_size=t.batch_size, seed=config.seed,
+                                    random_flip=config.data.random_flip, num_workers=config.data.num_workers)
+        workdir, created = _prepare_workdir(workdir)  # (after the data: a bad source leaves no directory)
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, keep_every=t.keep_every)
+        run = _Run(config, model_config, workdir=workdir, mesh=mesh, train_iter=train_iter,
+                   eval_source=eval_source, ckpt=ckpt, stop=stop)
+        try:
+            return _train(run)
+        finally:
+            run.close()
+            if created and run.is_main and not _saved_steps(ckpt.directory):
+                shutil.rmtree(workdir, ignore_errors=True)  # a run that never trained leaves nothing
+
+
+def _stopped_before_training(stop: _StopSignal, step: int) -> dict[str, Any]:
+    print(f"{signal.Signals(stop.signum).name} received before training started: stopped at step {step}; "
+          "nothing new was saved.", flush=True)  # (on standard output, like the notice of a stop in training)
+    return {"start_step": step, "step": step, "interrupted": True}
+
+
+def _saved_steps(directory: str) -> list[str]:
+    return [name for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
 
 
 def _train(run: _Run) -> dict[str, Any]:
     config = run.config
     t = config.training
+    stop = run.stop
+    if _stop_requested(stop, True):
+        return _stopped_before_training(stop, 0)
     state = run.initial_state()
     start = step = int(state.step)
+    if _stop_requested(stop, True):  # a signal during start-up: nothing trained, nothing to save
+        return _stopped_before_training(stop, start)
+    summary: dict[str, Any] = {"start_step": start}
     one, many = compiled_steps(run.mesh)
     batches = run.start_batches(start)
-    summary: dict[str, Any] = {"start_step": start}
-    progress = progress_bar(t.progress_bar, total=t.num_steps, initial=start, desc="train", unit="step")
+    interactive = t.progress_bar and sys.stderr.isatty()
+    progress = progress_bar(interactive, total=t.num_steps, initial=start, desc="train", unit="step")
+    in_flight = None  # (steps, metrics) of the call before, counted once its results are ready
     if t.eval_at_start and start == 0:
         run.writer.scalars(0, run.evaluate(state))
     last_time, last_step = time.perf_counter(), start
-    with _StopSignal() as stop:
-        while step < t.num_steps:
-            prev = step
-            k = _steps_in_call(prev, t.num_steps, t.steps_per_call)
-            try:
-                batch = next(batches)
-            except Exception as e:
-                run.save_before_failing(state, e)
-                raise
-            state, metrics = (many if k > 1 else one)(state, batch, run.key_train)
-            step = prev + k
-            progress.update(k)
-            log_now = _crossed(prev, step, t.log_every) or step == t.num_steps
-            save_now = _crossed(prev, step, t.checkpoint_every)
-            eval_now = _crossed(prev, step, t.eval_every) and step < t.num_steps
-            sample_now = _crossed(prev, step, t.sample_every) and step < t.num_steps
-            sync = log_now or save_now or eval_now or sample_now
-            if sync:  # the host reads the state only here (no sync inside the loop otherwise)
-                run.check_faults(state)
-            if log_now:
-                values = {k_: float(v) for k_, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - last_time
-                values["steps_per_sec"] = (step - last_step) / elapsed
-                values["images_per_sec"] = values["steps_per_sec"] * t.batch_size
-                last_time, last_step = time.perf_counter(), step
-                run.writer.scalars(step, values)
-                summary["train"] = values
-                progress.set_postfix(loss=f"{values['loss']:.4f}")
-            if save_now:
-                run.save(state)
-            if eval_now:
-                run.writer.scalars(step, run.evaluate(state))
-            if sample_now:
-                summary["samples"] = run.sample(state)
-            if _stop_requested(stop, sync):
-                break
-        progress.close()
-        interrupted = _stop_requested(stop, True)
-        if run.ckpt.latest_step() != int(state.step):
-            run.save(state, force=True)
-        run.ckpt.wait()
+    while step < t.num_steps:
+        prev = step
+        k = _steps_in_call(prev, t.num_steps, t.steps_per_call)
+        try:
+            batch = next(batches)
+        except Exception as e:
+            run.save_before_failing(state, e)
+            raise
+        state, metrics = (many if k > 1 else one)(state, batch, run.key_train)
+        step = prev + k
+        if interactive:  # the bar counts finished steps: the call before this one's (which runs meanwhile)
+            _count_finished(progress, in_flight)
+            in_flight = (k, metrics)
+        log_now = _crossed(prev, step, t.log_every) or step == t.num_steps
+        save_now = _crossed(prev, step, t.checkpoint_every)
+        eval_now = _crossed(prev, step, t.eval_every) and step < t.num_steps
+        sample_now = _crossed(prev, step, t.sample_every) and step < t.num_steps
+        sync = log_now or save_now or eval_now or sample_now
+        if sync:  # the host reads the state only here (no sync inside the loop otherwise)
+            run.check_faults(state)
+        if log_now:
+            values = {k_: float(v) for k_, v in jax.device_get(metrics).items()}
+            elapsed = time.perf_counter() - last_time
+            values["steps_per_sec"] = (step - last_step) / elapsed
+            values["images_per_sec"] = values["steps_per_sec"] * t.batch_size
+            last_time, last_step = time.perf_counter(), step
+            run.writer.scalars(step, values)
+            summary["train"] = values
+            progress.set_postfix(loss=f"{values['loss']:.4f}")
+            if t.progress_bar and not interactive and run.is_main:
+                left = (t.num_steps - step) / max(values["steps_per_sec"], 1e-9)
+                print(f"step {step}/{t.num_steps}: loss {values['loss']:.4f}, {values['steps_per_sec']:.1f} steps/s, "
+                      f"about {_duration(left)} to go", flush=True)
+        if save_now:
+            run.save(state)
+        if eval_now:
+            run.writer.scalars(step, run.evaluate(state))
+        if sample_now:
+            summary["samples"] = run.sample(state)
+        if _stop_requested(stop, sync):
+            break
+    _count_finished(progress, in_flight)
+    progress.close()
+    interrupted = _stop_requested(stop, True)
+    if run.ckpt.latest_step() != int(state.step):
+        run.save(state, force=True)
+    run.ckpt.wait()
     if interrupted:
         name = signal.Signals(stop.signum).name
-        log.warning("%s received: saved a checkpoint at step %d in %s; rerun the same command to resume.",
-                    name, int(state.step), run.workdir)
         print(f"{name} received: checkpoint saved at step {int(state.step)}; rerun to resume.", flush=True)
     else:
         if t.eval_at_end:
