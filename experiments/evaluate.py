@@ -30,8 +30,8 @@ flags.DEFINE_string("workdir", None, "The training run's work directory.")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).", lower_bound=0)
 flags.DEFINE_string("split", None, "Split to evaluate (default: the run's config.data.eval_split).")
 flags.DEFINE_string("source", None, "Data spec to evaluate on (default: the run's config.data.source).")
-flags.DEFINE_boolean("bpd", None, "Compute bits/dim (default: yes, unless --num_samples asks for samples; "
-                     "--bpd for both, --nobpd for neither).")
+flags.DEFINE_boolean("bpd", None, "Compute bits/dim (default: yes, unless only samples are asked for: "
+                     "--num_samples without --full_vlb, --draws, --split or --source).")
 flags.DEFINE_integer("batch_size", None, "Global evaluation batch (default: config.training.eval_batch_size).",
                      lower_bound=1)
 flags.DEFINE_integer("draws", 1, "Independent draws of (t, ε) per example, averaged.", lower_bound=1)
@@ -82,7 +82,8 @@ def evaluate(FLAGS) -> dict:
     from vdm_jax.training.parallel import check_batch_size
 
     mesh = make_mesh()
-    bpd = FLAGS.bpd if FLAGS.bpd is not None else not FLAGS.num_samples  # only what was asked for
+    asked = FLAGS.full_vlb or FLAGS.draws > 1 or FLAGS.split or FLAGS.source  # bound settings ask for the bound
+    bpd = FLAGS.bpd if FLAGS.bpd is not None else bool(asked or not FLAGS.num_samples)  # only what was asked
     if bpd and FLAGS.batch_size is not None:
         check_batch_size(FLAGS.batch_size, mesh, "--batch_size")
     if FLAGS.num_samples:

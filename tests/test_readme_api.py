@@ -1,4 +1,5 @@
-"""The README's API tables cannot drift from the code: every signature they list is the code's own.
+"""The API tables (docs/api.md, linked from the README) cannot drift from the code: every signature
+they list is the code's own.
 
 Each table row's first cell lists one or more `name(params)` code spans; a name may be qualified
 (`models.UNet`, `training.train_step`, `DiscreteSchedule.gamma_step`) and an unqualified name after
@@ -17,24 +18,25 @@ import pytest
 
 import vdm_jax
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+API = ROOT / "docs" / "api.md"
+WHERE = "docs/api.md"  # how failures name the file
 SPAN = re.compile(r"`((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)\(([^`]*)\)`")
 MODULES = {"models": "vdm_jax.models", "training": "vdm_jax.training", "data": "vdm_jax.data",
            "xla_flags": "vdm_jax.xla_flags"}
 
 
 def api_section() -> str:
-    text = README.read_text(encoding="utf-8")
-    return text[text.index("\n## API\n"):text.index("\n## Train on CIFAR-10")]
+    """docs/api.md, all of it: every table in it is an API table."""
+    return API.read_text(encoding="utf-8")
 
 
 def listed_signatures():
-    """(qualified name, parameter text, README line) for every signature in the API tables."""
-    text = README.read_text(encoding="utf-8")
-    offset = text.index("\n## API\n")
+    """(qualified name, parameter text, docs/api.md line) for every signature in the API tables."""
+    text = api_section()
     rows = []
-    for match in re.finditer(r"^\| (.+?) \|", api_section(), re.M):
-        line = text.count("\n", 0, offset + match.start()) + 1
+    for match in re.finditer(r"^\| (.+?) \|", text, re.M):
+        line = text.count("\n", 0, match.start()) + 1
         module = None
         for name, params in SPAN.findall(match.group(1)):
             head = name.split(".")[0]
@@ -119,17 +121,17 @@ def test_listed_signature_is_the_codes(name, params, line):
     try:
         obj = resolve(name)
     except AttributeError:
-        pytest.fail(f"README.md:{line}: `{name}` is not a public name of vdm_jax")
+        pytest.fail(f"{WHERE}:{line}: `{name}` is not a public name of vdm_jax")
     code = code_params(obj)
     listed = [p.split("=", 1) for p in split_params(params)]
     want = [p[0].strip() for p in listed]
     got = [t for t, _ in code]
-    assert want == got, f"README.md:{line}: {name}({params}) but the code has {name}({', '.join(got)})"
+    assert want == got, f"{WHERE}:{line}: {name}({params}) but the code has {name}({', '.join(got)})"
     defaults = dict(code)
     for p in listed:
         if len(p) == 2:
             assert same_default(p[1].strip(), defaults[p[0].strip()]), (
-                f"README.md:{line}: {name}: {p[0].strip()}={p[1].strip()} but the code's default is "
+                f"{WHERE}:{line}: {name}: {p[0].strip()}={p[1].strip()} but the code's default is "
                 f"{defaults[p[0].strip()]!r}")
 
 
@@ -137,6 +139,10 @@ def test_every_public_name_is_in_the_api_tables():
     section = api_section()
     documented = set(re.findall(r"`(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*)[(`= ]", section))
     missing = sorted(set(vdm_jax.__all__) - documented)
-    assert not missing, f"README.md's API tables do not list {missing}"
+    assert not missing, f"{WHERE}'s API tables do not list {missing}"
     models = {"UNet", "UNetConfig", "as_pred_fn", "count_params", "ddpm_cifar10", "vdm_cifar10", "tiny"}
-    assert not sorted(models - documented), f"README.md's API tables do not list models.{sorted(models - documented)}"
+    assert not sorted(models - documented), f"{WHERE}'s API tables do not list models.{sorted(models - documented)}"
+
+
+def test_the_readme_links_to_the_api_tables():
+    assert "](docs/api.md)" in (ROOT / "README.md").read_text(encoding="utf-8")

@@ -12,7 +12,7 @@ XLA:CPU flags to `XLA_FLAGS`:
   which are much slower for the U-Net's gradient convolutions.
 
 Measurements: `benchmarks/results/cpu_conv_paths_x86_64.json` (`python -m benchmarks.cpu_conv_paths`)
-and the README. The flags only change how XLA:CPU compiles; other backends ignore them.
+and docs/benchmarks.md. The flags only change how XLA:CPU compiles; other backends ignore them.
 """
 from __future__ import annotations
 

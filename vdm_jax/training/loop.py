@@ -4,7 +4,7 @@ Builds the data, the state and the compiled steps, resumes from the work directo
 intact checkpoint if there is one, trains with periodic logging, checkpoints, full-test-set
 evaluation (EMA parameters) and sample grids.
 
-Never losing a run (the README's "Running long jobs" lists the tests):
+Never losing a run (docs/long_jobs.md lists the tests):
 - A restarted run continues exactly: the checkpoint holds the data iterator's position, all
   randomness is `fold_in(key, step)`, and multi-step calls start at multiples of `steps_per_call`.
 - SIGTERM/SIGINT save a checkpoint and return (processes agree at the next log/checkpoint step).
