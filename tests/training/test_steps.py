@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from vdm_jax.training import create_train_state, parallel, steps, validate_config
+from vdm_jax.training.loop import compiled_steps
 
 
 def _state(config, seed=0):
@@ -31,24 +32,28 @@ def _compiled(mesh, fn=train_step, leading=0):
 
 def _run(config, mesh, batch, n_steps=1):
     state = parallel.replicate(_state(config), mesh)
-    step = _compiled(mesh)
+    step, _ = compiled_steps(mesh)  # the loop's own program (which the resume and fault tests compile too)
     for _ in range(n_steps):
         state, metrics = step(state, parallel.global_batch(batch, mesh), jax.random.key(7))
     return jax.device_get(state.params), jax.device_get(metrics)
 
 
+@pytest.mark.xdist_group("micro_run")
 @pytest.mark.parametrize("family", ["ddpm", "vdm"])
-def test_eight_devices_equal_one_device(micro, family):
-    """Acceptance 2: one step on 8 fake devices = the same step on 1 device."""
+def test_eight_devices_equal_one_device(micro_run, family):
+    """Acceptance 2: two steps on 8 fake devices = the same steps on 1 device, with dropout and (vdm)
+    a learned schedule: the micro run's config, so the 8-device program is the loop's (compiled once
+    for this group of tests). Two steps: the vdm run's warm-up starts at learning rate 0."""
     assert jax.device_count() == 8
-    config = micro(family=family, timesteps=0 if family == "vdm" else 50,
-                   schedule="learned" if family == "vdm" else "linear")
-    config.model.dropout = 0.1  # dropout keys must not depend on the sharding either
+    config = micro_run(family)
+    assert config.model.dropout > 0  # dropout keys must not depend on the sharding either
     batch = _batch(16)
-    params8, metrics8 = _run(config, parallel.make_mesh(), batch)
-    params1, metrics1 = _run(config, parallel.make_mesh(jax.devices()[:1]), batch)
+    params8, metrics8 = _run(config, parallel.make_mesh(), batch, n_steps=2)
+    params1, metrics1 = _run(config, parallel.make_mesh(jax.devices()[:1]), batch, n_steps=2)
     np.testing.assert_allclose(metrics8["loss"], metrics1["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics8["grad_norm"], metrics1["grad_norm"], rtol=1e-4)
+    initial = jax.device_get(_state(config).params)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(initial)))
     for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params1)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
