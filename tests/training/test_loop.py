@@ -1,6 +1,7 @@
 """End to end: the real entry point on tfds mock data, resume, and the bad inputs users hit."""
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -45,9 +46,12 @@ def test_entry_point_trains_and_writes_its_outputs(tmp_path):
     """The real entry point on mock CIFAR-10: steps, checkpoints, logs, samples, the config.
     (Resuming is `test_resume.py`'s, on the smaller digits run.)"""
     workdir = tmp_path / "run"
-    first = _cli(workdir, "--config.training.num_steps=3")
+    first = _cli(workdir, "--config.training.num_steps=3", "--config.training.progress_bar=True")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "step 3: test bpd" in first.stdout and "over 40 images" in first.stdout
+    # Not a terminal: no bar's carriage returns, a plain line at each log step instead.
+    assert "\r" not in first.stdout + first.stderr
+    assert re.search(r"^step 2/3: loss \d+\.\d+, [\d.]+ steps/s, about .* to go$", first.stdout, re.M), first.stdout
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "3"]
     assert glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
     assert os.path.exists(workdir / "samples" / "step_00000003.png")
