@@ -1,10 +1,12 @@
 """Seconds per training step: the loop's own compiled step (`loop.compiled_steps`) on one device.
 
-    python -m benchmarks.step_time [--model=ddpm_cifar10] [--batch=8] [--steps=5]
+    python -m benchmarks.step_time [--model=ddpm_cifar10] [--batch=8] [--steps=5] [--convolutions=xla]
 
 Prints one JSON line: the median over 3 repeats of `steps` donated steps, after 2 warm-up steps.
-Made to compare two versions of the training layer on one machine: run it in each checkout, in
-turn, each in its own process (`PYTHONPATH=<checkout>` so that each imports its own vdm_jax).
+Made to compare, on one machine, two versions of the training layer (run it in each checkout, in
+turn, each in its own process, with `PYTHONPATH=<checkout>` so that each imports its own vdm_jax),
+or XLA:CPU's two convolution paths for a model (`--convolutions=xla|ynnpack`, as
+`vdm_jax.set_cpu_xla_flags(convolutions=...)` or $VDM_JAX_CPU_CONVOLUTIONS choose them).
 """
 import json
 import time
@@ -12,7 +14,10 @@ import time
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_enum("model", "ddpm_cifar10", ["tiny32", "ddpm_cifar10", "vdm_cifar10"], "The U-Net.")
+MODELS = ("tiny8", "tiny32", "ddpm_cifar10", "vdm_cifar10", "vdm32")
+flags.DEFINE_enum("model", "ddpm_cifar10", MODELS, "The U-Net: tiny8 is the quickstart's (8×8×1), vdm32 VDM's "
+                  "no-downsampling layout at 32 channels.")
+flags.DEFINE_enum("convolutions", "xla", ["xla", "ynnpack"], "XLA:CPU's convolution path.")
 flags.DEFINE_integer("batch", 8, "Training batch.", lower_bound=1)
 flags.DEFINE_integer("steps", 5, "Timed steps per repeat.", lower_bound=1)
 FLAGS = flags.FLAGS
@@ -20,23 +25,25 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from vdm_jax import set_cpu_xla_flags
+    from vdm_jax import models, set_cpu_xla_flags
 
-    set_cpu_xla_flags()
+    model = {"tiny8": lambda: models.tiny(image_size=8, in_channels=1, dropout=0.0), "tiny32": models.tiny,
+             "ddpm_cifar10": models.ddpm_cifar10, "vdm_cifar10": models.vdm_cifar10,
+             "vdm32": lambda: models.vdm_cifar10(base_channels=32, num_groups=8)}[FLAGS.model]()
+    set_cpu_xla_flags(convolutions=FLAGS.convolutions)
     import jax
 
-    from vdm_jax import models
     from vdm_jax.training import create_train_state, default_config, parallel, set_model, validate_config
     from vdm_jax.training.loop import compiled_steps
 
     config = default_config()
-    set_model(config, {"tiny32": models.tiny, "ddpm_cifar10": models.ddpm_cifar10,
-                       "vdm_cifar10": models.vdm_cifar10}[FLAGS.model](), dtype="float32")
+    set_model(config, model, dtype="float32")
     config.training.batch_size = FLAGS.batch
     mesh = parallel.make_mesh(jax.devices()[:1])
     state = parallel.replicate(create_train_state(config, validate_config(config), key=jax.random.key(0)), mesh)
     step, _ = compiled_steps(mesh)
-    images = np.random.default_rng(0).integers(0, 256, (FLAGS.batch, 32, 32, 3), dtype=np.uint8)
+    shape = (FLAGS.batch, model.image_size, model.image_size, model.in_channels)
+    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     batch, key = parallel.global_batch({"image": images}, mesh), jax.random.key(1)
     for _ in range(2):
         state, metrics = step(state, batch, key)
@@ -48,7 +55,10 @@ def main(argv):
             state, metrics = step(state, batch, key)
         jax.block_until_ready(metrics)
         times.append((time.perf_counter() - start) / FLAGS.steps)
+    import os
+
     print(json.dumps({"model": FLAGS.model, "batch": FLAGS.batch, "s_per_step": sorted(times)[1], "repeats": times,
+                      "convolutions": FLAGS.convolutions, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                       "device": jax.devices()[0].device_kind, "jax": jax.__version__}))
 
 

@@ -111,3 +111,19 @@ def test_rematerialisation_saves_memory_under_the_flags():
         temp[name] = compiled.memory_analysis().temp_size_in_bytes
     # 8 blocks × 8 saved [8, 16, 16, 16] tensors without remat; 8 inputs + one block's working set with.
     assert temp["remat"] < 0.5 * temp["plain"], temp
+
+
+def test_the_convolution_path_is_a_documented_switch(monkeypatch):
+    """XLA's own convolutions by default; `convolutions='ynnpack'` or $VDM_JAX_CPU_CONVOLUTIONS=ynnpack
+    keeps jaxlib's default path (docs/benchmarks.md has the measurements per model)."""
+    _with_jaxlib(monkeypatch, "0.10.2")
+    monkeypatch.delenv("VDM_JAX_CPU_CONVOLUTIONS", raising=False)
+    xla, ynnpack = f"--{_SCHEDULER}=false --{_YNN}=", f"--{_SCHEDULER}=false"
+    assert xla_flags.cpu_xla_flags() == xla and xla_flags.cpu_xla_flags(convolutions="ynnpack") == ynnpack
+    monkeypatch.setenv("VDM_JAX_CPU_CONVOLUTIONS", "ynnpack")
+    assert xla_flags.cpu_xla_flags() == ynnpack and xla_flags.cpu_xla_flags(convolutions="xla") == xla
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert xla_flags.set_cpu_xla_flags() == ynnpack
+    monkeypatch.setenv("VDM_JAX_CPU_CONVOLUTIONS", "fast")
+    with pytest.raises(ValueError, match=r"VDM_JAX_CPU_CONVOLUTIONS\) must be one of \('xla', 'ynnpack'\)"):
+        xla_flags.cpu_xla_flags()
