@@ -61,9 +61,9 @@ EVALUATE = {
 # sampler); steps that the run's sampler can't take are named by flag.
 _SAMPLING = """
 from types import SimpleNamespace as NS
-from vdm_jax.training import DDPMObjective
+from vdm_jax.training import default_config, make_objective, validate_config
 config = NS(training=NS(sampler="ddim", sample_steps=100))
-ddpm = DDPMObjective(prediction="eps", image_shape=(32, 32, 3), timesteps=1000)
+ddpm = make_objective(default_config(), validate_config(default_config()))  # T = 1000
 sampled = []
 for sampler, steps in [(None, None), ("ancestral", None), ("ddim", 20), ("ancestral", 50), ("ddim", 5000)]:
     try:

@@ -218,11 +218,6 @@ _AT_LEAST = {"seed": 0, "data.num_workers": 0, "data.prefetch": 0, "diffusion.hy
 _UNIT_INTERVAL = ("optim.b1", "optim.b2", "optim.ema_decay")  # [0, 1)
 
 
-def _get(config, name):
-    group, _, key = name.rpartition(".")
-    return (config[group] if group else config)[key]
-
-
 def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
     """Checks a config against `default_config()` (`checked_config`) and the rules between its
     settings; returns the model's config, with `model.dtype = 'auto'` resolved for JAX's default
@@ -233,18 +228,19 @@ def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
       TypeError: values of the wrong type.
     """
     config = checked_config(config)
+    value = dict(_leaves(config))  # dotted key -> setting
     for name, options in _CHOICES.items():
-        if _get(config, name) not in options:
-            raise ValueError(f"config key {name!r} must be one of {options}, got {_get(config, name)!r}.")
+        if value[name] not in options:
+            raise ValueError(f"config key {name!r} must be one of {options}, got {value[name]!r}.")
     for name in _POSITIVE:
-        if not _get(config, name) > 0:
-            raise ValueError(f"config key {name!r} must be > 0, got {_get(config, name)}.")
+        if not value[name] > 0:
+            raise ValueError(f"config key {name!r} must be > 0, got {value[name]}.")
     for name, low in _AT_LEAST.items():
-        if _get(config, name) < low:
-            raise ValueError(f"config key {name!r} must be >= {low}, got {_get(config, name)}.")
+        if value[name] < low:
+            raise ValueError(f"config key {name!r} must be >= {low}, got {value[name]}.")
     for name in _UNIT_INTERVAL:
-        if not 0.0 <= _get(config, name) < 1.0:
-            raise ValueError(f"config key {name!r} must be in [0, 1), got {_get(config, name)}.")
+        if not 0.0 <= value[name] < 1.0:
+            raise ValueError(f"config key {name!r} must be in [0, 1), got {value[name]}.")
     try:
         model = UNetConfig.from_dict({**config.model, "dtype": compute_dtype(config.model.dtype)})
     except (ValueError, TypeError) as e:

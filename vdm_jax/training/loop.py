@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from vdm_jax.data import check_source, load_source, train_iterator
 from vdm_jax.training import faults, parallel, steps
@@ -128,6 +129,7 @@ class _Run:
         self.writer: MetricWriter | None = None  # opened by `initial_state`, once the resume step is known
         self.skipped_seen = 0
         self.batches: DevicePrefetcher | None = None  # made by `start_batches` once the state is restored
+        self.trained = False  # a training call has run (its logs stay, even with no checkpoint)
 
     # --- state and checkpoints ----------------------------------------------------------------
 
@@ -265,12 +267,6 @@ def _count_finished(progress, in_flight) -> None:
         progress.update(in_flight[0])
 
 
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds + 0.5), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
-
-
 def _crossed(prev: int, now: int, every: int) -> bool:
     return every > 0 and now // every > prev // every
 
@@ -338,7 +334,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             return _train(run)
         finally:
             run.close()
-            if created and run.is_main and not _saved_steps(ckpt.directory):
+            if created and run.is_main and not run.trained and not _saved_steps(ckpt.directory):
                 shutil.rmtree(workdir, ignore_errors=True)  # a run that never trained leaves nothing
 
 
@@ -380,7 +376,7 @@ def _train(run: _Run) -> dict[str, Any]:
             run.save_before_failing(state, e)
             raise
         state, metrics = (many if k > 1 else one)(state, batch, run.key_train)
-        step = prev + k
+        step, run.trained = prev + k, True
         if interactive:  # the bar counts finished steps: the call before this one's (which runs meanwhile)
             _count_finished(progress, in_flight)
             in_flight = (k, metrics)
@@ -403,7 +399,7 @@ def _train(run: _Run) -> dict[str, Any]:
             if t.progress_bar and not interactive and run.is_main:
                 left = (t.num_steps - step) / max(values["steps_per_sec"], 1e-9)
                 print(f"step {step}/{t.num_steps}: loss {values['loss']:.4f}, {values['steps_per_sec']:.1f} steps/s, "
-                      f"about {_duration(left)} to go", flush=True)
+                      f"about {tqdm.format_interval(left)} to go", flush=True)
         if save_now:
             run.save(state)
         if eval_now:

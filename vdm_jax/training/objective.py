@@ -72,13 +72,13 @@ class DDPMObjective(Objective):
     Dhariwal). variance: the reverse variance, 'posterior' (β̃), 'beta' (β) or 'learned'.
     """
 
-    timesteps: int = 1000
-    schedule: str = "linear"  # 'linear' | 'cosine'
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    loss: str = "simple"
-    variance: str = "posterior"
-    hybrid_lambda: float = 0.001
+    timesteps: int  # (no defaults here: `default_config()` is the one source of them)
+    schedule: str  # 'linear' | 'cosine'
+    beta_start: float
+    beta_end: float
+    loss: str
+    variance: str
+    hybrid_lambda: float
 
     grid = "ddpm"  # pixel grid of `vdm_jax.pixels`
 
@@ -223,12 +223,12 @@ class VDMObjective(Objective):
     the ELBO (`vdm_jax.variance_minimising_grads`).
     """
 
-    timesteps: int = 0
-    schedule: str = "linear"  # 'linear' | 'cosine' | 'learned'
-    gamma_min: float = -13.3
-    gamma_max: float = 5.0
-    schedule_hidden: int = 1024
-    variance_minimisation: bool = True
+    timesteps: int  # 0: continuous time (no defaults here: `default_config()` is the one source of them)
+    schedule: str  # 'linear' | 'cosine' | 'learned'
+    gamma_min: float
+    gamma_max: float
+    schedule_hidden: int
+    variance_minimisation: bool
 
     grid = "vdm"
     terms = ("diffusion", "prior", "reconstruction", "total")

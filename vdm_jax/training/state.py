@@ -35,14 +35,14 @@ class Optimizer:
     steps, lr·min(1, step/warmup_steps), then constant.
     """
 
-    optimizer: str = "adam"
-    learning_rate: float = 2e-4
-    warmup_steps: int = 0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0
+    optimizer: str  # (no defaults here: `default_config()` is the one source of them)
+    learning_rate: float
+    warmup_steps: int
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    grad_clip: float
 
     @classmethod
     def from_config(cls, optim) -> "Optimizer":
