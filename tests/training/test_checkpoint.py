@@ -31,7 +31,7 @@ def test_round_trip_is_exact(tmp_path, micro, schedule):
     target = _state(config, seed=1)  # different values, same structure
     tree, data = ckpt.restore(jax.device_get(target.checkpoint_tree()))
     assert data == {"iterator": {"next_index": 5}}
-    restored = target.replace_from_checkpoint(tree)
+    restored = target.replace(**tree)
     assert jax.tree.structure(restored.opt_state) == jax.tree.structure(state.opt_state)
     for a, b in zip(jax.tree.leaves(restored.checkpoint_tree()), jax.tree.leaves(state.checkpoint_tree())):
         np.testing.assert_array_equal(a, b)

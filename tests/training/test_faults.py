@@ -100,7 +100,7 @@ def test_stop_freezes_at_the_first_bad_step_and_names_it(micro_run, run_step):
     assert text.startswith("step 2 (the update from step 1): non-finite loss terms loss, simple")
     assert "the first non-finite gradient is model/" in text
     with pytest.raises(NonFiniteError, match=r"training stopped at step 2 \(the update from step 1\)"):
-        faults.check(record, "stop", 100, lambda: faults.describe(record, after.params))
+        faults.check(record, after.params, "stop", 100)
 
 
 def _skipping(micro_run):
@@ -121,8 +121,8 @@ def test_skip_drops_bad_steps_counts_them_and_goes_on(micro_run, run_step):
     record = after.faults
     assert (int(after.step), int(record["skipped"]), int(record["consecutive"]), int(record["step"])) == (2, 2, 2, 1)
     with pytest.raises(NonFiniteError, match=r"after 2 non-finite steps in a row \(training.max_consecutive_skips=2\)"):
-        faults.check(record, "skip", 2, lambda: faults.describe(record, after.params))
-    faults.check(record, "skip", 3, lambda: "")  # under the limit: goes on
+        faults.check(record, after.params, "skip", 2)
+    faults.check(record, after.params, "skip", 3)  # under the limit: goes on
     # A finite step applies again and resets the run of bad ones (the total stays).
     healed, metrics = run_step(after.replace(params=good.params), 2)
     record = healed.faults

@@ -5,12 +5,10 @@ optimiser state, fault counters) and `data` (JSON: the data iterator's position 
 every array). The config is kept beside them as `config.json`. Nothing pickled is ever written or
 read, so opening a checkpoint cannot run code.
 
-Restoring checks, before reading any array, that the saved arrays have the target's paths, shapes
-and dtypes (else `CheckpointMismatchError`: a different model), then reads them and compares every
-array's CRC-32 with the one recorded at save time. A checkpoint that can't be read or fails the
-check is corrupt (`CorruptCheckpointError`): `restore_latest` warns, names it, and falls back to
-the newest good one. Orbax writes each step into a temporary directory and renames it when
-complete, so a process killed while saving leaves a temporary directory, never a half-written step.
+Restoring checks the saved arrays' paths, shapes and dtypes against the target before reading any
+(`CheckpointMismatchError`: another model) and every array's CRC-32 after (`CorruptCheckpointError`);
+`restore_latest` falls back past damaged steps. Orbax writes each step into a temporary directory
+and renames it when complete, so a process killed while saving never leaves a half-written step.
 """
 from __future__ import annotations
 
@@ -42,15 +40,7 @@ class CorruptCheckpointError(RuntimeError):
 
 def path_str(path) -> str:
     """'a/b/0/c' for a key path, whether its entries are dict keys, attributes or indices."""
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def fingerprint(tree: Any) -> dict[str, int]:
@@ -59,8 +49,10 @@ def fingerprint(tree: Any) -> dict[str, int]:
     return {path_str(p): zlib.crc32(np.ascontiguousarray(x).tobytes()) for p, x in leaves}
 
 
-def _shape_dtype(x) -> tuple[tuple[int, ...], str]:
-    return tuple(np.shape(x)), str(np.dtype(x.dtype)) if hasattr(x, "dtype") else str(np.asarray(x).dtype)
+def _shapes(tree) -> dict[str, str]:
+    """{array path: 'dtype[shape]'} for the arrays (or array metadata) of `tree`."""
+    return {path_str(p): f"{np.dtype(x.dtype)}{list(x.shape)}"
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
 
 
 class Checkpointer:
@@ -177,14 +169,12 @@ class Checkpointer:
         """Raises CheckpointMismatchError if the step's metadata lists other arrays than the target's."""
         try:
             meta = self.manager.item_metadata(step)["state"]
+            if meta is None:
+                raise ValueError("the state's metadata is missing")
         except Exception as e:  # noqa: BLE001 - unreadable metadata: the step is damaged
             raise CorruptCheckpointError(
                 f"{os.path.join(self.directory, str(step))} has no readable metadata: {_one_line(e)}") from e
-        if meta is None:
-            raise CorruptCheckpointError(f"{os.path.join(self.directory, str(step))} has no readable metadata")
-        saved = {path_str(p): _shape_dtype(m) for p, m in
-                 jax.tree_util.tree_flatten_with_path(meta)[0] if hasattr(m, "shape")}
-        wanted = {path_str(p): _shape_dtype(x) for p, x in jax.tree_util.tree_flatten_with_path(target_tree)[0]}
+        saved, wanted = _shapes(meta), _shapes(target_tree)
         missing = sorted(set(wanted) - set(saved))
         extra = sorted(set(saved) - set(wanted))
         differ = sorted(k for k in set(wanted) & set(saved) if wanted[k] != saved[k])
@@ -196,15 +186,10 @@ class Checkpointer:
                 "parameter tree's structure and can't restore it. Use a new --workdir, or the older vdm_jax to "
                 "finish or evaluate that run.")
         if missing or extra or differ:
-            detail = []
-            if differ:
-                k = differ[0]
-                detail.append(f"{len(differ)} arrays differ in shape or dtype (e.g. {k}: saved "
-                              f"{saved[k][1]}{list(saved[k][0])}, model {wanted[k][1]}{list(wanted[k][0])})")
-            if missing:
-                detail.append(f"{len(missing)} arrays missing from the checkpoint (e.g. {missing[0]})")
-            if extra:
-                detail.append(f"{len(extra)} unexpected arrays in it (e.g. {extra[0]})")
+            detail = [f"{len(differ)} arrays differ in shape or dtype (e.g. {differ[0]}: saved "
+                      f"{saved[differ[0]]}, model {wanted[differ[0]]})"] if differ else []
+            detail += [f"{len(missing)} arrays missing from the checkpoint (e.g. {missing[0]})"] if missing else []
+            detail += [f"{len(extra)} unexpected arrays in it (e.g. {extra[0]})"] if extra else []
             raise CheckpointMismatchError(
                 f"the checkpoint at step {step} in {self.directory} was written by a different model: "
                 + "; ".join(detail) + ". Use a new --workdir, or the config that wrote it.")

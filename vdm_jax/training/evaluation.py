@@ -4,15 +4,9 @@
     result = evaluate_bpd(state, source, mesh=mesh, batch_size=256, key=key, draws=4)
     images = generate_samples(state, mesh=mesh, num=10_000, key=key, sampler="ddim", sample_steps=100)
 
-`evaluate_bpd` reads every example of the split exactly once (the data pipeline pads the last batch
-and masks the padding out), averages `draws` independent estimates of each example's bound — or,
-for a DDPM, the full discrete bound over all T steps — and reports each term's mean and standard
-error over the examples, in bits per dimension (docs/math.md §5). `generate_samples` draws fixed-size
-batches sharded over the devices (one compiled program, the whole reverse chain in one
-`lax.scan`); the images depend only on the state, the key and the batch size.
-
-Keys: batch b of the split is evaluated with `fold_in(key, b)` (draw d of it with
-`fold_in(fold_in(key, b), d)`, see `steps.eval_step`); sample batch b with `fold_in(key, b)`.
+Both are sharded over the devices with one compiled program each; `evaluate_bpd` reads every
+example once and reports bits per dimension (docs/math.md §5) with standard errors, and the images
+of `generate_samples` depend only on the state, the key and the batch size.
 """
 from __future__ import annotations
 
@@ -94,7 +88,7 @@ def load_checkpoint(workdir: str, *, step: int | None = None, mesh=None, dtype: 
             tree, _ = ckpt.restore(target, step)
     finally:
         ckpt.close()
-    return config, abstract.replace_from_checkpoint(tree)
+    return config, abstract.replace(**tree)
 
 
 # --- bits per dimension ----------------------------------------------------------------------------
@@ -111,9 +105,11 @@ def _bound_fn(mesh, draws: int, full_vlb: bool):
     return jax.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
 
 
-def _mean_and_se(values: np.ndarray) -> tuple[float, float]:
-    n = values.shape[0]
-    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+def check_images(source, image_shape, what: str = "the source's") -> None:
+    """Raises ValueError unless `source`'s images (`vdm_jax.data.check_source`) have the model's shape."""
+    if tuple(check_source(source)) != tuple(image_shape):
+        raise ValueError(f"{what} images have shape {tuple(check_source(source))} but the model takes "
+                         f"{tuple(image_shape)}.")
 
 
 def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws: int = 1,
@@ -141,10 +137,7 @@ def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws
     parallel.check_batch_size(batch_size, mesh, name="batch_size")
     if not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be a positive int, got {draws!r}.")
-    image_shape = tuple(check_source(source))
-    if image_shape != tuple(state.objective.image_shape):
-        raise ValueError(f"the source's images have shape {image_shape} but the model takes "
-                         f"{tuple(state.objective.image_shape)}.")
+    check_images(source, state.objective.image_shape)
     fn = _bound_fn(mesh, draws, bool(full_vlb))
     it = eval_iterator(source, global_batch_size=batch_size)
     bar = progress_bar(progress, total=num_eval_batches(len(source), batch_size), desc="bpd", unit="batch")
@@ -169,8 +162,9 @@ def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws
     scale = state.objective.dims * _LN2
     result: dict[str, Any] = {"examples": n, "draws": int(draws), "full_vlb": bool(full_vlb), "bpd": {}}
     for name in TERMS:
-        mean, se = _mean_and_se(per_example[name] / scale)
-        result["bpd"][name] = {"mean": mean, "se": se}
+        bpd = per_example[name] / scale
+        result["bpd"][name] = {"mean": float(bpd.mean()), "se": float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1
+                               else float("nan")}
     per_t = per_example.pop("per_t", None)
     if per_t is not None:
         result["per_t_bpd"] = (per_t.mean(axis=0) / scale).tolist()

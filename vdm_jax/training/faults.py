@@ -91,16 +91,14 @@ def describe(faults: dict[str, Any], params) -> str:
     return f"step {step + 1} (the update from step {step}): " + "; ".join(parts)
 
 
-def check(faults: dict[str, Any], mode: str, max_consecutive_skips: int, explain) -> None:
-    """Raises NonFiniteError if the host-side `faults` say training must stop.
-
-    explain() -> str describes the fault (called only when raising).
-    """
+def check(faults: dict[str, Any], params, mode: str, max_consecutive_skips: int) -> None:
+    """Raises NonFiniteError, naming the step, the terms and the first bad gradient (`describe`), if
+    the host-side `faults` say training must stop."""
     if mode == "stop" and int(faults["step"]) >= 0:
-        raise NonFiniteError(f"training stopped at {explain()}. The update was not applied and nothing "
-                             "from it on was saved; lower the learning rate, or set "
+        raise NonFiniteError(f"training stopped at {describe(faults, params)}. The update was not applied and "
+                             "nothing from it on was saved; lower the learning rate, or set "
                              "training.on_nonfinite='skip' to drop such steps.")
     if mode == "skip" and 0 < max_consecutive_skips <= int(faults["consecutive"]):
         raise NonFiniteError(f"training stopped after {int(faults['consecutive'])} non-finite steps in a row "
                              f"(training.max_consecutive_skips={max_consecutive_skips}); the last was at "
-                             f"{explain()}. None of them was applied.")
+                             f"{describe(faults, params)}. None of them was applied.")

@@ -31,11 +31,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from vdm_jax.data import check_source, load_source, train_iterator
+from vdm_jax.data import load_source, train_iterator
 from vdm_jax.training import faults, parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, save_config, saved_config
 from vdm_jax.training.config import config_changes, validate_config
-from vdm_jax.training.evaluation import evaluate_bpd, generate_samples
+from vdm_jax.training.evaluation import check_images, evaluate_bpd, generate_samples
 from vdm_jax.training.metrics import MetricWriter, image_grid, progress_bar, save_png
 from vdm_jax.training.prefetch import DevicePrefetcher, call_sizes
 from vdm_jax.training.state import TrainState, create_train_state
@@ -66,26 +66,6 @@ def _prepare_workdir(workdir: str) -> tuple[str, bool]:
     except OSError as e:
         raise WorkdirError(f"the work directory {workdir} is not writable: {e.strerror or e}.") from None
     return workdir, created
-
-
-def _check_images(source, model_config, what: str) -> None:
-    shape, want = tuple(check_source(source)), (model_config.image_size, model_config.image_size,
-                                                model_config.in_channels)
-    if shape != want:
-        raise ValueError(f"{what} images have shape {shape} but the model takes {want} "
-                         "(config.model.image_size, config.model.in_channels).")
-
-
-def _initialize_distributed(t) -> None:
-    """jax.distributed.initialize with the configured coordinator, or auto-detection."""
-    kwargs = {}
-    if t.coordinator_address:
-        kwargs["coordinator_address"] = t.coordinator_address
-    if t.num_processes > 0:
-        kwargs["num_processes"] = t.num_processes
-    if t.process_id >= 0:
-        kwargs["process_id"] = t.process_id
-    jax.distributed.initialize(**kwargs)
 
 
 class _StopSignal(contextlib.AbstractContextManager):
@@ -128,7 +108,7 @@ class _Run:
         self.key_init, self.key_train, self.key_eval, self.key_sample = jax.random.split(jax.random.key(config.seed), 4)
         self.writer: MetricWriter | None = None  # opened by `initial_state`, once the resume step is known
         self.skipped_seen = 0
-        self.batches: DevicePrefetcher | None = None  # made by `start_batches` once the state is restored
+        self.batches: DevicePrefetcher | None = None  # made once the state is restored
         self.trained = False  # a training call has run (its logs stay, even with no checkpoint)
 
     # --- state and checkpoints ----------------------------------------------------------------
@@ -141,7 +121,7 @@ class _Run:
         resume_step = None
         if restored is not None:
             resume_step, tree, data = restored
-            state = state.replace_from_checkpoint(tree)
+            state = state.replace(**tree)
             if data.get("iterator"):
                 self.train_iter.set_state(data["iterator"])
             self.skipped_seen = int(jax.device_get(state.faults["skipped"]))
@@ -164,30 +144,28 @@ class _Run:
                         faults.describe(record, state.params))
             self.skipped_seen = skipped
         try:
-            faults.check(record, state.on_nonfinite, self.config.training.max_consecutive_skips,
-                         lambda: faults.describe(record, state.params))
+            faults.check(record, state.params, state.on_nonfinite, self.config.training.max_consecutive_skips)
         except faults.NonFiniteError as e:
             self.ckpt.wait()
             latest = self.ckpt.latest_step()
-            last = "no checkpoint was saved" if latest is None else f"the last checkpoint is step {latest}"
-            raise faults.NonFiniteError(f"{e} {last[0].upper()}{last[1:]} in {self.ckpt.directory}.") from None
+            last = "No checkpoint was saved" if latest is None else f"The last checkpoint is step {latest}"
+            raise faults.NonFiniteError(f"{e} {last} in {self.ckpt.directory}.") from None
 
-    def save(self, state: TrainState, *, force: bool = False, iterator_state: dict | None = None) -> None:
+    def save(self, state: TrainState, *, force: bool = False, position: dict | None = None) -> None:
+        """Saves `state` with the data iterator's `position` (default: after the last batches trained
+        on, however far the prefetcher has read ahead)."""
         self.check_faults(state)  # never save a state that stopped on a non-finite step
-        if iterator_state is not None:
-            position = iterator_state
-        else:  # the position after the last batches trained on, however far the prefetcher has read
-            position = self.train_iter.get_state() if self.batches is None else self.batches.position
+        position = self.batches.position if position is None else position
         self.ckpt.save(int(state.step), state.checkpoint_tree(), {"iterator": position, "seed": self.config.seed},
                        force=force)
 
     def save_before_failing(self, state: TrainState, error: Exception) -> None:
         """After a data error: saves the (good) state with the iterator's position before the failed
         read, so fixing the data and rerunning loses no steps. One process only (saving is collective)."""
-        if jax.process_count() > 1 or self.ckpt.latest_step() == int(state.step):
+        if jax.process_count() > 1 or not self.trained or self.ckpt.latest_step() == int(state.step):
             return
         try:
-            self.save(state, force=True, iterator_state=self.batches.read_position)
+            self.save(state, force=True, position=self.batches.read_position)
             self.ckpt.wait()
             log.warning("reading the training data failed (%s): saved a checkpoint at step %d first",
                         error, int(state.step))
@@ -206,13 +184,6 @@ class _Run:
                 self.writer.close()
 
     # --- work ---------------------------------------------------------------------------------
-
-    def start_batches(self, start: int) -> DevicePrefetcher:
-        """The device batches of every call from step `start` on, `data.prefetch` calls ahead."""
-        t = self.config.training
-        sizes = call_sizes(start, t.num_steps, lambda step: _steps_in_call(step, t.num_steps, t.steps_per_call))
-        self.batches = DevicePrefetcher(self.train_iter, self.mesh, sizes, depth=self.config.data.prefetch)
-        return self.batches
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
         """The bound on the whole eval split, every example once, with the EMA parameters."""
@@ -277,9 +248,7 @@ def _steps_in_call(step: int, num_steps: int, per_call: int) -> int:
     Calls start at the same steps however often the run was stopped and resumed, so a resumed
     run computes exactly what the uninterrupted one does.
     """
-    if per_call > 1 and step % per_call == 0 and num_steps - step >= per_call:
-        return per_call
-    return 1
+    return per_call if per_call > 1 and step % per_call == 0 and num_steps - step >= per_call else 1
 
 
 def _stop_requested(stop: _StopSignal, sync: bool) -> bool:
@@ -315,15 +284,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             return _stopped_before_training(stop, 0)
         model_config = validate_config(config)
         t = config.training
-        if t.distributed:
-            _initialize_distributed(t)
+        if t.distributed:  # each setting's 'auto-detect' value as None
+            jax.distributed.initialize(coordinator_address=t.coordinator_address or None,
+                                       num_processes=t.num_processes or None,
+                                       process_id=None if t.process_id < 0 else t.process_id)
         mesh = parallel.make_mesh()
         parallel.check_batch_size(t.batch_size, mesh)
         parallel.check_batch_size(t.eval_batch_size, mesh, "training.eval_batch_size")
         train_source = load_source(config.data.source, config.data.train_split)
         eval_source = load_source(config.data.source, config.data.eval_split)
-        _check_images(train_source, model_config, f"{config.data.source} {config.data.train_split}")
-        _check_images(eval_source, model_config, f"{config.data.source} {config.data.eval_split}")
+        image_shape = (model_config.image_size, model_config.image_size, model_config.in_channels)
+        for source, split in ((train_source, config.data.train_split), (eval_source, config.data.eval_split)):
+            check_images(source, image_shape, f"{config.data.source} {split}")
         train_iter = train_iterator(train_source, global_batch_size=t.batch_size, seed=config.seed,
                                     random_flip=config.data.random_flip, num_workers=config.data.num_workers)
         workdir, created = _prepare_workdir(workdir)  # (after the data: a bad source leaves no directory)
@@ -334,7 +306,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             return _train(run)
         finally:
             run.close()
-            if created and run.is_main and not run.trained and not _saved_steps(ckpt.directory):
+            if created and run.is_main and not run.trained:  # (so it saved no checkpoint either)
                 shutil.rmtree(workdir, ignore_errors=True)  # a run that never trained leaves nothing
 
 
@@ -342,10 +314,6 @@ def _stopped_before_training(stop: _StopSignal, step: int) -> dict[str, Any]:
     print(f"{signal.Signals(stop.signum).name} received before training started: stopped at step {step}; "
           "nothing new was saved.", flush=True)  # (on standard output, like the notice of a stop in training)
     return {"start_step": step, "step": step, "interrupted": True}
-
-
-def _saved_steps(directory: str) -> list[str]:
-    return [name for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
 
 
 def _train(run: _Run) -> dict[str, Any]:
@@ -360,7 +328,8 @@ def _train(run: _Run) -> dict[str, Any]:
         return _stopped_before_training(stop, start)
     summary: dict[str, Any] = {"start_step": start}
     one, many = compiled_steps(run.mesh)
-    batches = run.start_batches(start)
+    sizes = call_sizes(start, t.num_steps, lambda step: _steps_in_call(step, t.num_steps, t.steps_per_call))
+    batches = run.batches = DevicePrefetcher(run.train_iter, run.mesh, sizes, depth=config.data.prefetch)
     interactive = t.progress_bar and sys.stderr.isatty()
     progress = progress_bar(interactive, total=t.num_steps, initial=start, desc="train", unit="step")
     in_flight = None  # (steps, metrics) of the call before, counted once its results are ready

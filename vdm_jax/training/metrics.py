@@ -17,11 +17,11 @@ def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> 
     n, h, w, c = images.shape
     columns = columns or int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / columns))
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = image
-    return grid
+    tiles = np.full((rows * columns, h + pad, w + pad, c), 255, np.uint8)  # each image after a top-left margin
+    tiles[:n, pad:, pad:] = images
+    grid = tiles.reshape(rows, columns, h + pad, w + pad, c).transpose(0, 2, 1, 3, 4)
+    return np.pad(grid.reshape(rows * (h + pad), columns * (w + pad), c), ((0, pad), (0, pad), (0, 0)),
+                  constant_values=255)
 
 
 def save_png(path: str, picture: np.ndarray, scale: int = 1) -> None:

@@ -38,8 +38,7 @@ class Objective:
     - `per_example_bound(model, schedule_model, batch, *, key) -> terms`: an unbiased estimate of
       −ELBO, 'prior' + 'diffusion' + 'reconstruction' = 'total'.
     - `sample(model, schedule_model, *, key, num, sampler, sample_steps)`: uint8 [num, H, W, C]
-      from the reverse chain (one `lax.scan`); `check_sample_steps(sample_steps, sampler, name)`
-      raises ValueError naming `name` unless `sampler` can take that many steps (0 = all).
+      from the reverse chain (one `lax.scan`).
     - `timesteps`: T (0: continuous time).
     """
 
@@ -51,6 +50,11 @@ class Objective:
 
     def init_schedule(self, rngs: nnx.Rngs) -> LearnedSchedule | None:
         return None
+
+    def check_sample_steps(self, sample_steps: int, sampler: str, name: str = "training.sample_steps") -> None:
+        """Raises ValueError naming `name` unless `sampler` can take `sample_steps` steps (0: all)."""
+        if sample_steps < 0:
+            raise ValueError(f"{name} must be >= 0 (0 = all T steps), got {sample_steps}.")
 
     @property
     def dims(self) -> int:
@@ -190,8 +194,7 @@ class DDPMObjective(Objective):
 
     def check_sample_steps(self, sample_steps: int, sampler: str, name: str = "training.sample_steps") -> None:
         """The ancestral sampler runs all T steps; DDIM takes 1..T of them (0 = T)."""
-        if sample_steps < 0:
-            raise ValueError(f"{name} must be >= 0 (0 = all T steps), got {sample_steps}.")
+        super().check_sample_steps(sample_steps, sampler, name)
         if sample_steps in (0, self.timesteps):
             return
         if sampler == "ancestral":
@@ -283,11 +286,6 @@ class VDMObjective(Objective):
     def per_example_full_vlb(self, model, batch, *, key) -> Terms:
         raise ValueError("full_vlb needs a DDPM model (a discrete bound over all T steps); for a VDM use "
                          "more draws of its continuous-time ELBO.")
-
-    def check_sample_steps(self, sample_steps: int, sampler: str, name: str = "training.sample_steps") -> None:
-        """Any number of steps (0: T, or 1000 in continuous time)."""
-        if sample_steps < 0:
-            raise ValueError(f"{name} must be >= 0 (0 = all T steps), got {sample_steps}.")
 
     def sample(self, model, schedule_model, *, key, num: int, sampler: str = "ancestral", sample_steps: int = 0):
         shape = (num, *self.image_shape)

@@ -74,20 +74,13 @@ class DevicePrefetcher:
 
     def _work(self) -> None:
         for k in self._sizes:
-            item = self._prepare(k)
-            if not self._put(item) or item[3] is not None:
+            if self._stop.is_set():
                 return
-        self._put((self._iterator.get_state(), None, None, StopIteration()))
-
-    def _put(self, item) -> bool:
-        """Queues `item` unless stopped first; whether it was queued."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+            item = self._prepare(k)
+            self._queue.put(item)  # (blocks while the queue is full; `close` drains it)
+            if item[3] is not None:
+                return
+        self._queue.put((self._iterator.get_state(), None, None, StopIteration()))
 
     def __iter__(self):
         return self

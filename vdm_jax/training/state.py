@@ -88,12 +88,9 @@ class TrainState:
     on_nonfinite: str = struct.field(pytree_node=False, default="stop")
 
     def checkpoint_tree(self) -> dict[str, Any]:
-        """The arrays a checkpoint holds (no code, no static structure)."""
+        """The arrays a checkpoint holds (no code, no static structure); `state.replace(**tree)` restores them."""
         return {"step": self.step, "params": self.params, "ema_params": self.ema_params,
                 "opt_state": self.opt_state, "faults": self.faults}
-
-    def replace_from_checkpoint(self, tree: dict[str, Any]) -> "TrainState":
-        return self.replace(**tree)
 
 
 def create_train_state(config, model_config: UNetConfig, *, key) -> TrainState:

@@ -1,10 +1,8 @@
 """Pure step functions: `train_step`, `train_steps` (several per call), `eval_step`, `sample_step`.
 
-Each is a function of pytrees only, with `key` keyword-only. The caller jits it with shardings
-(`parallel.py`) and donates the state; `jax.jit`'s in_shardings cover positional arguments only,
-so `loop.compiled_steps` wraps each step in a positional function. Per-step randomness is
-`fold_in(key, state.step)`, so a run is reproducible and does not depend on how many steps each
-call makes.
+Each is a function of pytrees only, with `key` keyword-only; the caller jits it with shardings
+(`loop.compiled_steps`). Per-step randomness is `fold_in(key, state.step)`, so a run is
+reproducible and does not depend on how many steps each call makes.
 """
 from __future__ import annotations
 
