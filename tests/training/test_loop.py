@@ -89,7 +89,8 @@ def test_batch_not_divisible_by_devices(tmp_path, micro):
 def test_images_of_the_wrong_shape(tmp_path, micro):
     config = micro(image_size=16)
     config.data.source = "digits"
-    with pytest.raises(ValueError, match=r"images have shape \(8, 8, 1\) but the model takes \(16, 16, 1\)"):
+    with pytest.raises(ValueError, match=r"images have shape \(8, 8, 1\) but the model takes \(16, 16, 1\) "
+                       r"\(config.model.image_size, config.model.in_channels\)"):
         train_and_evaluate(config, str(tmp_path))
 
 

@@ -105,11 +105,13 @@ def _bound_fn(mesh, draws: int, full_vlb: bool):
     return jax.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
 
 
-def check_images(source, image_shape, what: str = "the source's") -> None:
-    """Raises ValueError unless `source`'s images (`vdm_jax.data.check_source`) have the model's shape."""
-    if tuple(check_source(source)) != tuple(image_shape):
-        raise ValueError(f"{what} images have shape {tuple(check_source(source))} but the model takes "
-                         f"{tuple(image_shape)}.")
+def check_images(source, image_shape, what: str = "the source's", keys: str = "") -> None:
+    """Raises ValueError unless `source`'s images (`vdm_jax.data.check_source`) have the model's
+    `image_shape`; `keys` names the settings that give that shape, for the message."""
+    shape = tuple(check_source(source))
+    if shape != tuple(image_shape):
+        raise ValueError(f"{what} images have shape {shape} but the model takes {tuple(image_shape)}"
+                         + (f" ({keys})." if keys else "."))
 
 
 def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws: int = 1,

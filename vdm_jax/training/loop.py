@@ -161,7 +161,8 @@ class _Run:
 
     def save_before_failing(self, state: TrainState, error: Exception) -> None:
         """After a data error: saves the (good) state with the iterator's position before the failed
-        read, so fixing the data and rerunning loses no steps. One process only (saving is collective)."""
+        read, so fixing the data and rerunning loses no steps. One process only (saving is collective);
+        nothing when no step was trained (a fresh run leaves no work directory then)."""
         if jax.process_count() > 1 or not self.trained or self.ckpt.latest_step() == int(state.step):
             return
         try:
@@ -295,7 +296,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         eval_source = load_source(config.data.source, config.data.eval_split)
         image_shape = (model_config.image_size, model_config.image_size, model_config.in_channels)
         for source, split in ((train_source, config.data.train_split), (eval_source, config.data.eval_split)):
-            check_images(source, image_shape, f"{config.data.source} {split}")
+            check_images(source, image_shape, f"{config.data.source} {split}",
+                         keys="config.model.image_size, config.model.in_channels")
         train_iter = train_iterator(train_source, global_batch_size=t.batch_size, seed=config.seed,
                                     random_flip=config.data.random_flip, num_workers=config.data.num_workers)
         workdir, created = _prepare_workdir(workdir)  # (after the data: a bad source leaves no directory)
