@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from vdm_jax.training import parallel
-from vdm_jax.training.loop import _steps_in_call
 from vdm_jax.training.prefetch import DevicePrefetcher, call_sizes, stack_batches
 
 B = 8
@@ -35,7 +34,7 @@ class _Numbered:
 
 
 def _sizes(start=1, num_steps=10, per_call=3):
-    return list(call_sizes(start, num_steps, lambda s: _steps_in_call(s, num_steps, per_call)))
+    return call_sizes(start, num_steps, per_call)
 
 
 def test_call_sizes_follow_the_loop():

@@ -170,7 +170,7 @@ def test_eval_step_terms(micro, full_vlb):
         assert out["per_t"].shape == (16, 10)
         np.testing.assert_allclose(out["per_t"][:, 0], out["reconstruction"], rtol=1e-6)
         np.testing.assert_allclose(out["per_t"][:, 1:].sum(axis=1), out["diffusion"], rtol=1e-5)
-    with pytest.raises(ValueError, match="draws must be >= 1"):
+    with pytest.raises(ValueError, match="draws must be a positive int"):
         steps.eval_step(state, _batch(16), key=jax.random.key(0), draws=0)
 
 

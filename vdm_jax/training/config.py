@@ -17,9 +17,7 @@ from vdm_jax.models import UNetConfig, tiny
 from vdm_jax.training.faults import ON_NONFINITE
 from vdm_jax.training.objective import OBJECTIVES, make_objective
 
-FAMILIES = tuple(OBJECTIVES)
 SAMPLERS = ("ancestral", "ddim")
-OPTIMIZERS = ("adam", "adamw")
 # model.dtype = 'auto': bfloat16 activations on these backends (float32 parameters, loss and optimiser
 # state either way), float32 elsewhere. XLA:CPU has no fast bfloat16 convolutions.
 MIXED_PRECISION_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
@@ -35,62 +33,65 @@ def compute_dtype(dtype: str, backend: str | None = None) -> str:
     return "bfloat16" if (backend or jax.default_backend()) in MIXED_PRECISION_BACKENDS else "float32"
 
 
-# Every setting but the model's: (default, meaning). The one source of `default_config()` and of the
-# entry points' `--help` (`describe_config`); the model's settings are `UNetConfig`'s fields.
+# Every setting but the model's: (default, meaning[, allowed values: a tuple of choices or a range of
+# `_RANGES`]). The one source of `default_config()`, of the entry points' `--help` (`describe_config`)
+# and of `validate_config`'s checks of single settings; the model's settings are `UNetConfig`'s fields.
 SETTINGS = {
-    "seed": (0, "the run's seed: initialisation, data order, every random draw"),
+    "seed": (0, "the run's seed: initialisation, data order, every random draw", ">= 0"),
     "data.source": ("tfds:cifar10", "a vdm_jax.data.load_source spec: tfds:NAME[@DIR], cifar10_tar:PATH, "
                                     "npz:PATH, images:PATH, digits"),
     "data.train_split": ("train", "the split to train on"),
     "data.eval_split": ("test", "the split the bound is evaluated on"),
     "data.random_flip": (True, "flip training images left-right at random"),
-    "data.num_workers": (0, "grain worker processes reading the training data (0: in the main process)"),
-    "data.prefetch": (2, "calls' batches read and put on the devices ahead, on a background thread (0: none)"),
-    "diffusion.family": ("ddpm", "'ddpm' (discrete, a β schedule) or 'vdm' (a γ schedule, trained on its ELBO)"),
+    "data.num_workers": (0, "grain worker processes reading the training data (0: in the main process)", ">= 0"),
+    "data.prefetch": (2, "calls' batches read and put on the devices ahead, on a background thread (0: none)", ">= 0"),
+    "diffusion.family": ("ddpm", "'ddpm' (discrete, β schedule) or 'vdm' (γ schedule, its ELBO)", tuple(OBJECTIVES)),
     "diffusion.timesteps": (1000, "T, the number of diffusion steps; for 'vdm', 0 = continuous time"),
     "diffusion.schedule": ("linear", "ddpm: 'linear' | 'cosine'; vdm: 'linear' | 'cosine' | 'learned'"),
     "diffusion.beta_start": (1e-4, "ddpm, linear schedule: β_1"),
     "diffusion.beta_end": (0.02, "ddpm, linear schedule: β_T"),
     "diffusion.loss": ("simple", "ddpm: 'simple' | 'vlb' | 'hybrid' (vdm always trains its ELBO)"),
     "diffusion.variance": ("posterior", "ddpm's reverse variance: 'posterior' | 'beta' | 'learned'"),
-    "diffusion.hybrid_lambda": (0.001, "ddpm, 'hybrid' loss: the weight λ of its VLB term"),
+    "diffusion.hybrid_lambda": (0.001, "ddpm, 'hybrid' loss: the weight λ of its VLB term", ">= 0"),
     "diffusion.gamma_min": (-13.3, "vdm: γ(0) = -log SNR at t = 0 (the learned schedule's start)"),
     "diffusion.gamma_max": (5.0, "vdm: γ(1) = -log SNR at t = 1 (the learned schedule's end)"),
     "diffusion.schedule_hidden": (1024, "vdm, learned schedule: the width of its monotone MLP"),
     "diffusion.variance_minimisation": (True, "vdm, learned schedule: its shape follows ∇E[L_diffusion²]"),
-    "optim.optimizer": ("adam", "'adam' or 'adamw' (weight decay on the U-Net's kernels only)"),
-    "optim.learning_rate": (2e-4, "the learning rate after warm-up"),
-    "optim.warmup_steps": (1000, "linear warm-up from 0: lr·min(1, step/warmup_steps) (0: none)"),
-    "optim.b1": (0.9, "Adam's β1"),
-    "optim.b2": (0.999, "Adam's β2"),
-    "optim.eps": (1e-8, "Adam's ε"),
-    "optim.weight_decay": (0.0, "adamw: decoupled weight decay"),
-    "optim.grad_clip": (1.0, "clip the gradients' global norm to this (0: no clipping)"),
-    "optim.ema_decay": (0.9999, "decay of the parameters' EMA, which evaluation and sampling use"),
-    "training.batch_size": (128, "global batch, over all devices and hosts"),
-    "training.num_steps": (10_000, "training steps"),
-    "training.steps_per_call": (1, "steps per compiled call (a lax.scan; unrolled on CPU)"),
-    "training.log_every": (100, "log the training metrics every this many steps"),
-    "training.eval_every": (5_000, "the bound on the whole eval split every this many steps (0: none during training)"),
+    "optim.optimizer": ("adam", "'adam' or 'adamw' (weight decay on the U-Net's kernels only)", ("adam", "adamw")),
+    "optim.learning_rate": (2e-4, "the learning rate after warm-up", "> 0"),
+    "optim.warmup_steps": (1000, "linear warm-up from 0: lr·min(1, step/warmup_steps) (0: none)", ">= 0"),
+    "optim.b1": (0.9, "Adam's β1", "in [0, 1)"),
+    "optim.b2": (0.999, "Adam's β2", "in [0, 1)"),
+    "optim.eps": (1e-8, "Adam's ε", "> 0"),
+    "optim.weight_decay": (0.0, "adamw: decoupled weight decay", ">= 0"),
+    "optim.grad_clip": (1.0, "clip the gradients' global norm to this (0: no clipping)", ">= 0"),
+    "optim.ema_decay": (0.9999, "decay of the parameters' EMA, which evaluation and sampling use", "in [0, 1)"),
+    "training.batch_size": (128, "global batch, over all devices and hosts", "> 0"),
+    "training.num_steps": (10_000, "training steps", "> 0"),
+    "training.steps_per_call": (1, "steps per compiled call (a lax.scan; unrolled on CPU)", "> 0"),
+    "training.log_every": (100, "log the training metrics every this many steps", "> 0"),
+    "training.eval_every": (5_000, "the eval split's bound every this many steps (0: none during training)", ">= 0"),
     "training.eval_at_start": (False, "also evaluate the initial model (a baseline for the curve)"),
     "training.eval_at_end": (True, "evaluate the whole eval split when training ends"),
-    "training.eval_batch_size": (256, "global evaluation batch"),
-    "training.sample_every": (5_000, "a sample grid every this many steps (0: none during training)"),
+    "training.eval_batch_size": (256, "global evaluation batch", "> 0"),
+    "training.sample_every": (5_000, "a sample grid every this many steps (0: none during training)", ">= 0"),
     "training.sample_at_end": (True, "a sample grid when training ends"),
-    "training.num_samples": (64, "images in each sample grid"),
-    "training.sampler": ("ancestral", "'ancestral' (DDPM's or VDM's) or 'ddim'"),
+    "training.num_samples": (64, "images in each sample grid", "> 0"),
+    "training.sampler": ("ancestral", "'ancestral' (DDPM's or VDM's) or 'ddim'", SAMPLERS),
     "training.sample_steps": (0, "the sampler's steps (0: T, or 1000 for a continuous-time VDM)"),
-    "training.checkpoint_every": (1_000, "save a checkpoint every this many steps"),
-    "training.keep_checkpoints": (3, "keep the last this many checkpoints ..."),
-    "training.keep_every": (0, "... and every this-many-th step's (0: none)"),
+    "training.checkpoint_every": (1_000, "save a checkpoint every this many steps", "> 0"),
+    "training.keep_checkpoints": (3, "keep the last this many checkpoints ...", "> 0"),
+    "training.keep_every": (0, "... and every this-many-th step's (0: none)", ">= 0"),
     "training.distributed": (False, "call jax.distributed.initialize() (several hosts)"),
     "training.coordinator_address": ("", "host:port of process 0 ('': auto-detect on Cloud TPU, SLURM, MPI)"),
-    "training.num_processes": (0, "processes in the run (0: auto-detect)"),
-    "training.process_id": (-1, "this process's index (-1: auto-detect)"),
+    "training.num_processes": (0, "processes in the run (0: auto-detect)", ">= 0"),
+    "training.process_id": (-1, "this process's index (-1: auto-detect)", ">= -1"),
     "training.progress_bar": (True, "a progress bar on a terminal (a plain line at each log otherwise)"),
-    "training.on_nonfinite": ("stop", "a NaN/Inf loss or gradient: 'stop' (raise) or 'skip' the step"),
-    "training.max_consecutive_skips": (100, "with 'skip': raise after this many bad steps in a row (0: never)"),
+    "training.on_nonfinite": ("stop", "a NaN/Inf loss or gradient: 'stop' (raise) or 'skip' the step", ON_NONFINITE),
+    "training.max_consecutive_skips": (100, "with 'skip': raise after this many bad steps in a row (0: never)", ">= 0"),
 }
+_RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= -1": lambda v: v >= -1,
+           "in [0, 1)": lambda v: 0.0 <= v < 1.0}
 _MODEL_DTYPE = "activations: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'"
 
 
@@ -99,7 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
     small DDPM on 32×32×3 images, as a locked ConfigDict."""
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict({**tiny(dtype="float32").to_dict(), "dtype": "auto"})
-    for name, (value, _) in SETTINGS.items():
+    for name, (value, *_) in SETTINGS.items():
         group, _, key = name.rpartition(".")
         if group and group not in c:
             c[group] = ml_collections.ConfigDict()
@@ -111,7 +112,7 @@ def default_config() -> ml_collections.ConfigDict:
 def describe_config(config: ml_collections.ConfigDict | None = None) -> str:
     """Every config key with its value in `config` (default: `default_config()`) and its meaning."""
     config = default_config() if config is None else config
-    meanings = {name: meaning for name, (_, meaning) in SETTINGS.items()}
+    meanings = {name: meaning for name, (_, meaning, *_) in SETTINGS.items()}
     meanings.update({f"model.{name}": text for name, text in _field_docs(UNetConfig).items()})
     meanings["model.dtype"] = _MODEL_DTYPE
     lines = []
@@ -204,20 +205,6 @@ def _leaves(values, prefix=""):
             yield f"{prefix}{key}", value
 
 
-# Single settings' ranges; the rules that span settings follow in `validate_config`, and each
-# family's own in its objective (`objective.py`).
-_CHOICES = {"diffusion.family": FAMILIES, "training.sampler": SAMPLERS, "optim.optimizer": OPTIMIZERS,
-            "training.on_nonfinite": ON_NONFINITE}
-_POSITIVE = ("training.batch_size", "training.num_steps", "training.steps_per_call", "training.log_every",
-             "training.eval_batch_size", "training.checkpoint_every", "training.keep_checkpoints",
-             "training.num_samples", "optim.learning_rate", "optim.eps")
-_AT_LEAST = {"seed": 0, "data.num_workers": 0, "data.prefetch": 0, "diffusion.hybrid_lambda": 0,
-             "optim.warmup_steps": 0, "optim.grad_clip": 0, "optim.weight_decay": 0, "training.eval_every": 0,
-             "training.sample_every": 0, "training.keep_every": 0, "training.max_consecutive_skips": 0,
-             "training.num_processes": 0, "training.process_id": -1}
-_UNIT_INTERVAL = ("optim.b1", "optim.b2", "optim.ema_decay")  # [0, 1)
-
-
 def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
     """Checks a config against `default_config()` (`checked_config`) and the rules between its
     settings; returns the model's config, with `model.dtype = 'auto'` resolved for JAX's default
@@ -229,18 +216,12 @@ def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
     """
     config = checked_config(config)
     value = dict(_leaves(config))  # dotted key -> setting
-    for name, options in _CHOICES.items():
-        if value[name] not in options:
-            raise ValueError(f"config key {name!r} must be one of {options}, got {value[name]!r}.")
-    for name in _POSITIVE:
-        if not value[name] > 0:
-            raise ValueError(f"config key {name!r} must be > 0, got {value[name]}.")
-    for name, low in _AT_LEAST.items():
-        if value[name] < low:
-            raise ValueError(f"config key {name!r} must be >= {low}, got {value[name]}.")
-    for name in _UNIT_INTERVAL:
-        if not 0.0 <= value[name] < 1.0:
-            raise ValueError(f"config key {name!r} must be in [0, 1), got {value[name]}.")
+    for name, (_, _, *allowed) in SETTINGS.items():
+        for rule in allowed:  # (none, or one)
+            choices = isinstance(rule, tuple)
+            if not (value[name] in rule if choices else _RANGES[rule](value[name])):
+                raise ValueError(f"config key {name!r} must be {f'one of {rule}' if choices else rule}, "
+                                 f"got {value[name]!r}.")
     try:
         model = UNetConfig.from_dict({**config.model, "dtype": compute_dtype(config.model.dtype)})
     except (ValueError, TypeError) as e:

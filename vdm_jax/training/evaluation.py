@@ -22,7 +22,7 @@ import numpy as np
 from vdm_jax.data import check_source, eval_iterator, num_eval_batches
 from vdm_jax.training import parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, saved_config
-from vdm_jax.training.config import checked_config, validate_config
+from vdm_jax.training.config import SAMPLERS, checked_config, validate_config
 from vdm_jax.training.metrics import progress_bar
 from vdm_jax.training.state import TrainState, create_train_state
 
@@ -98,20 +98,19 @@ def load_checkpoint(workdir: str, *, step: int | None = None, mesh=None, dtype: 
 def _bound_fn(mesh, draws: int, full_vlb: bool):
     rep = parallel.replicated(mesh)
 
-    def fn(state, batch, key):
+    def fn(state, batch, key):  # -> ({term: [B]} and the examples' 'index' [B], mask [B]), gathered
         terms = steps.eval_step(state, {"image": batch["image"]}, key=key, draws=draws, full_vlb=full_vlb)
-        return terms, batch["index"], batch["mask"]
+        return {**terms, "index": batch["index"]}, batch["mask"]
 
     return jax.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
 
 
-def check_images(source, image_shape, what: str = "the source's", keys: str = "") -> None:
-    """Raises ValueError unless `source`'s images (`vdm_jax.data.check_source`) have the model's
-    `image_shape`; `keys` names the settings that give that shape, for the message."""
+def check_images(source, image_shape, what: str = "the source's") -> None:
+    """Raises ValueError unless `source`'s images (`vdm_jax.data.check_source`) have the model's `image_shape`."""
     shape = tuple(check_source(source))
     if shape != tuple(image_shape):
-        raise ValueError(f"{what} images have shape {shape} but the model takes {tuple(image_shape)}"
-                         + (f" ({keys})." if keys else "."))
+        raise ValueError(f"{what} images have shape {shape} but the model takes {tuple(image_shape)} "
+                         "(config.model.image_size, config.model.in_channels).")
 
 
 def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws: int = 1,
@@ -137,30 +136,22 @@ def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws
       RuntimeError: the pass did not cover every example exactly once (a data pipeline bug).
     """
     parallel.check_batch_size(batch_size, mesh, name="batch_size")
-    if not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"draws must be a positive int, got {draws!r}.")
     check_images(source, state.objective.image_shape)
     fn = _bound_fn(mesh, draws, bool(full_vlb))
-    it = eval_iterator(source, global_batch_size=batch_size)
     bar = progress_bar(progress, total=num_eval_batches(len(source), batch_size), desc="bpd", unit="batch")
-    values: dict[str, list[np.ndarray]] = {}
-    indices: list[np.ndarray] = []
-    for b, batch in enumerate(it):
+    parts = []
+    for b, batch in enumerate(eval_iterator(source, global_batch_size=batch_size)):
         local = {"image": batch["image"], "index": batch["index"], "mask": batch["mask"]}
-        terms, index, mask = jax.device_get(fn(state, parallel.global_batch(local, mesh), jax.random.fold_in(key, b)))
-        mask = np.asarray(mask, bool)
-        indices.append(np.asarray(index)[mask])
-        for name, value in terms.items():
-            values.setdefault(name, []).append(np.asarray(value, np.float64)[mask])
+        values, mask = jax.device_get(fn(state, parallel.global_batch(local, mesh), jax.random.fold_in(key, b)))
+        parts.append({name: np.asarray(v)[np.asarray(mask, bool)] for name, v in values.items()})
         bar.update(1)
     bar.close()
-    index = np.concatenate(indices)
-    n = len(source)
+    per_example = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    index, n = per_example.pop("index"), len(source)
     if index.shape[0] != n or not np.array_equal(np.sort(index), np.arange(n)):
         raise RuntimeError(f"the evaluation pass saw {index.shape[0]} examples ({np.unique(index).shape[0]} "
                            f"distinct) of a split of {n}; every example must be seen exactly once.")
-    order = np.argsort(index)
-    per_example = {name: np.concatenate(v)[order] for name, v in values.items()}
+    per_example = {name: v[np.argsort(index)].astype(np.float64) for name, v in per_example.items()}
     scale = state.objective.dims * _LN2
     result: dict[str, Any] = {"examples": n, "draws": int(draws), "full_vlb": bool(full_vlb), "bpd": {}}
     for name in TERMS:
@@ -216,8 +207,8 @@ def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int 
     """
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}.")
-    if sampler not in ("ancestral", "ddim"):
-        raise ValueError(f"sampler must be 'ancestral' or 'ddim', got {sampler!r}.")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
     objective = state.objective
     objective.check_sample_steps(sample_steps, sampler, name="sample_steps")
     parallel.check_batch_size(batch_size, mesh, name="batch_size")

@@ -94,7 +94,6 @@ class _StopSignal(contextlib.AbstractContextManager):
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-        return False
 
 
 class _Run:
@@ -243,15 +242,6 @@ def _crossed(prev: int, now: int, every: int) -> bool:
     return every > 0 and now // every > prev // every
 
 
-def _steps_in_call(step: int, num_steps: int, per_call: int) -> int:
-    """Micro-steps for the call starting at `step`: `per_call` at multiples of it, else 1.
-
-    Calls start at the same steps however often the run was stopped and resumed, so a resumed
-    run computes exactly what the uninterrupted one does.
-    """
-    return per_call if per_call > 1 and step % per_call == 0 and num_steps - step >= per_call else 1
-
-
 def _stop_requested(stop: _StopSignal, sync: bool) -> bool:
     """Whether to stop for a signal. With several processes they agree, at sync points only."""
     if jax.process_count() == 1:
@@ -296,8 +286,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         eval_source = load_source(config.data.source, config.data.eval_split)
         image_shape = (model_config.image_size, model_config.image_size, model_config.in_channels)
         for source, split in ((train_source, config.data.train_split), (eval_source, config.data.eval_split)):
-            check_images(source, image_shape, f"{config.data.source} {split}",
-                         keys="config.model.image_size, config.model.in_channels")
+            check_images(source, image_shape, f"{config.data.source} {split}")
         train_iter = train_iterator(train_source, global_batch_size=t.batch_size, seed=config.seed,
                                     random_flip=config.data.random_flip, num_workers=config.data.num_workers)
         workdir, created = _prepare_workdir(workdir)  # (after the data: a bad source leaves no directory)
@@ -330,7 +319,7 @@ def _train(run: _Run) -> dict[str, Any]:
         return _stopped_before_training(stop, start)
     summary: dict[str, Any] = {"start_step": start}
     one, many = compiled_steps(run.mesh)
-    sizes = call_sizes(start, t.num_steps, lambda step: _steps_in_call(step, t.num_steps, t.steps_per_call))
+    sizes = call_sizes(start, t.num_steps, t.steps_per_call)
     batches = run.batches = DevicePrefetcher(run.train_iter, run.mesh, sizes, depth=config.data.prefetch)
     interactive = t.progress_bar and sys.stderr.isatty()
     progress = progress_bar(interactive, total=t.num_steps, initial=start, desc="train", unit="step")
@@ -338,9 +327,8 @@ def _train(run: _Run) -> dict[str, Any]:
     if t.eval_at_start and start == 0:
         run.writer.scalars(0, run.evaluate(state))
     last_time, last_step = time.perf_counter(), start
-    while step < t.num_steps:
+    for k in sizes:
         prev = step
-        k = _steps_in_call(prev, t.num_steps, t.steps_per_call)
         try:
             batch = next(batches)
         except Exception as e:

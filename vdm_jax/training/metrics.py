@@ -75,20 +75,17 @@ class MetricWriter:
 
 def _drop_lines_after(path: str, step: int) -> None:
     """Rewrites a metrics JSON-lines file without the records of steps > `step` (atomically)."""
-    with open(path) as f:
-        lines = f.readlines()
     keep = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] > step:
-                continue
-        except (ValueError, KeyError, TypeError):  # a line cut short by a kill: drop it
-            continue
-        keep.append(line if line.endswith("\n") else line + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line.rstrip("\n") + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill: drop it
+                pass
+    with open(path + ".tmp", "w") as f:
         f.writelines(keep)
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
 
 
 def progress_bar(enabled: bool, **tqdm_kwargs):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -22,13 +22,15 @@ import numpy as np
 from vdm_jax.training import parallel
 
 
-def call_sizes(start: int, num_steps: int, steps_in_call: Callable[[int], int]) -> Iterator[int]:
-    """The micro-steps of each call from step `start` to `num_steps`, as the loop makes them."""
-    step = start
+def call_sizes(start: int, num_steps: int, per_call: int) -> list[int]:
+    """The micro-steps of each call from step `start` to `num_steps`: `per_call` for a call that starts
+    at a multiple of it with that many steps left, else 1. Calls start at the same steps however often
+    the run was stopped and resumed, so a resumed run computes exactly what the uninterrupted one does."""
+    sizes, step = [], start
     while step < num_steps:
-        k = steps_in_call(step)
-        yield k
-        step += k
+        sizes.append(per_call if per_call > 1 and step % per_call == 0 and num_steps - step >= per_call else 1)
+        step += sizes[-1]
+    return sizes
 
 
 def stack_batches(batches: list[dict[str, np.ndarray]], mesh) -> dict[str, Any]:

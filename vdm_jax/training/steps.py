@@ -127,8 +127,8 @@ def eval_step(state: TrainState, batch, *, key, draws: int = 1, full_vlb: bool =
     """
     model, schedule_model = _modules(state, state.ema_params)  # evaluation and sampling use the EMA
     objective = state.objective
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}.")
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive int, got {draws!r}.")
 
     def one(d):
         k = jax.random.fold_in(key, d)
