@@ -28,7 +28,8 @@ with tfds.testing.mock_data(num_examples=40):
 def _cli(workdir, *overrides, mock=True):
     """Runs `python -m experiments.cifar10` (with TFDS mock data) in a subprocess; returns it."""
     argv = [f"--workdir={workdir}", f"--config={CIFAR_CONFIG}:small",
-            "--config.model.base_channels=8", "--config.model.num_groups=4", "--config.model.embedding_dim=16",
+            "--config.model.base_channels=8", "--config.model.channel_mult=(1,)", "--config.model.attn_resolutions=()",
+            "--config.model.num_groups=4", "--config.model.embedding_dim=16",
             "--config.diffusion.timesteps=20", "--config.training.batch_size=16",
             "--config.training.eval_batch_size=16", "--config.training.num_samples=8",
             "--config.training.sample_steps=4", "--config.training.log_every=2",
