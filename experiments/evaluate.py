@@ -1,7 +1,7 @@
 """Evaluate a trained run: bits/dim on a whole split, and samples at scale.
 
     python -m experiments.evaluate --workdir=DIR [--split=test] [--draws=1] [--full_vlb]
-                                   [--num_samples=N] [--sampler=ancestral|ddim] [--sample_steps=K]
+                                   [--num_samples=N] [--sampler=SAMPLER] [--sample_steps=K]
 
 Reads the run's config and its latest (or `--step`) checkpoint and uses the EMA parameters.
 
@@ -12,8 +12,9 @@ Reads the run's config and its latest (or `--step`) checkpoint and uses the EMA 
   whole discrete bound over all T steps instead of sampling t. Writes
   `OUT/bpd_<split>_<how>.json` (with each term per t for --full_vlb) and the per-example values
   as `.npz`.
-- Samples (`--num_samples=N`, 0 = none): N images from any sampler, in batches sharded over all
-  devices, written as `OUT/samples_<sampler><steps>_seed<S>.npz` (uint8 'images' [N, H, W, C])
+- Samples (`--num_samples=N`, 0 = none): N images from any sampler (ancestral, ddim, or an ODE
+  solver in few steps: dpm_solver, heun, euler; e.g. `--sampler=dpm_solver --sample_steps=20`), in
+  batches sharded over all devices, written as `OUT/samples_<sampler><steps>_seed<S>.npz` (uint8 'images' [N, H, W, C])
   and a PNG grid of the first 100. The same --seed gives the same images bitwise.
 
 OUT defaults to DIR/eval/step_<step>.
@@ -37,7 +38,8 @@ flags.DEFINE_integer("batch_size", None, "Global evaluation batch (default: conf
 flags.DEFINE_integer("draws", 1, "Independent draws of (t, ε) per example, averaged.", lower_bound=1)
 flags.DEFINE_boolean("full_vlb", False, "DDPM: the whole discrete bound over all T steps (every t).")
 flags.DEFINE_integer("num_samples", 0, "Images to sample (0: none).", lower_bound=0)
-flags.DEFINE_enum("sampler", None, ["ancestral", "ddim"], "Sampler (default: config.training.sampler).")
+flags.DEFINE_enum("sampler", None, ["ancestral", "ddim", "dpm_solver", "heun", "euler"],
+                  "Sampler (default: config.training.sampler); the last three solve the probability-flow ODE.")
 flags.DEFINE_integer("sample_steps", None, "Reverse steps (default: config.training.sample_steps with its "
                      "sampler, else 0; 0 = T).", lower_bound=0)
 flags.DEFINE_integer("sample_batch_size", 256, "Images per compiled sampling call (a multiple of the devices).",

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 
 from experiments import common
+from vdm_jax.training.config import SAMPLERS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +53,7 @@ EVALUATE = {
     "--sample_steps=-1": "error: flag --sample_steps=-1: -1 is not a non-negative integer",
     "--step=-5": "error: flag --step=-5: -5 is not a non-negative integer",
     "--draws=two": "error: flag --draws=two: invalid literal for int() with base 10: 'two'",
-    "--sampler=euler": "error: flag --sampler=euler: value should be one of <ancestral|ddim>",
+    "--sampler=rk45": f"error: flag --sampler=rk45: value should be one of <{'|'.join(SAMPLERS)}>",  # the schema's
     "--nosuch=1": "error: Unknown command line flag 'nosuch'",
     "extra": "error: unexpected arguments (not --flags): extra",
 }

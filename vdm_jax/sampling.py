@@ -1,4 +1,5 @@
-"""Samplers: DDPM ancestral, VDM continuous-time ancestral, DDIM (docs/math.md §6).
+"""Samplers: DDPM ancestral, VDM continuous-time ancestral, DDIM, and the fast deterministic ones:
+DPM-Solver++(2M) and the probability-flow ODE by Heun's or Euler's method (docs/math.md §6).
 
 Each runs its whole reverse chain as one `lax.scan` (no Python loop per step), so under `jax.jit`
 it is a single compiled program. Each takes a prediction function `pred_fn(z_t, t)` returning a
@@ -230,3 +231,171 @@ def ddim_sample(pred_fn: Callable, gamma_fn: Callable, times, shape: Sequence[in
     n = times.shape[0] - 1
     z_0, _ = jax.lax.scan(step, z, (jnp.arange(n), times[:-1], times[1:]))
     return _result(z_0, gamma_fn(times[-1]), return_latent)
+
+
+# --- fast deterministic samplers: the probability-flow ODE ----------------------------------------
+
+SPACINGS = ("logsnr", "time", "edm")
+
+
+def _time_of_gamma(gamma_fn, gamma, lo, hi, iterations: int = 64):
+    """t in [lo, hi] with γ(t) = `gamma` (any shape), by bisection: every schedule is increasing."""
+    lo, hi = jnp.full_like(gamma, lo), jnp.full_like(gamma, hi)
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        below = gamma_fn(mid) < gamma
+        lo, hi = jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+@_checks.boundary(sample_steps=_checks.int_at_least(1), spacing=_checks.one_of(*SPACINGS))
+def solver_times(gamma_fn: Callable, sample_steps: int, *, spacing: str = "logsnr", rho: float = 7.0,
+                 dtype=jnp.float32) -> jax.Array:
+    """The N + 1 decreasing times 1 = t_N > ... > t_0 of an N-step ODE sampler (docs/math.md §6.5).
+
+    The times are evenly spaced between t = 1 and the least noisy time t_min in one of three
+    variables: 'logsnr', λ = -γ/2 (DPM-Solver's choice for small images); 'time', t itself;
+    'edm', ς^(1/ρ) with ς = σ/α = exp(γ/2) (Karras et al. 2022's spacing, ρ = 7). For a continuous
+    schedule t_min = 0 = t_0. A `DiscreteSchedule` has γ(0) = -∞ (clean data), where λ and ς are
+    infinite: its grid is N points from t = 1 to t_min = 1/T, and the last step goes from there
+    to t_0 = 0 (σ = 0), where the samplers take a first-order step, as DPM-Solver does.
+
+    Args:
+      gamma_fn: the schedule t -> γ(t) (a DiscreteSchedule, a continuous or a learned one).
+      sample_steps: N >= 1.
+      spacing: 'logsnr', 'time' or 'edm'.
+      rho: ρ of the 'edm' spacing.
+      dtype: of the times.
+    Returns:
+      [N + 1] times, t_N = 1 first, t_0 last.
+    """
+    discrete = isinstance(gamma_fn, DiscreteSchedule)
+    t_min = 1.0 / gamma_fn.T if discrete else 0.0
+    n = sample_steps - 1 if discrete else sample_steps  # intervals evenly spaced
+    if n == 0:  # one step of a discrete schedule: from t = 1 straight to the data
+        return jnp.asarray([1.0, 0.0], dtype)
+    u = jnp.linspace(0.0, 1.0, n + 1, dtype=dtype)[1:-1]
+    g_max, g_min = gamma_fn(jnp.ones((), dtype)), gamma_fn(jnp.full((), t_min, dtype))
+    if spacing == "time":
+        inner = 1.0 - u * (1.0 - t_min)
+    else:
+        if spacing == "logsnr":  # γ linear in u
+            gamma = g_max + u * (g_min - g_max)
+        else:  # ς^(1/ρ) = exp(γ/(2ρ)) linear in u
+            gamma = 2.0 * rho * jnp.log(jnp.exp(g_max / (2.0 * rho)) + u * (jnp.exp(g_min / (2.0 * rho))
+                                                                             - jnp.exp(g_max / (2.0 * rho))))
+        inner = _time_of_gamma(gamma_fn, gamma, t_min, 1.0)
+    ends = [jnp.full((1,), t_min, dtype)] + ([jnp.zeros((1,), dtype)] if discrete else [])
+    return jnp.concatenate([jnp.ones((1,), dtype), inner.astype(dtype), *ends])
+
+
+def _ratios(gamma_t, gamma_s):
+    """(σ_s/σ_t, α_s, 1 - exp(-h)) for the step t -> s, h = λ_s - λ_t = (γ_t - γ_s)/2; exact at γ_s = -∞."""
+    sigma_ratio = jnp.exp(-0.5 * (jax.nn.softplus(-gamma_s) - jax.nn.softplus(-gamma_t)))
+    return sigma_ratio, alpha_sigma(gamma_s)[0], -jnp.expm1(0.5 * (gamma_s - gamma_t))
+
+
+def _order(name, order, args):
+    if order not in (1, 2) or isinstance(order, bool):
+        raise ValueError(f"{name} must be 1 or 2, got {order!r}.")
+
+
+@_checks.boundary(floats=("times",), times=(_times, _checks.in_range(0.0, 1.0)), order=_order, **_COMMON)
+def dpm_solver_sample(pred_fn: Callable, gamma_fn: Callable, times, shape: Sequence[int], *, key,
+                      kind: Prediction = "eps", order: int = 2, lower_order_final: bool = True,
+                      clip_x: tuple[float, float] | None = None, return_latent: bool = False, dtype=jnp.float32):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the probability-flow ODE solved in λ = -γ/2
+    with the data prediction, multistep (docs/math.md §6.6). One network evaluation per step.
+
+    For each step t -> s of `times` (h = λ_s - λ_t, and h' the step before's):
+
+        z_s = (σ_s/σ_t) z_t + α_s (1 - e^(-h)) D,
+        D = x̂_t (first order: the first step; DDIM)   or   D = (1 + 1/(2r)) x̂_t - 1/(2r) x̂_t' (r = h'/h).
+
+    The final step is first order when it lands on σ = 0 (a discrete schedule's t = 0, where h is
+    infinite), and, with `lower_order_final`, whenever N < 15 (diffusers' default, which steadies
+    sampling with few steps).
+
+    Args:
+      pred_fn: `pred_fn(z_t, t) -> prediction`, t float [B] in [0, 1].
+      gamma_fn: the schedule t -> γ(t).
+      times: [N + 1] strictly decreasing times t_N > ... > t_0 in [0, 1] (e.g. `solver_times`).
+      shape: [B, ...] of the samples.
+      key: PRNG key (only the starting noise z ~ N(0, I) at times[0]).
+      kind: what pred_fn predicts.
+      order: 1 (DDIM, η = 0) or 2.
+      lower_order_final: a first-order last step for N < 15.
+      clip_x, return_latent: as in `ddpm_sample`.
+      dtype: of the samples.
+    Returns:
+      x = z_0/α(t_0) of `shape`, or (x, z_0).
+    """
+    shape = tuple(shape)
+    z = jax.random.normal(jax.random.split(key)[0], shape, dtype)
+    n = times.shape[0] - 1
+    gammas = gamma_fn(times)
+    final_first = lower_order_final and n < 15
+
+    def step(carry, inputs):
+        z, x_prev, h_prev = carry
+        i, t, gamma_t, gamma_s = inputs
+        _, x_hat, _ = _prediction(pred_fn, z, t, gamma_t, kind, clip_x)
+        h = 0.5 * (gamma_t - gamma_s)
+        r = h_prev / h
+        second = (order == 2) & (i > 0) & jnp.isfinite(h) & ~((i == n - 1) & final_first)
+        d = jnp.where(second, (1.0 + 0.5 / r) * x_hat - (0.5 / r) * x_prev, x_hat)
+        sigma_ratio, alpha_s, one_minus = _ratios(gamma_t, gamma_s)
+        return ((sigma_ratio * z + alpha_s * one_minus * d).astype(dtype), x_hat, h), None
+
+    carry = (z, jnp.zeros(shape, dtype), jnp.ones((), gammas.dtype))
+    (z_0, _, _), _ = jax.lax.scan(step, carry, (jnp.arange(n), times[:-1], gammas[:-1], gammas[1:]))
+    return _result(z_0, gammas[-1], return_latent)
+
+
+@_checks.boundary(floats=("times",), times=(_times, _checks.in_range(0.0, 1.0)),
+                  method=_checks.one_of("heun", "euler"), **_COMMON)
+def ode_sample(pred_fn: Callable, gamma_fn: Callable, times, shape: Sequence[int], *, key, method: str = "heun",
+               kind: Prediction = "eps", clip_x: tuple[float, float] | None = None, return_latent: bool = False,
+               dtype=jnp.float32):
+    """The probability-flow ODE in Karras et al. 2022's (EDM) variables, by Heun's or Euler's method
+    (docs/math.md §6.7).
+
+    With x̃ = z/α and ς = σ/α = exp(γ/2) the ODE is dx̃/dς = ε̂(z, t). For each step t -> s,
+    Δ = ς_s - ς_t:
+
+        Euler:  x̃_s = x̃_t + Δ ε̂_t                        (this is DDIM, η = 0)
+        Heun:   x̃' = x̃_t + Δ ε̂_t,  x̃_s = x̃_t + Δ (ε̂_t + ε̂(α_s x̃', s))/2
+
+    Heun's last step is Euler's where it lands on ς = 0 (a discrete schedule's t = 0). Network
+    evaluations: N for Euler; 2N for Heun, 2N - 1 when the last time has σ = 0.
+
+    Args:
+      pred_fn, gamma_fn, times, shape, kind, clip_x, return_latent, dtype: as in `dpm_solver_sample`.
+      key: PRNG key (only the starting noise).
+      method: 'heun' (second order) or 'euler' (first order).
+    Returns:
+      x = z_0/α(t_0) of `shape`, or (x, z_0).
+    """
+    shape = tuple(shape)
+    z = jax.random.normal(jax.random.split(key)[0], shape, dtype)
+    gammas = gamma_fn(times)
+
+    def eps(z, t, gamma):
+        return _prediction(pred_fn, z, t, gamma, kind, clip_x)[0]
+
+    def step(z, inputs):
+        t, s, gamma_t, gamma_s = inputs
+        alpha_t, alpha_s = alpha_sigma(gamma_t)[0], alpha_sigma(gamma_s)[0]
+        delta = jnp.exp(0.5 * gamma_s) - jnp.exp(0.5 * gamma_t)
+        x_t = z / alpha_t
+        eps_t = eps(z, t, gamma_t)
+        euler = x_t + delta * eps_t
+        if method == "euler":
+            return (alpha_s * euler).astype(dtype), None
+        x_s = jax.lax.cond(gamma_s > -jnp.inf,
+                           lambda: x_t + 0.5 * delta * (eps_t + eps(alpha_s * euler, s, gamma_s)),
+                           lambda: euler)
+        return (alpha_s * x_s).astype(dtype), None
+
+    z_0, _ = jax.lax.scan(step, z, (times[:-1], times[1:], gammas[:-1], gammas[1:]))
+    return _result(z_0, gammas[-1], return_latent)

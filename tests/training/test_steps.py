@@ -174,7 +174,8 @@ def test_eval_step_terms(micro, full_vlb):
         steps.eval_step(state, _batch(16), key=jax.random.key(0), draws=0)
 
 
-@pytest.mark.parametrize("family,sampler", [("ddpm", "ancestral"), ("ddpm", "ddim"), ("vdm", "ancestral"), ("vdm", "ddim")])
+@pytest.mark.parametrize("family,sampler", [("ddpm", "ancestral"), ("ddpm", "ddim"), ("vdm", "ancestral"), ("vdm", "ddim"),
+                                            ("ddpm", "dpm_solver"), ("vdm", "heun")])
 def test_sample_step(micro, family, sampler):
     config = micro(family=family, timesteps=0 if family == "vdm" else 20)
     state = _state(config)

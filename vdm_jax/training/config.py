@@ -17,7 +17,7 @@ from vdm_jax.models import UNetConfig, tiny
 from vdm_jax.training.faults import ON_NONFINITE
 from vdm_jax.training.objective import OBJECTIVES, make_objective
 
-SAMPLERS = ("ancestral", "ddim")
+SAMPLERS = ("ancestral", "ddim", "dpm_solver", "heun", "euler")
 # model.dtype = 'auto': bfloat16 activations on these backends (float32 parameters, loss and optimiser
 # state either way), float32 elsewhere. XLA:CPU has no fast bfloat16 convolutions.
 MIXED_PRECISION_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
@@ -77,7 +77,8 @@ SETTINGS = {
     "training.sample_every": (5_000, "a sample grid every this many steps (0: none during training)", ">= 0"),
     "training.sample_at_end": (True, "a sample grid when training ends"),
     "training.num_samples": (64, "images in each sample grid", "> 0"),
-    "training.sampler": ("ancestral", "'ancestral' (DDPM's or VDM's) or 'ddim'", SAMPLERS),
+    "training.sampler": ("ancestral", "'ancestral' (DDPM's or VDM's), 'ddim', or an ODE solver: 'dpm_solver' "
+                                      "(DPM-Solver++(2M)), 'heun', 'euler' (docs/math.md §6)", SAMPLERS),
     "training.sample_steps": (0, "the sampler's steps (0: T, or 1000 for a continuous-time VDM)"),
     "training.checkpoint_every": (1_000, "save a checkpoint every this many steps", "> 0"),
     "training.keep_checkpoints": (3, "keep the last this many checkpoints ...", "> 0"),

@@ -201,7 +201,7 @@ def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int 
         batch_size) and the same seed gives the same images bitwise.
       batch_size: images per compiled call (a multiple of the device count); the last batch is
         drawn whole and trimmed, so every call has the same shape and nothing recompiles.
-      sampler: 'ancestral' (DDPM or VDM) or 'ddim'.
+      sampler: one of `SAMPLERS`: 'ancestral' (DDPM or VDM), 'ddim', 'dpm_solver', 'heun', 'euler'.
       sample_steps: the sampler's steps (0: T, or 1000 for a continuous-time VDM).
       progress: show a progress bar.
     """

@@ -199,18 +199,22 @@ class DDPMObjective(Objective):
             return
         if sampler == "ancestral":
             raise ValueError(f"{name}={sample_steps}: DDPM's ancestral sampler runs all T = {self.timesteps} "
-                             "steps; use 0 (= T), or the 'ddim' sampler for fewer steps.")
+                             "steps; use 0 (= T), or 'ddim', 'dpm_solver', 'heun' or 'euler' for fewer steps.")
         if sample_steps > self.timesteps:
-            raise ValueError(f"{name}={sample_steps}: DDIM on a DDPM with T = {self.timesteps} takes at most T steps.")
+            raise ValueError(f"{name}={sample_steps}: {'DDIM' if sampler == 'ddim' else sampler} on a DDPM with "
+                             f"T = {self.timesteps} takes at most T steps.")
 
     def sample(self, model, schedule_model, *, key, num: int, sampler: str = "ancestral", sample_steps: int = 0):
         shape = (num, *self.image_shape)
         pred_fn, sched = self.pred_fn(model), self.discrete_schedule()
+        if sampler != "ancestral" and self.learned_variance:  # the others take no reverse variance
+            pred_fn = lambda z_t, t, with_v=pred_fn: with_v(z_t, t)[0]  # noqa: E731
         if sampler == "ddim":
-            if self.learned_variance:  # DDIM takes no reverse variance: the prediction channels only
-                pred_fn = lambda z_t, t, with_v=pred_fn: with_v(z_t, t)[0]  # noqa: E731
             times = sampling.strided_times(self.timesteps, sample_steps or self.timesteps)
             x = sampling.ddim_sample(pred_fn, sched, times, shape, key=key, kind=self.prediction, clip_x=(-1.0, 1.0))
+        elif sampler != "ancestral":
+            x = _ode_sample(sampler, pred_fn, sched, sample_steps or self.timesteps, shape, key=key,
+                            kind=self.prediction, clip_x=(-1.0, 1.0))
         else:
             x = sampling.ddpm_sample(pred_fn, sched, shape, key=key, kind=self.prediction, variance=self.variance,
                                      clip_x=(-1.0, 1.0))
@@ -294,9 +298,19 @@ class VDMObjective(Objective):
         if sampler == "ddim":
             x = sampling.ddim_sample(pred_fn, gamma_fn, jnp.linspace(1.0, 0.0, n + 1), shape, key=key,
                                      kind=self.prediction)
+        elif sampler != "ancestral":
+            x = _ode_sample(sampler, pred_fn, gamma_fn, n, shape, key=key, kind=self.prediction)
         else:
             x = sampling.vdm_sample(pred_fn, gamma_fn, shape, key=key, sample_steps=n, kind=self.prediction)
         return data_to_pixels(x, grid=self.grid).astype(jnp.uint8)
+
+
+def _ode_sample(sampler: str, pred_fn, gamma_fn, steps: int, shape, *, key, kind: str, clip_x=None):
+    """'dpm_solver' (DPM-Solver++(2M)), 'heun' or 'euler' in `steps` steps evenly spaced in log-SNR."""
+    times = sampling.solver_times(gamma_fn, steps)
+    if sampler == "dpm_solver":
+        return sampling.dpm_solver_sample(pred_fn, gamma_fn, times, shape, key=key, kind=kind, clip_x=clip_x)
+    return sampling.ode_sample(pred_fn, gamma_fn, times, shape, key=key, method=sampler, kind=kind, clip_x=clip_x)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -144,8 +144,8 @@ def eval_step(state: TrainState, batch, *, key, draws: int = 1, full_vlb: bool =
 def sample_step(state: TrainState, *, key, num: int, sampler: str = "ancestral", sample_steps: int = 0):
     """`num` samples as uint8 [num, H, W, C] from the EMA parameters.
 
-    sampler: 'ancestral' (DDPM or VDM) or 'ddim'; sample_steps: its steps (0: T, or 1000 for a
-    continuous-time VDM).
+    sampler: 'ancestral' (DDPM or VDM), 'ddim', 'dpm_solver', 'heun' or 'euler'; sample_steps: its
+    steps (0: T, or 1000 for a continuous-time VDM).
     """
     model, schedule_model = _modules(state, state.ema_params)  # evaluation and sampling use the EMA
     return state.objective.sample(model, schedule_model, key=key, num=num, sampler=sampler,
