@@ -113,6 +113,13 @@ def _core_calls():
         ("vdm_sample", lambda: vj.vdm_sample(_pred, cont, (B, 3), key=KEY, sample_steps=4)),
         ("ddim_sample", lambda: vj.ddim_sample(_pred, sched, _put(vj.strided_times(8, 4)), (B, 3), key=KEY,
                                                eta=0.5, return_latent=True)),
+        ("solver_times", lambda: vj.solver_times(sched, 4)),
+        ("solver_times[edm]", lambda: vj.solver_times(cont, 4, spacing="edm")),
+        ("dpm_solver_sample", lambda: vj.dpm_solver_sample(_pred, sched, vj.solver_times(sched, 4), (B, 3), key=KEY,
+                                                           clip_x=(-1.0, 1.0), return_latent=True)),
+        ("ode_sample[heun]", lambda: vj.ode_sample(_pred, cont, vj.solver_times(cont, 4), (B, 3), key=KEY)),
+        ("ode_sample[euler]", lambda: vj.ode_sample(_pred, sched, vj.solver_times(sched, 4), (B, 3), key=KEY,
+                                                    method="euler")),
         ("variance_minimising_grads", lambda: vj.variance_minimising_grads(
             lambda p, s: (p * s * gt, p * gt), _put(jnp.float32(2.0)), _put(jnp.float32(3.0)))),
     ]

@@ -29,6 +29,7 @@ def _cli(workdir, *overrides, mock=True):
     """Runs `python -m experiments.cifar10` (with TFDS mock data) in a subprocess; returns it."""
     argv = [f"--workdir={workdir}", f"--config={CIFAR_CONFIG}:small",
             "--config.model.base_channels=8", "--config.model.channel_mult=(1,)", "--config.model.attn_resolutions=()",
+            "--config.model.mid_attention=False",
             "--config.model.num_groups=4", "--config.model.embedding_dim=16",
             "--config.diffusion.timesteps=20", "--config.training.batch_size=16",
             "--config.training.eval_batch_size=16", "--config.training.num_samples=8",
