@@ -31,7 +31,7 @@ flags.DEFINE_integer("batch_size", 200, "Evaluation batch.")
 flags.DEFINE_integer("num_samples", 10_000, "Samples the projection is for.")
 flags.DEFINE_integer("sample_batch", 256, "Images per sampling call.")
 flags.DEFINE_integer("sample_batches", 1, "Sampling calls actually run (after one to compile).")
-flags.DEFINE_enum("sampler", "ancestral", ["ancestral", "ddim"], "Sampler.")
+flags.DEFINE_enum("sampler", "ancestral", ["ancestral", "ddim", "dpm_solver", "heun", "euler"], "Sampler.")
 flags.DEFINE_integer("sample_steps", 0, "Reverse steps (0: T = 1000).")
 flags.DEFINE_string("out", None, "JSON output path.")
 FLAGS = flags.FLAGS
@@ -106,16 +106,17 @@ def main(argv):
     per_batch = (time.perf_counter() - start) / FLAGS.sample_batches
     batches = math.ceil(FLAGS.num_samples / FLAGS.sample_batch)
     steps = FLAGS.sample_steps or 1000
-    record["samples"] = {"sampler": FLAGS.sampler, "steps": steps, "batch": FLAGS.sample_batch,
+    calls = 2 * steps - 1 if FLAGS.sampler == "heun" else steps  # (the DDPM models: Heun's last step is Euler's)
+    record["samples"] = {"sampler": FLAGS.sampler, "steps": steps, "network_calls": calls, "batch": FLAGS.sample_batch,
                          "batches_run": FLAGS.sample_batches, "seconds_per_batch": per_batch,
                          "first_batch_with_compile_s": first, "projected_num": FLAGS.num_samples,
                          "projected_seconds": per_batch * batches,
-                         # Every step of either sampler is one network call on the batch.
-                         "projected_seconds_1000_steps": per_batch * batches * 1000 / steps}
+                         # Every network call is one forward pass on the batch.
+                         "projected_seconds_1000_steps": per_batch * batches * 1000 / calls}
     print(f"sampling ({FLAGS.sampler}, {steps} steps): {per_batch:.1f} s per batch of {FLAGS.sample_batch} "
           f"(measured over {FLAGS.sample_batches}); {FLAGS.num_samples:,} images = {batches} batches: "
           f"{per_batch * batches / 3600:.2f} h projected; with 1000 steps (a DDPM ancestral chain): "
-          f"{per_batch * batches * 1000 / steps / 3600:.1f} h")
+          f"{per_batch * batches * 1000 / calls / 3600:.1f} h")
     write_result(record, FLAGS.out, f"eval_at_scale_{jax.default_backend()}_{FLAGS.model}.json")
 
 
