@@ -37,21 +37,6 @@ flags.DEFINE_string("out", None, "JSON output path.")
 FLAGS = flags.FLAGS
 
 
-class _First:
-    """The first `n` examples of a source."""
-
-    def __init__(self, source, n: int):
-        self.source, self.n = source, min(n, len(source))
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.source[i]
-
-
 def main(argv):
     del argv
     if FLAGS.source is None:
@@ -64,7 +49,7 @@ def main(argv):
     import jax
 
     from experiments.configs.cifar10 import get_config
-    from vdm_jax.data import load_source
+    from vdm_jax.data import FirstExamples, load_source
     from vdm_jax.models import count_params
     from vdm_jax.training import (create_train_state, evaluate_bpd, generate_samples, make_mesh, parallel,
                                   validate_config)
@@ -73,7 +58,7 @@ def main(argv):
     model_config = validate_config(config)
     mesh = make_mesh()
     state = parallel.replicate(create_train_state(config, model_config, key=jax.random.key(0)), mesh)
-    source = _First(load_source(FLAGS.source, "test"), FLAGS.bpd_images)
+    source = FirstExamples(load_source(FLAGS.source, "test"), FLAGS.bpd_images)
     record = {"benchmark": "eval_at_scale", "model": FLAGS.model, "params": count_params(model_config),
               "source": FLAGS.source,
               "dtype": model_config.dtype,
@@ -82,7 +67,7 @@ def main(argv):
 
     key = jax.random.key(1)
     start = time.perf_counter()  # one batch: compile + run
-    evaluate_bpd(state, _First(source, FLAGS.batch_size), mesh=mesh, batch_size=FLAGS.batch_size, key=key)
+    evaluate_bpd(state, FirstExamples(source, FLAGS.batch_size), mesh=mesh, batch_size=FLAGS.batch_size, key=key)
     first = time.perf_counter() - start
     start = time.perf_counter()
     result = evaluate_bpd(state, source, mesh=mesh, batch_size=FLAGS.batch_size, key=key, progress=True)

@@ -12,6 +12,10 @@ Reads the run's config and its latest (or `--step`) checkpoint and uses the EMA 
   whole discrete bound over all T steps instead of sampling t. Writes
   `OUT/bpd_<split>_<how>.json` (with each term per t for --full_vlb) and the per-example values
   as `.npz`.
+- ODE bits/dim (`--ode_bpd`): the exact likelihood of the uniformly dequantised pixels under the
+  probability-flow ODE (diffrax's adaptive solver, Hutchinson's divergence; `--ode_draws`,
+  `--ode_probes`, `--ode_tolerance`, `--ode_examples`), with its standard error and the network
+  evaluations it took, next to the ELBO's; written as `OUT/bpd_<split>_ode_<how>.json`.
 - Samples (`--num_samples=N`, 0 = none): N images from any sampler (ancestral, ddim, or an ODE
   solver in few steps: dpm_solver, heun, euler; e.g. `--sampler=dpm_solver --sample_steps=20`), in
   batches sharded over all devices, written as `OUT/samples_<sampler><steps>_seed<S>.npz` (uint8 'images' [N, H, W, C])
@@ -32,11 +36,18 @@ flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the la
 flags.DEFINE_string("split", None, "Split to evaluate (default: the run's config.data.eval_split).")
 flags.DEFINE_string("source", None, "Data spec to evaluate on (default: the run's config.data.source).")
 flags.DEFINE_boolean("bpd", None, "Compute bits/dim (default: yes, unless only samples are asked for: "
-                     "--num_samples without --full_vlb, --draws, --split or --source).")
+                     "--num_samples without --full_vlb, --draws, --split, --source or --ode_bpd).")
 flags.DEFINE_integer("batch_size", None, "Global evaluation batch (default: config.training.eval_batch_size).",
                      lower_bound=1)
 flags.DEFINE_integer("draws", 1, "Independent draws of (t, ε) per example, averaged.", lower_bound=1)
 flags.DEFINE_boolean("full_vlb", False, "DDPM: the whole discrete bound over all T steps (every t).")
+flags.DEFINE_boolean("ode_bpd", False, "Also the bits/dim under the probability-flow ODE (an exact likelihood of "
+                     "the uniformly dequantised pixels; docs/math.md §6.8).")
+flags.DEFINE_integer("ode_draws", 1, "--ode_bpd: dequantisation draws per example (also importance weighted).",
+                     lower_bound=1)
+flags.DEFINE_integer("ode_probes", 1, "--ode_bpd: Hutchinson probes (Rademacher) of the divergence.", lower_bound=1)
+flags.DEFINE_float("ode_tolerance", 1e-5, "--ode_bpd: the adaptive solver's rtol = atol.", lower_bound=0.0)
+flags.DEFINE_integer("ode_examples", 0, "--ode_bpd: the split's first N examples only (0: all).", lower_bound=0)
 flags.DEFINE_integer("num_samples", 0, "Images to sample (0: none).", lower_bound=0)
 flags.DEFINE_enum("sampler", None, ["ancestral", "ddim", "dpm_solver", "heun", "euler"],
                   "Sampler (default: config.training.sampler); the last three solve the probability-flow ODE.")
@@ -72,6 +83,41 @@ def _sampling(FLAGS, config, objective) -> tuple[str, int]:
     return sampler, sample_steps
 
 
+def _ode_bpd(FLAGS, config, state, mesh, out_dir: str, summary: dict) -> dict:
+    """--ode_bpd: the ODE's bits/dim on the split (or its first --ode_examples), printed and written."""
+    import jax
+    import numpy as np
+
+    from vdm_jax.data import FirstExamples, load_source
+    from vdm_jax.training.evaluation import evaluate_ode_bpd
+
+    spec, split = FLAGS.source or config.data.source, FLAGS.split or config.data.eval_split
+    source = load_source(spec, split)
+    source = FirstExamples(source, FLAGS.ode_examples) if FLAGS.ode_examples else source
+    devices = mesh.devices.size  # (a batch no larger than the examples need, padded to the devices)
+    batch_size = min(FLAGS.batch_size or config.training.eval_batch_size, -(-len(source) // devices) * devices)
+    start = time.perf_counter()
+    result = evaluate_ode_bpd(state, source, mesh=mesh, batch_size=batch_size, key=jax.random.key(FLAGS.seed),
+                              num_draws=FLAGS.ode_draws, num_probes=FLAGS.ode_probes, rtol=FLAGS.ode_tolerance,
+                              atol=FLAGS.ode_tolerance, progress=FLAGS.progress_bar)
+    seconds = time.perf_counter() - start
+    per_example = result.pop("per_example")
+    tag = f"ode_draws{FLAGS.ode_draws}_probes{FLAGS.ode_probes}_tol{FLAGS.ode_tolerance:g}_seed{FLAGS.seed}"
+    record = {**summary, "source": spec, "split": split, "batch_size": batch_size, "seed": FLAGS.seed,
+              "seconds": seconds, **result}
+    path = os.path.join(out_dir, f"bpd_{split}_{tag}.json")
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2)
+        np.savez_compressed(os.path.join(out_dir, f"bpd_{split}_{tag}_per_example.npz"), **per_example)
+    b, iw = result["bits_per_dim"], result["bits_per_dim_iw"]
+    print(f"ODE bits/dim of {spec} '{split}': {b['mean']:.5f} ± {b['se']:.5f} over {result['examples']} examples "
+          f"(uniform dequantisation, {FLAGS.ode_draws} draw(s); importance weighted {iw['mean']:.5f}), "
+          f"{result['nfe']['mean']:.0f} network evaluations per example on average; {seconds:.1f} s")
+    print(f"wrote {path}")
+    return record
+
+
 def evaluate(FLAGS) -> dict:
     import jax
     import numpy as np
@@ -84,7 +130,9 @@ def evaluate(FLAGS) -> dict:
     from vdm_jax.training.parallel import check_batch_size
 
     mesh = make_mesh()
-    asked = FLAGS.full_vlb or FLAGS.draws > 1 or FLAGS.split or FLAGS.source  # bound settings ask for the bound
+    asked = FLAGS.full_vlb or FLAGS.draws > 1 or FLAGS.split or FLAGS.source or FLAGS.ode_bpd  # ask for the bound
+    if FLAGS.ode_tolerance <= 0:
+        raise ValueError(f"--ode_tolerance must be > 0, got {FLAGS.ode_tolerance}.")
     bpd = FLAGS.bpd if FLAGS.bpd is not None else bool(asked or not FLAGS.num_samples)  # only what was asked
     if bpd and FLAGS.batch_size is not None:
         check_batch_size(FLAGS.batch_size, mesh, "--batch_size")
@@ -126,6 +174,8 @@ def evaluate(FLAGS) -> dict:
         print(format_bpd_table(result))
         print(f"wrote {path}")
         summary["bpd"] = record
+    if FLAGS.ode_bpd:
+        summary["ode_bpd"] = _ode_bpd(FLAGS, config, state, mesh, out_dir, summary)
     if FLAGS.num_samples:
         start = time.perf_counter()
         images = generate_samples(state, mesh=mesh, num=FLAGS.num_samples, key=jax.random.key(FLAGS.seed),

@@ -1,7 +1,7 @@
 """Test setup: JAX's compilation cache and strict rank promotion (the environment — 8 fake CPU
 devices, XLA flags — is set before JAX is imported, by the repository's top-level conftest.py),
-and the fixtures the core's tests share: `dtype`, `x64`, `raises` (the error tables) and
-`no_host_reads` (the transfer guard).
+and the fixtures the core's tests share: `dtype`, `x64`, `raises` (the error tables),
+`no_host_reads` (the transfer guard) and `optimal_pred` (Gaussian data's exact denoiser).
 """
 import contextlib
 import os
@@ -10,6 +10,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 import pytest
+
+import vdm_jax
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -51,6 +53,32 @@ def _raises(fn, args, kwargs, error, match):
 
     with pytest.raises(error, match=match):
         jax.jit(with_tracers)(*(args[i] for i in traced))
+
+
+GAUSSIAN_M, GAUSSIAN_S = 0.5, 0.3  # the data of the `optimal_pred` fixture: x ~ N(M, S² I)
+
+
+def _optimal_pred(gamma_fn, kind="eps"):
+    """The Bayes-optimal `pred_fn(z_t, t)` of the given kind for x ~ N(GAUSSIAN_M, GAUSSIAN_S² I)."""
+    def pred(z, t):
+        gamma = gamma_fn(t)
+        alpha, sigma = (v[:, None] for v in vdm_jax.alpha_sigma(gamma))
+        eps = sigma * (z - alpha * GAUSSIAN_M) / (alpha ** 2 * GAUSSIAN_S ** 2 + sigma ** 2)
+        if kind == "eps":
+            return eps
+        if kind == "x":
+            return vdm_jax.x_from_eps(z, eps, gamma)
+        if kind == "score":
+            return vdm_jax.score_from_eps(eps, gamma)
+        return vdm_jax.v_from_eps(z, eps, gamma)
+    return pred
+
+
+@pytest.fixture(scope="session")
+def optimal_pred():
+    """`optimal_pred(gamma_fn, kind='eps')`: the exact denoiser of Gaussian data x ~ N(0.5, 0.3² I)
+    (the samplers' and likelihoods' exact cases; `v[:, None]`: data of shape [B, D])."""
+    return _optimal_pred
 
 
 @pytest.fixture

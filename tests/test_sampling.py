@@ -13,24 +13,9 @@ import pytest
 
 import vdm_jax as vj
 
-M, S = 0.5, 0.3
+M, S = 0.5, 0.3  # the data of the `optimal_pred` fixture (tests/conftest.py)
 N = 100_000
 T = 1000
-
-
-def optimal_pred(gamma_fn, kind="eps"):
-    def pred(z, t):
-        gamma = gamma_fn(t)
-        alpha, sigma = (v[:, None] for v in vj.alpha_sigma(gamma))
-        eps = sigma * (z - alpha * M) / (alpha ** 2 * S ** 2 + sigma ** 2)
-        if kind == "eps":
-            return eps
-        if kind == "x":
-            return vj.x_from_eps(z, eps, gamma)
-        if kind == "score":
-            return vj.score_from_eps(eps, gamma)
-        return vj.v_from_eps(z, eps, gamma)
-    return pred
 
 
 def _affine_denoiser(a2):
@@ -101,7 +86,7 @@ def _check_moments(samples, mean, var):
 
 
 @pytest.mark.parametrize("variance", ["beta", "posterior"])
-def test_ddpm_ancestral_matches_propagated_moments(variance):
+def test_ddpm_ancestral_matches_propagated_moments(optimal_pred, variance):
     sched = vj.DiscreteSchedule(vj.linear_betas(T))
     pred = optimal_pred(sched)
     samples = jax.jit(lambda k: vj.ddpm_sample(pred, sched, (N, 1), key=k, variance=variance))(jax.random.key(0))
@@ -111,7 +96,7 @@ def test_ddpm_ancestral_matches_propagated_moments(variance):
     assert abs(mean / M - 1) < 0.03 and abs(var / S ** 2 - 1) < 0.03, (mean, var)
 
 
-def test_vdm_ancestral_matches_propagated_moments():
+def test_vdm_ancestral_matches_propagated_moments(optimal_pred):
     sched = vj.LinearSchedule(-13.3, 8.0)
     pred = optimal_pred(sched)
     samples = jax.jit(lambda k: vj.vdm_sample(pred, sched, (N, 1), key=k, sample_steps=T))(jax.random.key(1))
@@ -122,7 +107,7 @@ def test_vdm_ancestral_matches_propagated_moments():
 
 
 @pytest.mark.parametrize("eta,steps", [(0.0, 50), (1.0, 100), (0.5, 20)])
-def test_ddim_matches_propagated_moments(eta, steps):
+def test_ddim_matches_propagated_moments(optimal_pred, eta, steps):
     sched = vj.DiscreteSchedule(vj.linear_betas(T))
     times = vj.strided_times(T, steps)
     pred = optimal_pred(sched)
@@ -144,7 +129,7 @@ def test_ddim_deterministic_approaches_data_as_steps_grow():
     assert errors[3] < 0.02, errors  # 1000 steps: variance ~1% low, mean 0.2% (ᾱ_T > 0)
 
 
-def test_ddim_eta0_is_deterministic_given_start():
+def test_ddim_eta0_is_deterministic_given_start(optimal_pred):
     sched = vj.DiscreteSchedule(vj.linear_betas(100))
     pred = optimal_pred(sched)
     times = vj.strided_times(100, 10)
@@ -154,7 +139,7 @@ def test_ddim_eta0_is_deterministic_given_start():
     np.testing.assert_array_equal(z_0, b)  # the schedule reaches α = 1 at t = 0: x = z_0
 
 
-def test_ddim_eta1_equals_ancestral_posterior_variance():
+def test_ddim_eta1_equals_ancestral_posterior_variance(optimal_pred):
     """η = 1 is ancestral sampling with σ² = β̃ (docs/math.md §6): same noise, same samples."""
     sched = vj.DiscreteSchedule(vj.linear_betas(50, 1e-3, 0.2))
     pred = optimal_pred(sched)
@@ -177,7 +162,7 @@ def test_ddim_eta1_equals_ancestral_posterior_variance():
 
 
 @pytest.mark.parametrize("kind", ["x", "score", "v"])
-def test_samplers_accept_every_prediction_kind(kind):
+def test_samplers_accept_every_prediction_kind(optimal_pred, kind):
     sched = vj.DiscreteSchedule(vj.linear_betas(50, 1e-3, 0.2))
     key = jax.random.key(5)
     ref = vj.ddpm_sample(optimal_pred(sched), sched, (32, 2), key=key)
@@ -193,7 +178,7 @@ def test_samplers_accept_every_prediction_kind(kind):
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)
 
 
-def test_ddpm_learned_variance_interpolates():
+def test_ddpm_learned_variance_interpolates(optimal_pred):
     sched = vj.DiscreteSchedule(vj.linear_betas(30, 1e-3, 0.3))
     key = jax.random.key(6)
     base = optimal_pred(sched)
@@ -213,7 +198,7 @@ def test_clip_x():
     assert np.all(np.abs(out) <= 1.0 + 1e-6)
 
 
-def test_samplers_return_the_data_estimate_and_the_latent():
+def test_samplers_return_the_data_estimate_and_the_latent(optimal_pred):
     """x = z_0/α(t_0) for every sampler; return_latent=True gives (x, z_0)."""
     cont = vj.LinearSchedule()
     pred = optimal_pred(cont)
@@ -249,7 +234,7 @@ def test_pred_fn_gets_float_t_in_unit_interval():
         assert seen[-1].shape == (3,) and jnp.issubdtype(seen[-1].dtype, jnp.floating)
 
 
-def test_samplers_trace_once():
+def test_samplers_trace_once(optimal_pred):
     sched = vj.DiscreteSchedule(vj.linear_betas(20))
     pred = optimal_pred(sched)
 
@@ -276,7 +261,7 @@ def test_whole_chain_is_one_scan():
     assert sum(eqn.primitive.name == "scan" for eqn in jaxpr.eqns) == 1
 
 
-def test_python_loop_of_ddpm_step_reproduces_ddpm_sample():
+def test_python_loop_of_ddpm_step_reproduces_ddpm_sample(optimal_pred):
     """T calls of the jitted `ddpm_step` (as the sampler benchmark drives it) = `ddpm_sample`."""
     sched = vj.DiscreteSchedule(vj.linear_betas(30, 1e-3, 0.2))
     pred = optimal_pred(sched)
@@ -434,7 +419,7 @@ def exact_flow(gamma_fn, times, shape, key, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("name,order", [("euler", 1), ("heun", 2), ("dpm_solver", 2)])
-def test_fast_samplers_converge_at_their_order(x64, name, order):
+def test_fast_samplers_converge_at_their_order(optimal_pred, x64, name, order):
     """The error against the exact ODE solution falls as N^-order (float64, Gaussian data)."""
     sched = vj.LinearSchedule(-10.0, 10.0)
     kw = {"lower_order_final": False} if name == "dpm_solver" else {}
@@ -449,7 +434,7 @@ def test_fast_samplers_converge_at_their_order(x64, name, order):
 
 
 @pytest.mark.parametrize("discrete", [False, True])
-def test_fast_samplers_match_the_data_moments(discrete):
+def test_fast_samplers_match_the_data_moments(optimal_pred, discrete):
     """The ODE carries N(0, I) to the data distribution: the exact flow's samples have the data's mean
     and variance within Monte Carlo error. So do the samplers' with 100 steps (Euler: within 7%).
     With 20 steps their means do, and their variances are off by the method's error, measured
@@ -471,7 +456,7 @@ def test_fast_samplers_match_the_data_moments(discrete):
                 assert abs(x.var() / exact.var() - 1) < bound, (name, steps, x.var() / exact.var())
 
 
-def test_first_order_fast_samplers_are_ddim():
+def test_first_order_fast_samplers_are_ddim(optimal_pred):
     """DPM-Solver++ of order 1 and Euler's method on the EDM ODE are DDIM with η = 0, on any schedule."""
     key = jax.random.key(13)
     for sched in (vj.DiscreteSchedule(vj.linear_betas(100)), vj.LinearSchedule()):
@@ -484,7 +469,7 @@ def test_first_order_fast_samplers_are_ddim():
         np.testing.assert_allclose(dpm1, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_fast_sampler_network_evaluations():
+def test_fast_sampler_network_evaluations(optimal_pred):
     """DPM-Solver++ and Euler call the network once per step; Heun twice, but once at a last step
     that lands on σ = 0 (a discrete schedule's t = 0)."""
     def counted(sched):
@@ -506,7 +491,7 @@ def test_fast_sampler_network_evaluations():
 
 
 @pytest.mark.parametrize("kind", ["x", "score", "v"])
-def test_fast_samplers_accept_every_prediction_kind(kind):
+def test_fast_samplers_accept_every_prediction_kind(optimal_pred, kind):
     sched = vj.LinearSchedule()
     times = vj.solver_times(sched, 10)
     for name, sample in FAST.items():

@@ -120,6 +120,9 @@ def _core_calls():
         ("ode_sample[heun]", lambda: vj.ode_sample(_pred, cont, vj.solver_times(cont, 4), (B, 3), key=KEY)),
         ("ode_sample[euler]", lambda: vj.ode_sample(_pred, sched, vj.solver_times(sched, 4), (B, 3), key=KEY,
                                                     method="euler")),
+        ("ode_log_likelihood", lambda: vj.ode_log_likelihood(_pred, cont, x, key=KEY, rtol=1e-3, atol=1e-3)),
+        ("dequantized_bits_per_dim", lambda: vj.dequantized_bits_per_dim(
+            _pred, sched, _put(jnp.full((B, 3), 100, jnp.int32)), key=KEY, t_min=1.0 / 8, rtol=1e-3, atol=1e-3)),
         ("variance_minimising_grads", lambda: vj.variance_minimising_grads(
             lambda p, s: (p * s * gt, p * gt), _put(jnp.float32(2.0)), _put(jnp.float32(3.0)))),
     ]

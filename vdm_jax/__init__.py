@@ -51,6 +51,7 @@ from vdm_jax.elbo import bits_per_dim, ddpm_log_variance, ddpm_vlb, vdm_elbo
 from vdm_jax.variance import variance_minimising_grads
 from vdm_jax.sampling import (SPACINGS, ddim_sample, ddpm_sample, ddpm_step, dpm_solver_sample, ode_sample,
                               solver_times, strided_times, vdm_sample)
+from vdm_jax.likelihood import dequantized_bits_per_dim, ode_log_likelihood
 from vdm_jax.xla_flags import set_cpu_xla_flags
 
 __version__ = "0.2.0"
@@ -74,6 +75,8 @@ __all__ = [
     # samplers (§6)
     "ddpm_sample", "ddpm_step", "vdm_sample", "ddim_sample", "strided_times", "dpm_solver_sample", "ode_sample",
     "solver_times", "SPACINGS",
+    # likelihoods (§6.8)
+    "ode_log_likelihood", "dequantized_bits_per_dim",
     # process-wide tuning (not math)
     "set_cpu_xla_flags",
 ]

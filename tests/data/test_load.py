@@ -1,4 +1,5 @@
 """Tests for vdm_jax.data.load.load_source: each spec string opens the right source."""
+import numpy as np
 import pytest
 
 from vdm_jax.data import ArraySource, ImageFilesSource, load_source
@@ -40,3 +41,15 @@ def test_unknown_split_names_the_valid_ones(cifar_tar):
 def test_spec_and_split_must_be_strings(spec, split, match):
     with pytest.raises(TypeError, match=match):
         load_source(spec, split)
+
+
+def test_first_examples():
+    from vdm_jax.data import FirstExamples
+    source = load_source("digits", "test")
+    head = FirstExamples(source, 5)
+    assert len(head) == 5 and np.array_equal(head[4]["image"], source[4]["image"])
+    with pytest.raises(IndexError):
+        head[5]
+    assert len(FirstExamples(source, 10_000)) == len(source)
+    with pytest.raises(ValueError, match="n must be a positive int, got 0"):
+        FirstExamples(source, 0)

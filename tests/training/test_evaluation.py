@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ from vdm_jax import ddpm_vlb, pixels_to_data, vdm_elbo
 from vdm_jax.models import as_pred_fn
 from vdm_jax.data.array_source import ArraySource
 from vdm_jax.training import (RunNotFoundError, create_train_state, evaluate_bpd, generate_samples, load_checkpoint,
-                              make_mesh, parallel, validate_config)
+                              make_mesh, parallel, steps, validate_config)
+from vdm_jax.training.evaluation import evaluate_ode_bpd
 from vdm_jax.training.evaluation import TERMS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -96,6 +98,27 @@ def test_full_vlb_is_a_ddpm_bound(micro):
         evaluate_bpd(_state(config, mesh), _source(8), mesh=mesh, batch_size=8, key=jax.random.key(0), full_vlb=True)
 
 
+def test_ode_bpd_of_every_example_is_the_step_s_on_its_batch(micro):
+    """The ODE's bits/dim (a VDM: continuous time, t_min = 0): every example once, in the source's
+    order; batch b is `steps.ode_bpd_step` with fold_in(key, b); the importance-weighted value is
+    the lower (Jensen), and it costs some network evaluations per example."""
+    config = micro(family="vdm", timesteps=0)
+    mesh = make_mesh()
+    state = _state(config, mesh)
+    source, key = _source(12), jax.random.key(4)
+    options = dict(rtol=1e-3, atol=1e-3)
+    result = evaluate_ode_bpd(state, source, mesh=mesh, batch_size=8, key=key, num_draws=2, **options)
+    per = result["per_example"]
+    assert result["examples"] == 12 and per["bits_per_dim"].shape == (12,)
+    assert np.all(np.isfinite(per["bits_per_dim"])) and np.all(per["bits_per_dim_iw"] <= per["bits_per_dim"] + 1e-9)
+    assert result["bits_per_dim"]["mean"] == pytest.approx(per["bits_per_dim"].mean(), rel=1e-9)
+    assert result["nfe"]["mean"] >= 7 and result["nfe"]["max"] >= result["nfe"]["mean"]
+    batch = {"image": source.images[8:12]}  # batch 1 (examples 8..11, padded to 8 with masked copies)
+    direct = jax.jit(lambda s, b, k: steps.ode_bpd_step(s, b, key=k, num_draws=2, **options))(
+        state, {"image": np.concatenate([batch["image"], batch["image"]])}, jax.random.fold_in(key, 1))
+    np.testing.assert_allclose(per["bits_per_dim"][8:12], np.asarray(direct["bits_per_dim"])[:4], rtol=1e-4)
+
+
 def test_bad_batch_size(micro):
     mesh = make_mesh()
     state = _state(micro(), mesh)
@@ -154,7 +177,7 @@ def test_evaluate_cli_on_a_quickstart_checkpoint(tmp_path):
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     first = _evaluate(f"--workdir={workdir}", "--bpd", "--num_samples=10", "--sample_batch_size=8", "--sampler=ddim",
-                      "--sample_steps=3", "--draws=2")
+                      "--sample_steps=3", "--draws=2", "--ode_bpd", "--ode_examples=8", "--ode_tolerance=1e-3")
     assert "297 examples, each exactly once" in first
     assert "EMA parameters at step 2" in first
     for name in TERMS:
@@ -169,6 +192,11 @@ def test_evaluate_cli_on_a_quickstart_checkpoint(tmp_path):
     per_example = np.load(os.path.join(out_dir, "bpd_test_onet_draws2_seed0_per_example.npz"))
     assert per_example["total"].shape == (297,)
     assert os.path.exists(os.path.join(out_dir, "samples_ddim3_seed0.png"))
+    # --ode_bpd: the ODE's bits/dim of the first 8 test images, next to the ELBO's (a DDPM: t_min = 1/T).
+    assert re.search(r"ODE bits/dim of digits 'test': [0-9.]+ ± [0-9.]+ over 8 examples", first), first
+    with open(os.path.join(out_dir, "bpd_test_ode_draws1_probes1_tol0.001_seed0.json")) as f:
+        ode = json.load(f)
+    assert ode["examples"] == 8 and np.isfinite(ode["bits_per_dim"]["mean"]) and ode["nfe"]["mean"] > 0
 
     # Samples only (no bound), another seed: other images.
     sampled = _evaluate(f"--workdir={workdir}", "--num_samples=10", "--sample_batch_size=8", "--sampler=ddim",

@@ -12,7 +12,7 @@ from vdm_jax.data.array_source import ArraySource
 from vdm_jax.data.cifar10_python import CIFAR10_CLASSES, read_cifar10_python
 from vdm_jax.data.digits import load_digits
 from vdm_jax.data.image_files import ImageFilesSource
-from vdm_jax.data.load import SPECS, load_source
+from vdm_jax.data.load import SPECS, FirstExamples, load_source
 from vdm_jax.data.npz import read_npz
 from vdm_jax.data.pipeline import eval_iterator, num_eval_batches, train_iterator
 from vdm_jax.data.tfds_source import TfdsSource
@@ -22,6 +22,7 @@ __all__ = [
     "ArraySource",
     "CIFAR10_CLASSES",
     "DataNotFoundError",
+    "FirstExamples",
     "ImageFilesSource",
     "SPECS",
     "TfdsSource",

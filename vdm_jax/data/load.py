@@ -58,3 +58,20 @@ def load_source(spec: str, split: str, **kwargs: Any):
     if spec in ("digits", "digits16"):
         return load_digits(split, upsample=2 if spec == "digits16" else 1, **kwargs)
     raise ValueError(f"unknown data spec {spec!r}; valid forms: {', '.join(SPECS)}")
+
+
+class FirstExamples:
+    """The first `n` examples of a random-access source (all of them if it has fewer), as a source."""
+
+    def __init__(self, source, n: int):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        self.source, self.n = source, min(n, len(source))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for the first {self.n} examples")
+        return self.source[index]

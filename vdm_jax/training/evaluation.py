@@ -105,6 +105,31 @@ def _bound_fn(mesh, draws: int, full_vlb: bool):
     return jax.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
 
 
+def _every_example(fn, state, source, *, mesh, batch_size: int, key, progress: bool, desc: str):
+    """({name: float64 [N]} of `fn`'s per-example values in the source's order, N): every example of
+    `source` exactly once, batch b with `fold_in(key, b)`; `fn(state, batch, key) -> ({name: [B],
+    'index': [B]}, mask [B])` is jitted with the batch sharded over `mesh`."""
+    bar = progress_bar(progress, total=num_eval_batches(len(source), batch_size), desc=desc, unit="batch")
+    parts = []
+    for b, batch in enumerate(eval_iterator(source, global_batch_size=batch_size)):
+        local = {"image": batch["image"], "index": batch["index"], "mask": batch["mask"]}
+        values, mask = jax.device_get(fn(state, parallel.global_batch(local, mesh), jax.random.fold_in(key, b)))
+        parts.append({name: np.asarray(v)[np.asarray(mask, bool)] for name, v in values.items()})
+        bar.update(1)
+    bar.close()
+    per_example = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    index, n = per_example.pop("index"), len(source)
+    if index.shape[0] != n or not np.array_equal(np.sort(index), np.arange(n)):
+        raise RuntimeError(f"the evaluation pass saw {index.shape[0]} examples ({np.unique(index).shape[0]} "
+                           f"distinct) of a split of {n}; every example must be seen exactly once.")
+    return {name: v[np.argsort(index)].astype(np.float64) for name, v in per_example.items()}, n
+
+
+def _mean_and_se(values: np.ndarray) -> dict[str, float]:
+    n = values.shape[0]
+    return {"mean": float(values.mean()), "se": float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")}
+
+
 def check_images(source, image_shape, what: str = "the source's") -> None:
     """Raises ValueError unless `source`'s images (`vdm_jax.data.check_source`) have the model's `image_shape`."""
     shape = tuple(check_source(source))
@@ -137,32 +162,55 @@ def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws
     """
     parallel.check_batch_size(batch_size, mesh, name="batch_size")
     check_images(source, state.objective.image_shape)
-    fn = _bound_fn(mesh, draws, bool(full_vlb))
-    bar = progress_bar(progress, total=num_eval_batches(len(source), batch_size), desc="bpd", unit="batch")
-    parts = []
-    for b, batch in enumerate(eval_iterator(source, global_batch_size=batch_size)):
-        local = {"image": batch["image"], "index": batch["index"], "mask": batch["mask"]}
-        values, mask = jax.device_get(fn(state, parallel.global_batch(local, mesh), jax.random.fold_in(key, b)))
-        parts.append({name: np.asarray(v)[np.asarray(mask, bool)] for name, v in values.items()})
-        bar.update(1)
-    bar.close()
-    per_example = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    index, n = per_example.pop("index"), len(source)
-    if index.shape[0] != n or not np.array_equal(np.sort(index), np.arange(n)):
-        raise RuntimeError(f"the evaluation pass saw {index.shape[0]} examples ({np.unique(index).shape[0]} "
-                           f"distinct) of a split of {n}; every example must be seen exactly once.")
-    per_example = {name: v[np.argsort(index)].astype(np.float64) for name, v in per_example.items()}
+    per_example, n = _every_example(_bound_fn(mesh, draws, bool(full_vlb)), state, source, mesh=mesh,
+                                    batch_size=batch_size, key=key, progress=progress, desc="bpd")
     scale = state.objective.dims * _LN2
     result: dict[str, Any] = {"examples": n, "draws": int(draws), "full_vlb": bool(full_vlb), "bpd": {}}
     for name in TERMS:
-        bpd = per_example[name] / scale
-        result["bpd"][name] = {"mean": float(bpd.mean()), "se": float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1
-                               else float("nan")}
+        result["bpd"][name] = _mean_and_se(per_example[name] / scale)
     per_t = per_example.pop("per_t", None)
     if per_t is not None:
         result["per_t_bpd"] = (per_t.mean(axis=0) / scale).tolist()
     result["per_example_nats"] = per_example
     return result
+
+
+@functools.lru_cache(maxsize=None)
+def _ode_fn(mesh, num_draws: int, options: tuple):
+    rep = parallel.replicated(mesh)
+
+    def fn(state, batch, key):
+        values = steps.ode_bpd_step(state, {"image": batch["image"]}, key=key, num_draws=num_draws, **dict(options))
+        return {**values, "index": batch["index"]}, batch["mask"]
+
+    return jax.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
+
+
+def evaluate_ode_bpd(state: TrainState, source, *, mesh, batch_size: int, key, num_draws: int = 1,
+                     progress: bool = False, **ode_kwargs) -> dict[str, Any]:
+    """Bits/dim of every example of `source`, each exactly once, under the probability-flow ODE of
+    the EMA parameters (`steps.ode_bpd_step`: uniform dequantisation, `vdm_jax.ode_log_likelihood`).
+
+    Args:
+      state, source, mesh, batch_size, key, progress: as in `evaluate_bpd` (batch b: `fold_in(key, b)`).
+      num_draws: dequantisation draws per example.
+      **ode_kwargs: `vdm_jax.ode_log_likelihood`'s options: divergence, probe, num_probes, rtol,
+        atol, max_steps, solver.
+    Returns:
+      {'examples': N, 'num_draws', 'options': ode_kwargs, 'bits_per_dim' and 'bits_per_dim_iw'
+       (importance weighted over the draws): {'mean', 'se'}, 'nfe': {'mean', 'max'} network
+       evaluations per example, 'per_example': {name: float64 [N]} in the source's order}.
+    """
+    parallel.check_batch_size(batch_size, mesh, name="batch_size")
+    check_images(source, state.objective.image_shape)
+    fn = _ode_fn(mesh, num_draws, tuple(sorted(ode_kwargs.items())))
+    per_example, n = _every_example(fn, state, source, mesh=mesh, batch_size=batch_size, key=key,
+                                    progress=progress, desc="ode bpd")
+    return {"examples": n, "num_draws": num_draws, "options": dict(ode_kwargs),
+            "bits_per_dim": _mean_and_se(per_example["bits_per_dim"]),
+            "bits_per_dim_iw": _mean_and_se(per_example["bits_per_dim_iw"]),
+            "nfe": {"mean": float(per_example["nfe"].mean()), "max": float(per_example["nfe"].max())},
+            "per_example": per_example}
 
 
 def format_bpd_table(result: dict[str, Any]) -> str:

@@ -39,6 +39,9 @@ class Objective:
       −ELBO, 'prior' + 'diffusion' + 'reconstruction' = 'total'.
     - `sample(model, schedule_model, *, key, num, sampler, sample_steps)`: uint8 [num, H, W, C]
       from the reverse chain (one `lax.scan`).
+    - `flow(model, schedule_model) -> (pred_fn, gamma_fn, t_min)`: what the probability-flow ODE
+      takes (its samplers, `vdm_jax.ode_log_likelihood`): the prediction alone, the schedule, and the
+      least noisy time it is solved from.
     - `timesteps`: T (0: continuous time).
     """
 
@@ -117,6 +120,14 @@ class DDPMObjective(Objective):
     def pred_fn(self, model, schedule_model=None, *, key=None):
         """`pred_fn(z_t, t)` for the core (t = i/T); `key` is the dropout key (None: no dropout)."""
         return as_pred_fn(model, key=key)
+
+    def flow(self, model, schedule_model=None):
+        """The prediction alone (a learned variance's v dropped), the schedule, and t_min = 1/T: the
+        network was trained at the steps i/T, and γ(0) = -∞."""
+        pred_fn = self.pred_fn(model)
+        if self.learned_variance:  # the ODE takes no reverse variance: the prediction channels only
+            pred_fn = lambda z_t, t, with_v=pred_fn: with_v(z_t, t)[0]  # noqa: E731
+        return pred_fn, self.discrete_schedule(), 1.0 / self.timesteps
 
     # --- losses --------------------------------------------------------------------------------
 
@@ -206,9 +217,8 @@ class DDPMObjective(Objective):
 
     def sample(self, model, schedule_model, *, key, num: int, sampler: str = "ancestral", sample_steps: int = 0):
         shape = (num, *self.image_shape)
-        pred_fn, sched = self.pred_fn(model), self.discrete_schedule()
-        if sampler != "ancestral" and self.learned_variance:  # the others take no reverse variance
-            pred_fn = lambda z_t, t, with_v=pred_fn: with_v(z_t, t)[0]  # noqa: E731
+        sched = self.discrete_schedule()
+        pred_fn = self.pred_fn(model) if sampler == "ancestral" else self.flow(model)[0]  # (no variance but DDPM's)
         if sampler == "ddim":
             times = sampling.strided_times(self.timesteps, sample_steps or self.timesteps)
             x = sampling.ddim_sample(pred_fn, sched, times, shape, key=key, kind=self.prediction, clip_x=(-1.0, 1.0))
@@ -286,6 +296,10 @@ class VDMObjective(Objective):
         key_model, key_loss = jax.random.split(key)
         terms = self.per_example_bound(model, schedule_model, batch, key=key_loss, key_model=key_model)
         return terms["total"], terms
+
+    def flow(self, model, schedule_model=None):
+        """The prediction, the (learned) schedule, and t_min = 0 (γ(0) = γ_min is finite)."""
+        return self.pred_fn(model, schedule_model), self.gamma_fn(schedule_model), 0.0
 
     def per_example_full_vlb(self, model, batch, *, key) -> Terms:
         raise ValueError("full_vlb needs a DDPM model (a discrete bound over all T steps); for a VDM use "

@@ -1,4 +1,5 @@
-"""Pure step functions: `train_step`, `train_steps` (several per call), `eval_step`, `sample_step`.
+"""Pure step functions: `train_step`, `train_steps` (several per call), `eval_step`, `sample_step`,
+`ode_bpd_step`.
 
 Each is a function of pytrees only, with `key` keyword-only; the caller jits it with shardings
 (`loop.compiled_steps`). Per-step randomness is `fold_in(key, state.step)`, so a run is
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from vdm_jax.likelihood import dequantized_bits_per_dim
 from vdm_jax.training import faults
 from vdm_jax.training.state import TrainState
 from vdm_jax.variance import variance_minimising_grads
@@ -150,3 +152,18 @@ def sample_step(state: TrainState, *, key, num: int, sampler: str = "ancestral",
     model, schedule_model = _modules(state, state.ema_params)  # evaluation and sampling use the EMA
     return state.objective.sample(model, schedule_model, key=key, num=num, sampler=sampler,
                                   sample_steps=sample_steps)
+
+
+def ode_bpd_step(state: TrainState, batch, *, key, num_draws: int = 1, **ode_kwargs) -> dict[str, jax.Array]:
+    """Bits/dim of each example under the probability-flow ODE, with the EMA parameters.
+
+    batch: {'image': uint8 [B, H, W, C], ...}. The pixels are dequantised uniformly on the
+    objective's grid and their log-likelihood integrated by `vdm_jax.dequantized_bits_per_dim`
+    (`num_draws` dequantisation draws), from the objective's `flow` (t_min = 1/T for a DDPM, 0 for
+    a VDM); `ode_kwargs` are `vdm_jax.ode_log_likelihood`'s options (divergence, num_probes, rtol, ...).
+    Returns its [B] values: 'bits_per_dim', 'bits_per_dim_iw', 'log_jacobian', 'nfe'.
+    """
+    model, schedule_model = _modules(state, state.ema_params)
+    pred_fn, gamma_fn, t_min = state.objective.flow(model, schedule_model)
+    return dequantized_bits_per_dim(pred_fn, gamma_fn, batch["image"], key=key, grid=state.objective.grid,
+                                    num_draws=num_draws, kind=state.objective.prediction, t_min=t_min, **ode_kwargs)
