@@ -89,7 +89,7 @@ def _ode_bpd(FLAGS, config, state, mesh, out_dir: str, summary: dict) -> dict:
     import numpy as np
 
     from vdm_jax.data import FirstExamples, load_source
-    from vdm_jax.training.evaluation import evaluate_ode_bpd
+    from vdm_jax.training.evaluation import evaluate_ode_bpd, format_bpd_table
 
     spec, split = FLAGS.source or config.data.source, FLAGS.split or config.data.eval_split
     source = load_source(spec, split)
@@ -110,10 +110,11 @@ def _ode_bpd(FLAGS, config, state, mesh, out_dir: str, summary: dict) -> dict:
         with open(path, "w") as f:
             json.dump(record, f, indent=2)
         np.savez_compressed(os.path.join(out_dir, f"bpd_{split}_{tag}_per_example.npz"), **per_example)
-    b, iw = result["bits_per_dim"], result["bits_per_dim_iw"]
+    b, iw = result["bpd"]["total"], result["bpd"]["total_iw"]
     print(f"ODE bits/dim of {spec} '{split}': {b['mean']:.5f} ± {b['se']:.5f} over {result['examples']} examples "
           f"(uniform dequantisation, {FLAGS.ode_draws} draw(s); importance weighted {iw['mean']:.5f}), "
           f"{result['nfe']['mean']:.0f} network evaluations per example on average; {seconds:.1f} s")
+    print(format_bpd_table(result))
     print(f"wrote {path}")
     return record
 

@@ -111,7 +111,11 @@ def test_ode_bpd_of_every_example_is_the_step_s_on_its_batch(micro):
     per = result["per_example"]
     assert result["examples"] == 12 and per["bits_per_dim"].shape == (12,)
     assert np.all(np.isfinite(per["bits_per_dim"])) and np.all(per["bits_per_dim_iw"] <= per["bits_per_dim"] + 1e-9)
-    assert result["bits_per_dim"]["mean"] == pytest.approx(per["bits_per_dim"].mean(), rel=1e-9)
+    assert result["bpd"]["total"]["mean"] == pytest.approx(per["bits_per_dim"].mean(), rel=1e-9)
+    assert result["bpd"]["total"]["se"] == pytest.approx(per["bits_per_dim"].std(ddof=1) / np.sqrt(12), rel=1e-9)
+    np.testing.assert_allclose(per["prior_bpd"] + per["flow_bpd"] + per["dequantization_bpd"], per["bits_per_dim"],
+                               rtol=1e-6)  # the terms add up (float32 on the device)
+    np.testing.assert_allclose(per["dequantization_bpd"], -np.log2(2 / 256), rtol=1e-6)  # the 'vdm' grid's bins
     assert result["nfe"]["mean"] >= 7 and result["nfe"]["max"] >= result["nfe"]["mean"]
     batch = {"image": source.images[8:12]}  # batch 1 (examples 8..11, padded to 8 with masked copies)
     direct = jax.jit(lambda s, b, k: steps.ode_bpd_step(s, b, key=k, num_draws=2, **options))(
@@ -196,7 +200,8 @@ def test_evaluate_cli_on_a_quickstart_checkpoint(tmp_path):
     assert re.search(r"ODE bits/dim of digits 'test': [0-9.]+ ± [0-9.]+ over 8 examples", first), first
     with open(os.path.join(out_dir, "bpd_test_ode_draws1_probes1_tol0.001_seed0.json")) as f:
         ode = json.load(f)
-    assert ode["examples"] == 8 and np.isfinite(ode["bits_per_dim"]["mean"]) and ode["nfe"]["mean"] > 0
+    assert ode["examples"] == 8 and np.isfinite(ode["bpd"]["total"]["mean"]) and ode["nfe"]["mean"] > 0
+    assert set(ode["bpd"]) == {"prior", "flow", "dequantization", "total", "total_iw"}
 
     # Samples only (no bound), another seed: other images.
     sampled = _evaluate(f"--workdir={workdir}", "--num_samples=10", "--sample_batch_size=8", "--sampler=ddim",

@@ -27,6 +27,7 @@ from vdm_jax.training.metrics import progress_bar
 from vdm_jax.training.state import TrainState, create_train_state
 
 TERMS = ("prior", "diffusion", "reconstruction", "total")
+ODE_TERMS = ("prior", "flow", "dequantization", "total", "total_iw")  # `evaluate_ode_bpd`'s
 _LN2 = math.log(2.0)
 
 
@@ -197,26 +198,29 @@ def evaluate_ode_bpd(state: TrainState, source, *, mesh, batch_size: int, key, n
       **ode_kwargs: `vdm_jax.ode_log_likelihood`'s options: divergence, probe, num_probes, rtol,
         atol, max_steps, solver.
     Returns:
-      {'examples': N, 'num_draws', 'options': ode_kwargs, 'bits_per_dim' and 'bits_per_dim_iw'
-       (importance weighted over the draws): {'mean', 'se'}, 'nfe': {'mean', 'max'} network
-       evaluations per example, 'per_example': {name: float64 [N]} in the source's order}.
+      {'examples': N, 'num_draws', 'options': ode_kwargs, 'bpd': {term: {'mean', 'se'}} for
+       ODE_TERMS (the terms 'prior', 'flow', 'dequantization' add up to 'total'; 'total_iw' is
+       importance weighted over the draws), 'nfe': {'mean', 'max'} network evaluations per example,
+       'per_example': {name: float64 [N]} in the source's order}.
     """
     parallel.check_batch_size(batch_size, mesh, name="batch_size")
     check_images(source, state.objective.image_shape)
     fn = _ode_fn(mesh, num_draws, tuple(sorted(ode_kwargs.items())))
     per_example, n = _every_example(fn, state, source, mesh=mesh, batch_size=batch_size, key=key,
                                     progress=progress, desc="ode bpd")
+    names = {"prior": "prior_bpd", "flow": "flow_bpd", "dequantization": "dequantization_bpd",
+             "total": "bits_per_dim", "total_iw": "bits_per_dim_iw"}
     return {"examples": n, "num_draws": num_draws, "options": dict(ode_kwargs),
-            "bits_per_dim": _mean_and_se(per_example["bits_per_dim"]),
-            "bits_per_dim_iw": _mean_and_se(per_example["bits_per_dim_iw"]),
+            "bpd": {term: _mean_and_se(per_example[names[term]]) for term in ODE_TERMS},
             "nfe": {"mean": float(per_example["nfe"].mean()), "max": float(per_example["nfe"].max())},
             "per_example": per_example}
 
 
 def format_bpd_table(result: dict[str, Any]) -> str:
-    """The bpd result as a small text table (term, bits/dim, standard error)."""
+    """The bpd result (`evaluate_bpd`'s or `evaluate_ode_bpd`'s) as a small text table (term,
+    bits/dim, standard error)."""
     lines = [f"{'term':<16}{'bits/dim':>12}{'± s.e.':>12}"]
-    for name in TERMS:
+    for name in result["bpd"]:
         r = result["bpd"][name]
         lines.append(f"{name:<16}{r['mean']:>12.5f}{r['se']:>12.5f}")
     return "\n".join(lines)
