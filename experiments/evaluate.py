@@ -83,16 +83,14 @@ def _sampling(FLAGS, config, objective) -> tuple[str, int]:
     return sampler, sample_steps
 
 
-def _ode_bpd(FLAGS, config, state, mesh, out_dir: str, summary: dict) -> dict:
+def _ode_bpd(FLAGS, config, state, mesh, source, spec: str, split: str, out_dir: str, summary: dict) -> dict:
     """--ode_bpd: the ODE's bits/dim on the split (or its first --ode_examples), printed and written."""
     import jax
     import numpy as np
 
-    from vdm_jax.data import FirstExamples, load_source
+    from vdm_jax.data import FirstExamples
     from vdm_jax.training.evaluation import evaluate_ode_bpd, format_bpd_table
 
-    spec, split = FLAGS.source or config.data.source, FLAGS.split or config.data.eval_split
-    source = load_source(spec, split)
     source = FirstExamples(source, FLAGS.ode_examples) if FLAGS.ode_examples else source
     devices = mesh.devices.size  # (a batch no larger than the examples need, padded to the devices)
     batch_size = min(FLAGS.batch_size or config.training.eval_batch_size, -(-len(source) // devices) * devices)
@@ -148,10 +146,10 @@ def evaluate(FLAGS) -> dict:
         os.makedirs(out_dir, exist_ok=True)
     summary = {"workdir": os.path.abspath(FLAGS.workdir), "step": step, "devices": _devices(),
                "jax": jax.__version__, "dtype": compute_dtype(config.model.dtype)}
-    if bpd:
-        spec = FLAGS.source or config.data.source
-        split = FLAGS.split or config.data.eval_split
+    if bpd or FLAGS.ode_bpd:  # the split, read once for both
+        spec, split = FLAGS.source or config.data.source, FLAGS.split or config.data.eval_split
         source = load_source(spec, split)
+    if bpd:
         batch_size = FLAGS.batch_size or config.training.eval_batch_size
         start = time.perf_counter()
         result = evaluate_bpd(state, source, mesh=mesh, batch_size=batch_size, key=jax.random.key(FLAGS.seed),
@@ -176,7 +174,7 @@ def evaluate(FLAGS) -> dict:
         print(f"wrote {path}")
         summary["bpd"] = record
     if FLAGS.ode_bpd:
-        summary["ode_bpd"] = _ode_bpd(FLAGS, config, state, mesh, out_dir, summary)
+        summary["ode_bpd"] = _ode_bpd(FLAGS, config, state, mesh, source, spec, split, out_dir, summary)
     if FLAGS.num_samples:
         start = time.perf_counter()
         images = generate_samples(state, mesh=mesh, num=FLAGS.num_samples, key=jax.random.key(FLAGS.seed),

@@ -65,7 +65,7 @@ _ODE_RULES = dict(kind=_checks.one_of(*PREDICTIONS), t_min=_t_min, divergence=_c
                   atol=_positive, max_steps=_checks.int_at_least(1), solver=_checks.one_of(*SOLVERS))
 
 
-def _time_of_gamma(schedule: DiscreteSchedule, gamma):
+def _discrete_time_of_gamma(schedule: DiscreteSchedule, gamma):
     """The t with schedule(t) = γ, exactly: c = -log ᾱ = softplus(γ) is linear in t on each step."""
     c = jax.nn.softplus(gamma)
     cs = jax.nn.softplus(schedule.gammas)  # c_0 = 0, ..., c_T
@@ -75,9 +75,9 @@ def _time_of_gamma(schedule: DiscreteSchedule, gamma):
 
 def _clock(gamma_fn, s):
     """(t, γ, dγ/ds) at the solver's variable s: t itself (γ' by `jax.jvp` of gamma_fn, so learned
-    schedules work too), or for a DiscreteSchedule γ itself (t from `_time_of_gamma`)."""
+    schedules work too), or for a DiscreteSchedule γ itself (t from `_discrete_time_of_gamma`)."""
     if isinstance(gamma_fn, DiscreteSchedule):
-        return _time_of_gamma(gamma_fn, s).astype(s.dtype), s, jnp.ones_like(s)
+        return _discrete_time_of_gamma(gamma_fn, s).astype(s.dtype), s, jnp.ones_like(s)
     gamma, dgamma = jax.jvp(gamma_fn, (s,), (jnp.ones_like(s),))
     return s, gamma, dgamma
 

@@ -161,7 +161,8 @@ def ode_bpd_step(state: TrainState, batch, *, key, num_draws: int = 1, **ode_kwa
     objective's grid and their log-likelihood integrated by `vdm_jax.dequantized_bits_per_dim`
     (`num_draws` dequantisation draws), from the objective's `flow` (t_min = 1/T for a DDPM, 0 for
     a VDM); `ode_kwargs` are `vdm_jax.ode_log_likelihood`'s options (divergence, num_probes, rtol, ...).
-    Returns its [B] values: 'bits_per_dim', 'bits_per_dim_iw', 'log_jacobian', 'nfe'.
+    Returns its [B] values: 'bits_per_dim', 'bits_per_dim_iw', 'log_jacobian', 'nfe' and the
+    terms 'prior_bpd', 'flow_bpd', 'dequantization_bpd'.
     """
     model, schedule_model = _modules(state, state.ema_params)
     pred_fn, gamma_fn, t_min = state.objective.flow(model, schedule_model)
