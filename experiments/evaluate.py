@@ -20,6 +20,11 @@ Reads the run's config and its latest (or `--step`) checkpoint and uses the EMA 
   solver in few steps: dpm_solver, heun, euler; e.g. `--sampler=dpm_solver --sample_steps=20`), in
   batches sharded over all devices, written as `OUT/samples_<sampler><steps>_seed<S>.npz` (uint8 'images' [N, H, W, C])
   and a PNG grid of the first 100. The same --seed gives the same images bitwise.
+- FID (`--fid --reference=stats.npz`, with --num_samples): the samples' FID, and their Inception
+  Score, against the reference (statistics from `experiments.fid_stats`, or images: then KID too),
+  with the FID Inception network (`--inception_weights`; see `experiments.fid`); written as
+  `OUT/fid_<sampler><steps>_seed<S>.json`. The papers' CIFAR-10 protocol: --num_samples=50000
+  against the training split's statistics.
 
 OUT defaults to DIR/eval/step_<step>.
 """
@@ -54,6 +59,12 @@ flags.DEFINE_enum("sampler", None, ["ancestral", "ddim", "dpm_solver", "heun", "
 flags.DEFINE_integer("sample_steps", None, "Reverse steps (default: config.training.sample_steps with its "
                      "sampler, else 0; 0 = T).", lower_bound=0)
 flags.DEFINE_integer("sample_batch_size", 256, "Images per compiled sampling call (a multiple of the devices).",
+                     lower_bound=1)
+flags.DEFINE_boolean("fid", False, "The samples' FID (and Inception Score) against --reference (needs --num_samples).")
+flags.DEFINE_string("reference", None, "--fid: the reference statistics (.npz mu/sigma, experiments.fid_stats) or "
+                    "images (.npz uint8 'images').")
+flags.DEFINE_string("inception_weights", None, "--fid: pytorch-fid's weights file (default: the cache, else download).")
+flags.DEFINE_integer("fid_batch_size", 200, "--fid: images per compiled Inception call (a multiple of the devices).",
                      lower_bound=1)
 flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16"],
                   "The U-Net's activation dtype (default: the run's model.dtype; 'auto' = bfloat16 on GPU/TPU).")
@@ -117,6 +128,36 @@ def _ode_bpd(FLAGS, config, state, mesh, source, spec: str, split: str, out_dir:
     return record
 
 
+def _fid(FLAGS, images, stem: str, summary: dict) -> dict:
+    """--fid: the samples' FID and Inception Score (and KID against images), printed and written."""
+    import jax
+
+    from vdm_jax.fid import sample_quality
+    from vdm_jax.models import fid_inception
+    from vdm_jax.training import make_mesh
+    from vdm_jax.training.evaluation import format_quality, inception_features, read_images_or_statistics
+
+    kind, reference = read_images_or_statistics(FLAGS.reference, "--reference")
+    mesh, network = make_mesh(), fid_inception(FLAGS.inception_weights)
+    start = time.perf_counter()
+
+    def features(x):
+        return inception_features(network, x, mesh=mesh, batch_size=FLAGS.fid_batch_size, progress=FLAGS.progress_bar)
+
+    result = sample_quality(features(images), reference if kind == "statistics" else features(reference))
+    record = {**summary, "samples": stem + ".npz", "reference": os.path.abspath(FLAGS.reference),
+              "seconds": time.perf_counter() - start, **result}
+    path = os.path.join(os.path.dirname(stem), "fid_" + os.path.basename(stem)[len("samples_"):] + ".json")
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2)
+    print(f"FID of {result['num_images']} samples against {FLAGS.reference}:")
+    print(format_quality(result))
+    print(f"wrote {path}")
+    print(f"FID {result['fid']:.4f}")
+    return record
+
+
 def evaluate(FLAGS) -> dict:
     import jax
     import numpy as np
@@ -137,6 +178,13 @@ def evaluate(FLAGS) -> dict:
         check_batch_size(FLAGS.batch_size, mesh, "--batch_size")
     if FLAGS.num_samples:
         check_batch_size(FLAGS.sample_batch_size, mesh, "--sample_batch_size")
+    if FLAGS.fid:
+        if not FLAGS.num_samples or not FLAGS.reference:
+            raise ValueError("--fid needs samples and a reference: give --num_samples=N and --reference=stats.npz "
+                             "(experiments.fid_stats writes one).")
+        check_batch_size(FLAGS.fid_batch_size, mesh, "--fid_batch_size")
+        if not os.path.isfile(os.path.expanduser(FLAGS.reference)):  # before any work
+            raise FileNotFoundError(f"--reference={FLAGS.reference} does not exist.")
     config, state = load_checkpoint(FLAGS.workdir, step=FLAGS.step, mesh=mesh, dtype=FLAGS.dtype)
     step = int(state.step)
     sampler, sample_steps = _sampling(FLAGS, config, state.objective)
@@ -190,6 +238,8 @@ def evaluate(FLAGS) -> dict:
               f"activations) in {seconds:.1f} s: "
               f"{stem}.npz, {stem}.png")
         summary["samples"] = {"path": stem + ".npz", "seconds": seconds, "num": int(images.shape[0])}
+        if FLAGS.fid:
+            summary["fid"] = _fid(FLAGS, images, stem, {k: summary[k] for k in ("workdir", "step", "devices")})
     return summary
 
 

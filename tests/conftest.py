@@ -1,9 +1,11 @@
 """Test setup: JAX's compilation cache and strict rank promotion (the environment — 8 fake CPU
 devices, XLA flags — is set before JAX is imported, by the repository's top-level conftest.py),
 and the fixtures the core's tests share: `dtype`, `x64`, `raises` (the error tables),
-`no_host_reads` (the transfer guard) and `optimal_pred` (Gaussian data's exact denoiser).
+`no_host_reads` (the transfer guard), `optimal_pred` (Gaussian data's exact denoiser), and
+`pytorch_fid`/`fid_weights` (the FID network's PyTorch reference and a random weights file).
 """
 import contextlib
+import importlib.util
 import os
 
 import numpy as np
@@ -12,6 +14,11 @@ import jax.numpy as jnp
 import pytest
 
 import vdm_jax
+
+# By path, not `import tests.torch_peers`: torch-fidelity installs a package named `tests` of its own.
+_spec = importlib.util.spec_from_file_location("torch_peers", os.path.join(os.path.dirname(__file__), "torch_peers.py"))
+torch_peers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(torch_peers)
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -117,3 +124,30 @@ def no_host_reads():
     `__bool__`, `__index__` raise. Everything is restored when the block ends.
     """
     return _no_host_reads
+
+@pytest.fixture(scope="session")
+def pytorch_fid():
+    """The `pytorch_fid.inception` module (skips without it; tests/torch_peers.py)."""
+    return torch_peers.import_peer("pytorch_fid.inception")
+
+
+@pytest.fixture(scope="session")
+def import_peer():
+    """`import_peer(module)`: a PyTorch peer's module, or the test skips (tests/torch_peers.py)."""
+    return torch_peers.import_peer
+
+
+@pytest.fixture(scope="session")
+def fid_weights(tmp_path_factory):
+    """(path, torch_model): random weights saved as pytorch-fid's weights file (torch's default
+    zip format), and pytorch-fid's InceptionV3([3]) built from that file, in eval mode."""
+    pytorch_fid = torch_peers.import_peer("pytorch_fid.inception")
+    import torch
+    path = tmp_path_factory.mktemp("fid_weights") / "random_fid_inception.pth"
+    torch.save(torch_peers.random_fid_state_dict(), path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pytorch_fid, "load_state_dict_from_url",
+                      lambda *args, **kwargs: torch.load(path, weights_only=True))
+        model = pytorch_fid.InceptionV3([3], resize_input=True, normalize_input=True,
+                                        use_fid_inception=True).eval()
+    return path, model

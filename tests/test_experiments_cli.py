@@ -102,8 +102,27 @@ def test_quickstart_and_cifar10_flags():
     ]
 
 
+def test_fid_and_fid_stats_flags():
+    assert _exits("fid", [["--images=a.npz"], ["--images=a.npz", "--reference=b.npz", "--batch_size=0"],
+                          ["--images=a.npz", "--reference=b.npz"]]) == [
+        "error: flag --reference=None: Flag --reference must have a value other than None.",
+        "error: flag --batch_size=0: 0 is not a positive integer",
+        None,
+    ]
+    assert _exits("fid_stats", [["--source=digits"], ["--source=digits", "--out=s.npz", "--num=-1"],
+                                ["--source=digits", "--out=s.npz"]]) == [
+        "error: flag --out=None: Flag --out must have a value other than None.",
+        "error: flag --num=-1: -1 is not a non-negative integer",
+        None,
+    ]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["-m", "experiments.quickstart", "--steps=0"], "error: flag --steps=0: 0 is not a positive integer"),
+    (["-m", "experiments.fid", "--images=nowhere.npz", "--reference=b.npz"], "error: --images=nowhere.npz does not exist."),
+    (["-m", "experiments.evaluate", "--workdir=nowhere", "--fid"],
+     "error: --fid needs samples and a reference: give --num_samples=N and --reference=stats.npz "
+     "(experiments.fid_stats writes one)."),
     (["-m", "experiments.evaluate", "--workdir=nowhere", "--num_samples=5", "--sample_batch_size=7"],
      "error: --sample_batch_size=7 must be divisible by the number of devices (8) so that every device gets "
      "the same share."),

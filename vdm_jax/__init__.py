@@ -52,6 +52,8 @@ from vdm_jax.variance import variance_minimising_grads
 from vdm_jax.sampling import (SPACINGS, ddim_sample, ddpm_sample, ddpm_step, dpm_solver_sample, ode_sample,
                               solver_times, strided_times, vdm_sample)
 from vdm_jax.likelihood import dequantized_bits_per_dim, ode_log_likelihood
+from vdm_jax.fid import (FeatureStatistics, frechet_distance, inception_score, kernel_inception_distance,
+                         load_statistics, sample_quality, save_statistics)
 from vdm_jax.xla_flags import set_cpu_xla_flags
 
 __version__ = "0.2.0"
@@ -77,6 +79,9 @@ __all__ = [
     "solver_times", "SPACINGS",
     # likelihoods (§6.8)
     "ode_log_likelihood", "dequantized_bits_per_dim",
+    # sample quality from Inception features (§7)
+    "FeatureStatistics", "frechet_distance", "kernel_inception_distance", "inception_score", "sample_quality",
+    "save_statistics", "load_statistics",
     # process-wide tuning (not math)
     "set_cpu_xla_flags",
 ]

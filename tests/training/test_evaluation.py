@@ -17,7 +17,9 @@ from vdm_jax.data.array_source import ArraySource
 from vdm_jax.training import (RunNotFoundError, create_train_state, evaluate_bpd, generate_samples, load_checkpoint,
                               make_mesh, parallel, steps, validate_config)
 from vdm_jax.training.evaluation import evaluate_ode_bpd
-from vdm_jax.training.evaluation import TERMS
+from vdm_jax.training.evaluation import TERMS, inception_features
+from vdm_jax.fid import load_statistics, sample_quality, save_statistics
+from vdm_jax.models import fid_inception
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -174,8 +176,9 @@ def _evaluate(*args):
 
 
 @pytest.mark.slow
-def test_evaluate_cli_on_a_quickstart_checkpoint(tmp_path):
-    """Acceptance 1 and 2: the bpd table over every test image; same seed, same samples across processes."""
+def test_evaluate_cli_on_a_quickstart_checkpoint(tmp_path, fid_weights):
+    """Acceptance 1 and 2: the bpd table over every test image; same seed, same samples across
+    processes; --fid of the samples (random Inception weights) is the library's on those samples."""
     workdir = str(tmp_path / "quickstart")
     run = subprocess.run([sys.executable, "-m", "experiments.quickstart", f"--workdir={workdir}", "--steps=2"],
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
@@ -203,14 +206,27 @@ def test_evaluate_cli_on_a_quickstart_checkpoint(tmp_path):
     assert ode["examples"] == 8 and np.isfinite(ode["bpd"]["total"]["mean"]) and ode["nfe"]["mean"] > 0
     assert set(ode["bpd"]) == {"prior", "flow", "dequantization", "total", "total_iw"}
 
-    # Samples only (no bound), another seed: other images.
+    # Samples only (no bound), another seed: other images; and their FID against statistics.
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(64, 2048))
+    save_statistics(str(tmp_path / "stats.npz"), reference.mean(0), np.cov(reference, rowvar=False))
     sampled = _evaluate(f"--workdir={workdir}", "--num_samples=10", "--sample_batch_size=8", "--sampler=ddim",
-                        "--sample_steps=3", "--seed=1", f"--out={tmp_path / 'seed1'}")
+                        "--sample_steps=3", "--seed=1", f"--out={tmp_path / 'seed1'}", "--fid",
+                        f"--reference={tmp_path / 'stats.npz'}", f"--inception_weights={fid_weights[0]}",
+                        "--fid_batch_size=8")
     assert "bits/dim" not in sampled and not glob.glob(str(tmp_path / "seed1" / "bpd_*"))
+    with open(tmp_path / "seed1" / "fid_ddim3_seed1.json") as f:
+        fid_record = json.load(f)
+    assert sampled.strip().splitlines()[-1] == f"FID {fid_record['fid']:.4f}"
     a = np.load(os.path.join(out_dir, "samples_ddim3_seed0.npz"))["images"]
     c = np.load(tmp_path / "seed1" / "samples_ddim3_seed1.npz")["images"]
     assert a.shape == (10, 8, 8, 1) and a.dtype == np.uint8
     assert not np.array_equal(a, c)
+    network = fid_inception(fid_weights[0], cache_dir=str(tmp_path / "cache"))
+    expected = sample_quality(inception_features(network, c, mesh=make_mesh(), batch_size=8),
+                              load_statistics(str(tmp_path / "stats.npz")))
+    assert fid_record["num_images"] == 10 and fid_record["fid"] == pytest.approx(expected["fid"], rel=1e-6)
+    assert fid_record["inception_score"] == pytest.approx(expected["inception_score"], rel=1e-6)
     # The same seed gives the same images in any process: the CLI's are generate_samples' with
     # key(seed) and the same batch size, computed here.
     mesh = make_mesh()
@@ -235,3 +251,101 @@ def test_evaluate_cli_bad_input(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "config.json does not exist" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# FID: the whole pipeline (features sharded over the devices, statistics, distance) against
+# pytorch-fid's, and the commands. Random weights in pytorch-fid's file format stand in for the
+# published ones (the `fid_weights` fixture); every program here has the shapes [8, 32, 32, 3].
+
+
+def _image_sets():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    b = np.clip(rng.normal(100, 40, (24, 32, 32, 3)), 0, 255).astype(np.uint8)  # another distribution
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def fid_features(fid_weights, tmp_path_factory):
+    """(a, b, features of a, features of b): two image sets through `inception_features`."""
+    network = fid_inception(fid_weights[0], cache_dir=str(tmp_path_factory.mktemp("cache")))
+    a, b = _image_sets()
+    mesh = make_mesh()
+    return a, b, *(inception_features(network, x, mesh=mesh, batch_size=8) for x in (a, b))
+
+
+def _pytorch_fid_features(torch_model, images):
+    import torch
+    with torch.no_grad():  # pytorch-fid's own preprocessing: [0, 1] NCHW, resized and scaled inside
+        x = torch.from_numpy(images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+        return torch_model(x)[0].flatten(1).numpy().astype(np.float64)
+
+
+def test_fid_pipeline_matches_pytorch_fid(fid_weights, fid_features, tmp_path):
+    """Features sharded over 8 devices, statistics, distance: the FID of pytorch-fid's features
+    and statistics (`np.mean`, `np.cov`, as its `calculate_activation_statistics`). The distance
+    itself equals pytorch-fid's `calculate_frechet_distance` in tests/test_fid.py (whose scipy
+    `sqrtm` takes 25 s at 2048 dimensions on 2 cores, so it is not run again here)."""
+    from vdm_jax.fid import frechet_distance
+
+    a, b, fa, fb = fid_features
+    assert fa["pool"].shape == (16, 2048) and fb["logits_unbiased"].shape == (24, 1008)
+    ours = sample_quality(fa, fb, kid_subset_size=16)
+    ra, rb = _pytorch_fid_features(fid_weights[1], a), _pytorch_fid_features(fid_weights[1], b)
+    np.testing.assert_allclose(fa["pool"], ra, rtol=0, atol=1e-4 * np.abs(ra).max())
+    reference = frechet_distance(ra.mean(0), np.cov(ra, rowvar=False), rb.mean(0), np.cov(rb, rowvar=False))
+    assert ours["fid"] == pytest.approx(reference, rel=1e-3)
+    assert ours["fid"] > 1.0 and ours["kid"] > 0 and ours["num_reference"] == 24
+    # A last batch that is padded (13 = 8 + 5) changes nothing.
+    network = fid_inception(fid_weights[0], cache_dir=str(tmp_path))
+    f13 = inception_features(network, a[:13], mesh=make_mesh(), batch_size=8)["pool"]
+    np.testing.assert_allclose(f13, fa["pool"][:13], rtol=1e-5, atol=1e-5)
+
+
+def test_fid_command_and_fid_stats(fid_weights, fid_features, tmp_path):
+    """experiments.fid on two image sets prints the pipeline's FID; experiments.fid_stats writes
+    a dataset's statistics, which experiments.fid reads as the reference; no weights: one line."""
+    path, _ = fid_weights
+    a, b, fa, fb = fid_features
+    np.savez(tmp_path / "a.npz", images=a)
+    np.savez(tmp_path / "b.npz", images=b)
+    np.savez(tmp_path / "b_source.npz", x_train=b, y_train=np.zeros(len(b), np.int64))
+
+    def run(module, *args, env=None):
+        return subprocess.run([sys.executable, "-m", module, "--noprogress_bar", "--batch_size=8", *args], cwd=REPO,
+                              env=env or _env(), capture_output=True, text=True, timeout=900)
+
+    out = run("experiments.fid", f"--images={tmp_path / 'a.npz'}", f"--reference={tmp_path / 'b.npz'}",
+              f"--inception_weights={path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"FID \d+\.\d{4}", last), out.stdout
+    with open(tmp_path / "a_fid.json") as f:
+        record = json.load(f)
+    expected = sample_quality(fa, fb)
+    for key in ("fid", "kid", "kid_std", "inception_score", "inception_score_std"):
+        assert record[key] == pytest.approx(expected[key], rel=1e-4), key
+    assert float(last.split()[1]) == pytest.approx(expected["fid"], abs=1e-4, rel=1e-4)
+
+    stats = tmp_path / "stats.npz"
+    out = run("experiments.fid_stats", f"--source=npz:{tmp_path / 'b_source.npz'}", "--split=train",
+              f"--out={stats}", f"--inception_weights={path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "statistics of 24 images" in out.stdout
+    mu, sigma = load_statistics(str(stats))
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    out = run("experiments.fid", f"--images={tmp_path / 'a.npz'}", f"--reference={stats}",
+              f"--inception_weights={path}", f"--out={tmp_path / 'against_stats.json'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "against_stats.json") as f:
+        against_stats = json.load(f)
+    assert against_stats["fid"] == pytest.approx(expected["fid"], rel=1e-6) and against_stats["kid"] is None
+
+    # No weights file and no network: one clear line naming what to download and where.
+    offline = dict(_env(), VDM_JAX_CACHE=str(tmp_path / "empty_cache"))
+    out = run("experiments.fid", f"--images={tmp_path / 'a.npz'}", f"--reference={tmp_path / 'b.npz'}", env=offline)
+    assert out.returncode == 1
+    error = out.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "pt_inception-2015-12-05-6726825d.pth" in error
+    assert "--inception_weights=PATH" in error and "Traceback" not in out.stderr

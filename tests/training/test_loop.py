@@ -1,10 +1,12 @@
 """End to end: the real entry point on tfds mock data, resume, and the bad inputs users hit."""
 import glob
+import json
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import jax
 
@@ -44,12 +46,25 @@ def _cli(workdir, *overrides, mock=True):
 
 
 @pytest.mark.slow
-def test_entry_point_trains_and_writes_its_outputs(tmp_path):
-    """The real entry point on mock CIFAR-10: steps, checkpoints, logs, samples, the config.
-    (Resuming is `test_resume.py`'s, on the smaller digits run.)"""
+def test_entry_point_trains_and_writes_its_outputs(tmp_path, fid_weights):
+    """The real entry point on mock CIFAR-10: steps, checkpoints, logs, samples, the FID at step 2
+    and at the end (random Inception weights), the config. (Resuming is `test_resume.py`'s, on
+    the smaller digits run.)"""
+    from vdm_jax.fid import save_statistics
+
     workdir = tmp_path / "run"
-    first = _cli(workdir, "--config.training.num_steps=3", "--config.training.progress_bar=True")
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(64, 2048))
+    save_statistics(str(tmp_path / "stats.npz"), features.mean(0), np.cov(features, rowvar=False))
+    first = _cli(workdir, "--config.training.num_steps=3", "--config.training.progress_bar=True",
+                 "--config.training.fid_every=2", "--config.training.fid_samples=8",
+                 f"--config.training.fid_reference={tmp_path / 'stats.npz'}",
+                 f"--config.training.inception_weights={fid_weights[0]}")
     assert first.returncode == 0, first.stderr[-3000:]
+    with open(workdir / "metrics.jsonl") as f:
+        fids = [r for r in map(json.loads, f) if "fid/fid" in r]
+    assert [r["step"] for r in fids] == [2, 3], fids
+    assert all(np.isfinite(r["fid/fid"]) and r["fid/fid"] > 0 and r["fid/inception_score"] >= 1 for r in fids)
     assert "step 3: test bpd" in first.stdout and "over 40 images" in first.stdout
     # Not a terminal: no bar's carriage returns, a plain line at each log step instead.
     assert "\r" not in first.stdout + first.stderr
@@ -76,6 +91,16 @@ def test_a_failed_start_leaves_no_work_directory(tmp_path, micro):
     config = micro()
     config.data.source = f"npz:{tmp_path / 'missing.npz'}"
     with pytest.raises(OSError):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+    # FID during training without its reference statistics: named before any training.
+    config = micro()
+    config.data.source = "digits"
+    config.training.fid_every = 5
+    with pytest.raises(ValueError, match="training.fid_every needs training.fid_reference"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    config.training.fid_reference = str(tmp_path / "missing_stats.npz")
+    with pytest.raises(FileNotFoundError, match="training.fid_reference=.*missing_stats.npz does not exist"):
         train_and_evaluate(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
 

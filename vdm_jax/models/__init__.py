@@ -1,5 +1,13 @@
-"""Neural networks for vdm_jax. The networks only predict; the diffusion math lives elsewhere."""
+"""Neural networks for vdm_jax: the U-Net (it only predicts; the diffusion math lives elsewhere)
+and the FID Inception network that measures sample quality (`vdm_jax.fid`)."""
 
+from vdm_jax.models.inception import FID_IMAGE_SIZE, FIDInception, fid_inception_from_weights, to_unit_interval
+from vdm_jax.models.inception_weights import (
+    FID_WEIGHTS_URL,
+    fid_inception,
+    load_fid_inception_weights,
+    read_torch_state_dict,
+)
 from vdm_jax.models.unet import (
     PREDICTIONS,
     AttnBlock,
@@ -18,6 +26,14 @@ from vdm_jax.models.unet import (
 )
 
 __all__ = [
+    "FID_IMAGE_SIZE",
+    "FID_WEIGHTS_URL",
+    "FIDInception",
+    "fid_inception",
+    "fid_inception_from_weights",
+    "load_fid_inception_weights",
+    "read_torch_state_dict",
+    "to_unit_interval",
     "PREDICTIONS",
     "AttnBlock",
     "Downsample",

@@ -6,7 +6,7 @@ require_train_extra("vdm_jax.training", "grain", "PIL", "ml_collections", "orbax
 from vdm_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
 from vdm_jax.training.config import checked_config, compute_dtype, default_config, set_model, validate_config
 from vdm_jax.training.evaluation import (RunNotFoundError, evaluate_bpd, evaluate_ode_bpd, format_bpd_table,
-                                         generate_samples, load_checkpoint, save_samples)
+                                         generate_samples, inception_features, load_checkpoint, save_samples)
 from vdm_jax.training.faults import NonFiniteError
 from vdm_jax.training.loop import WorkdirError, train_and_evaluate
 from vdm_jax.training.objective import DDPMObjective, Objective, VDMObjective, make_objective

@@ -80,6 +80,12 @@ SETTINGS = {
     "training.sampler": ("ancestral", "'ancestral' (DDPM's or VDM's), 'ddim', or an ODE solver: 'dpm_solver' "
                                       "(DPM-Solver++(2M)), 'heun', 'euler' (docs/math.md §6)", SAMPLERS),
     "training.sample_steps": (0, "the sampler's steps (0: T, or 1000 for a continuous-time VDM)"),
+    "training.fid_every": (0, "the samples' FID and Inception Score every this many steps and at the end (0: "
+                              "never; needs training.fid_reference)", ">= 0"),
+    "training.fid_samples": (1000, "samples for each FID during training (the papers' protocol, 50,000: "
+                                   "experiments.evaluate --fid)", "> 0"),
+    "training.fid_reference": ("", "the FID reference statistics, .npz (experiments.fid_stats)"),
+    "training.inception_weights": ("", "pytorch-fid's Inception weights file ('': the cache, else download)"),
     "training.checkpoint_every": (1_000, "save a checkpoint every this many steps", "> 0"),
     "training.keep_checkpoints": (3, "keep the last this many checkpoints ...", "> 0"),
     "training.keep_every": (0, "... and every this-many-th step's (0: none)", ">= 0"),

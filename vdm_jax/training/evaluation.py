@@ -1,10 +1,12 @@
-"""Evaluate a trained model: bits/dim on a whole split, and samples at scale.
+"""Evaluate a trained model: bits/dim on a whole split, samples at scale, and their FID.
 
     config, state = load_checkpoint(workdir)            # EMA parameters included, replicated
     result = evaluate_bpd(state, source, mesh=mesh, batch_size=256, key=key, draws=4)
     images = generate_samples(state, mesh=mesh, num=10_000, key=key, sampler="ddim", sample_steps=100)
+    features = inception_features(fid_inception(weights_path), images, mesh=mesh)
+    scores = sample_quality(features, load_statistics("cifar10_train.npz"))     # FID, IS
 
-Both are sharded over the devices with one compiled program each; `evaluate_bpd` reads every
+Each is sharded over the devices with one compiled program; `evaluate_bpd` reads every
 example once and reports bits per dimension (docs/math.md §5) with standard errors, and the images
 of `generate_samples` depend only on the state, the key and the batch size.
 """
@@ -16,10 +18,13 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from vdm_jax.data import check_source, eval_iterator, num_eval_batches
+from vdm_jax.fid import load_statistics
 from vdm_jax.training import parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, saved_config
 from vdm_jax.training.config import SAMPLERS, checked_config, validate_config
@@ -281,3 +286,74 @@ def save_samples(path: str, images: np.ndarray) -> None:
     tmp = path + ".tmp.npz"
     np.savez_compressed(tmp, images=np.asarray(images, np.uint8))
     os.replace(tmp, path)
+
+
+@functools.lru_cache(maxsize=None)
+def _features_fn(mesh, graphdef):
+    sharded, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+
+    def fn(weights, images):  # uint8 [B, H, W, C], C = 1 (repeated to RGB) or 3
+        x = images.astype(jnp.float32) / 255.0
+        x = jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+        out = nnx.merge(graphdef, weights)(x)
+        return {"pool": out["pool"], "logits_unbiased": out["logits_unbiased"]}
+
+    return jax.jit(fn, in_shardings=(rep, sharded), out_shardings=rep)
+
+
+def inception_features(network, images: np.ndarray, *, mesh, batch_size: int = 200,
+                       progress: bool = False) -> dict[str, np.ndarray]:
+    """The FID Inception network's features of uint8 images [N, H, W, C] (C = 1 or 3), in batches
+    sharded over the devices: {'pool': [N, 2048], 'logits_unbiased': [N, 1008]}, float32.
+
+    `network` is a `vdm_jax.models.FIDInception` (e.g. `fid_inception(path)`). Every image is the
+    same on every host; the last batch is padded and trimmed, so one program serves any N.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [N, H, W, 1 or 3], got {images.dtype} {images.shape}.")
+    parallel.check_batch_size(batch_size, mesh, name="batch_size")
+    graphdef, weights = nnx.split(network)
+    fn, weights = _features_fn(mesh, graphdef), parallel.replicate(weights, mesh)
+    sharding = parallel.batch_sharding(mesh)
+    bar = progress_bar(progress, total=len(images), desc="features", unit="image")
+    out = {"pool": [], "logits_unbiased": []}
+    for lo in range(0, len(images), batch_size):
+        batch = images[lo:lo + batch_size]
+        batch = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], np.uint8)])
+        result = jax.device_get(fn(weights, jax.make_array_from_callback(batch.shape, sharding,
+                                                                         lambda index: batch[index])))
+        for k in out:
+            out[k].append(np.asarray(result[k])[:len(images) - lo])
+        bar.update(min(batch_size, len(images) - lo))
+    bar.close()
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def read_images_or_statistics(path: str, name: str):
+    """('images', uint8 [N, H, W, C]) or ('statistics', (mu, sigma)) from a .npz (no pickles)."""
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name}={path} does not exist.")
+    with np.load(path, allow_pickle=False) as f:
+        keys = sorted(f)
+        if "images" in keys:
+            images = f["images"]
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+                raise ValueError(f"{name}={path}: 'images' must be uint8 [N, H, W, 1 or 3], "
+                                 f"got {images.dtype} {images.shape}.")
+            return "images", images
+    if "mu" in keys and "sigma" in keys:
+        return "statistics", load_statistics(path)
+    raise ValueError(f"{name}={path} holds {keys}: expected uint8 'images' or statistics 'mu' and 'sigma'.")
+
+
+def format_quality(result: dict) -> str:
+    """The metrics as a small table (KID's row only where it was computed)."""
+    rows = [("FID", f"{result['fid']:.4f}", "")]
+    if result.get("kid") is not None:
+        rows.append(("KID", f"{result['kid']:.6f}", f"± {result['kid_std']:.6f} (std over subsets)"))
+    if result.get("inception_score") is not None:
+        rows.append(("Inception Score", f"{result['inception_score']:.4f}",
+                     f"± {result['inception_score_std']:.4f} (std over splits)"))
+    return "\n".join(f"  {a:<16}{b:>12}  {c}" for a, b, c in rows)

@@ -35,7 +35,9 @@ from vdm_jax.data import load_source, train_iterator
 from vdm_jax.training import faults, parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, save_config, saved_config
 from vdm_jax.training.config import config_changes, validate_config
-from vdm_jax.training.evaluation import check_images, evaluate_bpd, generate_samples
+from vdm_jax.fid import load_statistics, sample_quality
+from vdm_jax.models.inception_weights import fid_inception
+from vdm_jax.training.evaluation import check_images, evaluate_bpd, generate_samples, inception_features
 from vdm_jax.training.metrics import MetricWriter, image_grid, progress_bar, save_png
 from vdm_jax.training.prefetch import DevicePrefetcher, call_sizes
 from vdm_jax.training.state import TrainState, create_train_state
@@ -105,6 +107,8 @@ class _Run:
         self.train_iter, self.eval_source, self.ckpt, self.stop = train_iter, eval_source, ckpt, stop
         self.is_main = jax.process_index() == 0
         self.key_init, self.key_train, self.key_eval, self.key_sample = jax.random.split(jax.random.key(config.seed), 4)
+        self.key_fid = jax.random.fold_in(jax.random.key(config.seed), 0xF1D)  # (leaves the other keys as they were)
+        self.fid_network = self.fid_reference = None  # with training.fid_every: `_prepare_fid`
         self.writer: MetricWriter | None = None  # opened by `initial_state`, once the resume step is known
         self.skipped_seen = 0
         self.batches: DevicePrefetcher | None = None  # made once the state is restored
@@ -194,6 +198,17 @@ class _Run:
         out["eval/examples"] = float(result["examples"])
         return out
 
+    def fid(self, state: TrainState) -> dict[str, float]:
+        """FID and Inception Score of training.fid_samples samples (the sampler of the sample grids)."""
+        t, n = self.config.training, self.mesh.devices.size
+        batch = -(-min(t.fid_samples, t.eval_batch_size) // n) * n
+        images = generate_samples(state, mesh=self.mesh, num=t.fid_samples, batch_size=batch,
+                                  key=jax.random.fold_in(self.key_fid, int(state.step)), sampler=t.sampler,
+                                  sample_steps=t.sample_steps)
+        features = inception_features(self.fid_network, images, mesh=self.mesh, batch_size=batch)
+        result = sample_quality(features, self.fid_reference)
+        return {"fid/fid": result["fid"], "fid/inception_score": result["inception_score"]}
+
     def sample(self, state: TrainState) -> str:
         t = self.config.training
         n = self.mesh.devices.size
@@ -256,6 +271,20 @@ def _stop_requested(stop: _StopSignal, sync: bool) -> bool:
     return signum != 0
 
 
+def _prepare_fid(t) -> tuple[Any, Any]:
+    """With training.fid_every: (the Inception network, the reference statistics), read before the
+    run starts (a missing file fails it before any work, not at the first FID); else (None, None)."""
+    if not t.fid_every:
+        return None, None
+    if not t.fid_reference:
+        raise ValueError("training.fid_every needs training.fid_reference: the reference statistics "
+                         "(python -m experiments.fid_stats --source=... --out=stats.npz).")
+    if not os.path.isfile(os.path.expanduser(t.fid_reference)):
+        raise FileNotFoundError(f"training.fid_reference={t.fid_reference} does not exist: it must be a statistics "
+                                "file (python -m experiments.fid_stats writes one).")
+    return fid_inception(t.inception_weights or None), load_statistics(t.fid_reference)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) a diffusion model as `config` says, writing everything to `workdir`.
 
@@ -289,10 +318,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             check_images(source, image_shape, f"{config.data.source} {split}")
         train_iter = train_iterator(train_source, global_batch_size=t.batch_size, seed=config.seed,
                                     random_flip=config.data.random_flip, num_workers=config.data.num_workers)
+        fid = _prepare_fid(t)
         workdir, created = _prepare_workdir(workdir)  # (after the data: a bad source leaves no directory)
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, keep_every=t.keep_every)
         run = _Run(config, model_config, workdir=workdir, mesh=mesh, train_iter=train_iter,
                    eval_source=eval_source, ckpt=ckpt, stop=stop)
+        run.fid_network, run.fid_reference = fid
         try:
             return _train(run)
         finally:
@@ -343,7 +374,8 @@ def _train(run: _Run) -> dict[str, Any]:
         save_now = _crossed(prev, step, t.checkpoint_every)
         eval_now = _crossed(prev, step, t.eval_every) and step < t.num_steps
         sample_now = _crossed(prev, step, t.sample_every) and step < t.num_steps
-        sync = log_now or save_now or eval_now or sample_now
+        fid_now = _crossed(prev, step, t.fid_every) and step < t.num_steps
+        sync = log_now or save_now or eval_now or sample_now or fid_now
         if sync:  # the host reads the state only here (no sync inside the loop otherwise)
             run.check_faults(state)
         if log_now:
@@ -365,6 +397,8 @@ def _train(run: _Run) -> dict[str, Any]:
             run.writer.scalars(step, run.evaluate(state))
         if sample_now:
             summary["samples"] = run.sample(state)
+        if fid_now:
+            run.writer.scalars(step, run.fid(state))
         if _stop_requested(stop, sync):
             break
     _count_finished(progress, in_flight)
@@ -382,6 +416,9 @@ def _train(run: _Run) -> dict[str, Any]:
             run.writer.scalars(int(state.step), summary["eval"])
         if t.sample_at_end:
             summary["samples"] = run.sample(state)
+        if t.fid_every:
+            summary["fid"] = run.fid(state)
+            run.writer.scalars(int(state.step), summary["fid"])
     summary["step"] = int(state.step)
     summary["interrupted"] = interrupted
     return summary
