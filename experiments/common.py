@@ -4,7 +4,8 @@ import os
 import signal
 import sys
 
-from absl import flags
+# absl is imported inside the functions: the training entry points import this module first thing
+# for `hold_signals`, and until it is installed a Ctrl-C is Python's default (a traceback).
 
 
 def _one_line(text: str) -> str:
@@ -31,9 +32,12 @@ def run_or_explain(fn, *args):
     # output path that is a file, a full disk) are the environment's, not bugs: one line too.
     # A run that stopped on a non-finite step, or whose checkpoints are all damaged, says so too.
     except Exception as e:  # noqa: BLE001 - re-raised below unless it is one of those
+        import pickle
+
         from vdm_jax.training import CorruptCheckpointError, NonFiniteError
 
-        explained = (ValueError, TypeError, OSError, NonFiniteError, CorruptCheckpointError)
+        # (UnpicklingError: a weights file that is not a torch state dict, or one naming other code.)
+        explained = (ValueError, TypeError, OSError, NonFiniteError, CorruptCheckpointError, pickle.UnpicklingError)
         if not isinstance(e, explained) or os.environ.get("VDM_JAX_TRACEBACK"):
             raise
         sys.exit(f"error: {_one_line(e)}")
@@ -51,6 +55,8 @@ HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--help=true")
 def print_help(config_keys: bool = False) -> None:
     """The entry point's docstring, its flags, and with `config_keys` every `--config.` key with its
     default and meaning (`vdm_jax.training.describe_config`, from the schema itself)."""
+    from absl import flags
+
     main = sys.modules["__main__"]
     text = [(main.__doc__ or "").strip(), "", "flags:"]
     text += [line for line in flags.FLAGS.main_module_help().splitlines()[1:]
@@ -66,6 +72,8 @@ def parse_flags(argv: list[str], *, config_keys: bool = False) -> list[str]:
     """absl's parser (for `app.run(main, flags_parser=parse_flags)`): a bad or unknown flag, or an
     argument that is not a flag, exits with one line `error: ...`; `--help` (or -h, --helpfull)
     prints the help (`print_help`) and exits 0."""
+    from absl import flags
+
     if any(arg in HELP_FLAGS for arg in argv[1:]):
         print_help(config_keys)
         sys.exit(0)

@@ -5,6 +5,7 @@ subprocess of its own (importing it costs no JAX: the entry points import JAX af
 """
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -141,7 +142,9 @@ def test_run_or_explain_exits_with_one_line(monkeypatch):
     monkeypatch.delenv("VDM_JAX_TRACEBACK", raising=False)
     for error, message in [(ValueError("bad value"), "error: bad value"),
                            (FileNotFoundError("no config file\n  looked in: x.py"),
-                            "error: no config file looked in: x.py")]:
+                            "error: no config file looked in: x.py"),
+                           (pickle.UnpicklingError("read_torch_state_dict: w.pth: refusing the global posix.system"),
+                            "error: read_torch_state_dict: w.pth: refusing the global posix.system")]:
         with pytest.raises(SystemExit) as exit_info:
             common.run_or_explain(fail, error)
         assert exit_info.value.code == message
