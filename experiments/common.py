@@ -118,3 +118,18 @@ def run_app(main, flags_parser) -> None:
         print("interrupted.", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)
+
+
+def run_command(fn) -> None:
+    """The whole `__main__` of an evaluation command (evaluate, fid, fid_stats): its flags parsed
+    (`parse_flags`), absl's logs at WARNING, vdm_jax's XLA flags (`start_jax`), then `fn(FLAGS)`
+    with bad input explained in one line (`run_or_explain`) and Ctrl-C ending it (`run_app`)."""
+    from absl import flags, logging
+
+    def main(argv):
+        del argv  # parse_flags has rejected anything but flags
+        logging.set_verbosity(logging.WARNING)
+        start_jax()
+        run_or_explain(fn, flags.FLAGS)
+
+    run_app(main, parse_flags)

@@ -32,9 +32,8 @@ import json
 import os
 import time
 
-from absl import flags, logging
+from absl import flags
 
-from experiments.common import parse_flags, run_or_explain, start_jax
 
 flags.DEFINE_string("workdir", None, "The training run's work directory.")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).", lower_bound=0)
@@ -128,17 +127,16 @@ def _ode_bpd(FLAGS, config, state, mesh, source, spec: str, split: str, out_dir:
     return record
 
 
-def _fid(FLAGS, images, stem: str, summary: dict) -> dict:
+def _fid(FLAGS, mesh, images, stem: str, summary: dict) -> dict:
     """--fid: the samples' FID and Inception Score (and KID against images), printed and written."""
     import jax
 
     from vdm_jax.fid import sample_quality
     from vdm_jax.models import fid_inception
-    from vdm_jax.training import make_mesh
     from vdm_jax.training.evaluation import format_quality, inception_features, read_images_or_statistics
 
     kind, reference = read_images_or_statistics(FLAGS.reference, "--reference")
-    mesh, network = make_mesh(), fid_inception(FLAGS.inception_weights)
+    network = fid_inception(FLAGS.inception_weights)
     start = time.perf_counter()
 
     def features(x):
@@ -239,18 +237,11 @@ def evaluate(FLAGS) -> dict:
               f"{stem}.npz, {stem}.png")
         summary["samples"] = {"path": stem + ".npz", "seconds": seconds, "num": int(images.shape[0])}
         if FLAGS.fid:
-            summary["fid"] = _fid(FLAGS, images, stem, {k: summary[k] for k in ("workdir", "step", "devices")})
+            summary["fid"] = _fid(FLAGS, mesh, images, stem, {k: summary[k] for k in ("workdir", "step", "devices")})
     return summary
 
 
-def main(argv):
-    del argv  # parse_flags has rejected anything but flags
-    logging.set_verbosity(logging.WARNING)
-    start_jax()
-    run_or_explain(evaluate, flags.FLAGS)
-
-
 if __name__ == "__main__":
-    from experiments.common import run_app
+    from experiments.common import run_command
 
-    run_app(main, parse_flags)
+    run_command(evaluate)

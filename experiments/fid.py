@@ -17,9 +17,8 @@ import json
 import os
 import time
 
-from absl import flags, logging
+from absl import flags
 
-from experiments.common import parse_flags, run_or_explain, start_jax
 
 flags.DEFINE_string("images", None, "The images (.npz with uint8 'images') or their statistics (.npz, mu/sigma).")
 flags.DEFINE_string("reference", None, "The reference: images or statistics, as --images.")
@@ -75,14 +74,7 @@ def compute(FLAGS) -> dict:
     return result
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    start_jax()
-    run_or_explain(compute, flags.FLAGS)
-
-
 if __name__ == "__main__":
-    from experiments.common import run_app
+    from experiments.common import run_command
 
-    run_app(main, parse_flags)
+    run_command(compute)

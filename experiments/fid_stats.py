@@ -11,9 +11,8 @@ For the papers' CIFAR-10 protocol: the 50,000 training images, against 50,000 sa
 import os
 import time
 
-from absl import flags, logging
+from absl import flags
 
-from experiments.common import parse_flags, run_or_explain, start_jax
 
 flags.DEFINE_string("source", None, "The data: a load_source spec (tfds:cifar10, cifar10_tar:PATH, npz:PATH, ...).")
 flags.DEFINE_string("split", "train", "The split.")
@@ -60,14 +59,7 @@ def compute(FLAGS) -> dict:
     return {"count": stats.count, "out": out, "seconds": seconds}
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    start_jax()
-    run_or_explain(compute, flags.FLAGS)
-
-
 if __name__ == "__main__":
-    from experiments.common import run_app
+    from experiments.common import run_command
 
-    run_app(main, parse_flags)
+    run_command(compute)

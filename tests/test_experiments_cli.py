@@ -17,16 +17,17 @@ from vdm_jax.training.config import SAMPLERS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Parses each command line with the module's own parser; prints what each exits with.
+# Parses each command line with the module's flags and the entry points' parser; prints what each exits with.
 _PARSE = """
 import json, sys
 from absl import flags
 from experiments import {module} as module
+from experiments.common import parse_flags
 out = []
 for argv in {argvs!r}:
     flags.FLAGS.unparse_flags()
     try:
-        module.parse_flags(["prog", *argv])
+        parse_flags(["prog", *argv])
         out.append(None)
     except SystemExit as e:
         out.append(str(e.code))
