@@ -55,8 +55,14 @@ def test_the_entry_points_set_the_flags(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     start_jax()
     assert os.environ["XLA_FLAGS"] == xla_flags.cpu_xla_flags()
-    for name in ("quickstart", "cifar10", "evaluate"):  # each main calls it before any computation
+    for name in ("quickstart", "cifar10"):  # each main calls it before any computation
         assert "start_jax()" in (_ROOT / "experiments" / f"{name}.py").read_text(), name
+    # The evaluation commands' main is `common.run_command`'s, which calls it before `fn`.
+    import inspect
+    from experiments.common import run_command
+    assert "start_jax()" in inspect.getsource(run_command)
+    for name in ("evaluate", "fid", "fid_stats"):
+        assert "run_command(" in (_ROOT / "experiments" / f"{name}.py").read_text(), name
     # The test suite too (the top-level conftest.py), so the library's programs compile as in a run.
     assert "set_cpu_xla_flags()" in (_ROOT / "conftest.py").read_text()
 
