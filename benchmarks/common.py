@@ -18,6 +18,23 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def matmul_peak(n: int = 4096, dtype: str = "float32", repeats: int = 5) -> float:
+    """FLOP/s of an n×n matmul in `dtype` on JAX's default device (the best of `repeats`): the
+    practical peak the benchmarks state their efficiency against."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in range(2))
+    f = jax.jit(jnp.matmul)
+    jax.block_until_ready(f(a, b))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(f(a, b))
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times)
+
+
 def machine() -> dict:
     """The host that ran a benchmark: CPU model, cores, OS and Python (the devices are each result's own)."""
     info = {"cpu": platform.processor() or platform.machine()}

@@ -86,3 +86,31 @@ def test_zero_gradient_adamw_update_decays_every_kernel_and_nothing_else(vdm_sta
         else:
             np.testing.assert_array_equal(now, before, err_msg=name)
     assert checked > 10
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0])  # a norm below the limit (unchanged) and above it (clipped)
+def test_clipping_with_the_fault_checks_norm_is_optax_clip_by_global_norm(scale):
+    """`state.clip_by_global_norm` takes the norm the step's fault check computed (`grad_norm=`);
+    its updates are optax's, and so is its state (checkpoints stay readable)."""
+    from vdm_jax.training import faults
+    from vdm_jax.training.state import clip_by_global_norm
+
+    rng = np.random.default_rng(0)
+    grads = {"a": rng.normal(size=(3, 4)), "b": {"c": rng.normal(size=(5,))}}
+    grads = jax.tree.map(lambda g: jnp.asarray(scale * g / 4.6, jnp.float32), grads)
+    ours, theirs = clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    assert jax.tree.structure(ours.init(grads)) == jax.tree.structure(theirs.init(grads))
+    expected, _ = theirs.update(grads, theirs.init(grads))
+    norm = faults.inspect(jnp.zeros(2), {}, grads)["grad_norm"]
+    np.testing.assert_allclose(float(norm), float(optax.tree.norm(grads)), rtol=1e-6)
+    given, _ = jax.jit(lambda g, n: ours.update(g, ours.init(g), grad_norm=n))(grads, norm)
+    computed, _ = jax.jit(lambda g: ours.update(g, ours.init(g)))(grads)
+    chex.assert_trees_all_close(given, expected, rtol=1e-6)
+    chex.assert_trees_all_close(computed, expected, rtol=1e-6)  # (jit and eager may round apart)
+    assert (float(optax.tree.norm(expected)) < 1.0) == (scale < 1.0)
+    # Inside the optimiser's chain the norm passes through to the clipping, Adam ignores it.
+    tx = Optimizer(optimizer="adam", learning_rate=1e-3, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
+                   weight_decay=0.0, grad_clip=1.0).transformation()
+    reference = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    updates, _ = tx.update(grads, tx.init(grads), grads, grad_norm=norm)
+    chex.assert_trees_all_close(updates, reference.update(grads, reference.init(grads), grads)[0], rtol=1e-5)

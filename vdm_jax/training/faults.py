@@ -48,10 +48,14 @@ def inspect(loss, terms: dict[str, jax.Array], grads) -> dict[str, Any]:
     Returns {'ok', 'grad_leaf': index of the first non-finite gradient array or -1, 'grad_norm',
     'values': batch means of the loss and the terms}. A mean is finite iff every value is (barring
     overflow), and the per-array sums of squares that give the norm also give the gradients'
-    finiteness, so the check costs no extra pass over the gradients.
+    finiteness, so the check costs no extra pass over the gradients; the optimiser's clipping
+    reuses the norm (`state.clip_by_global_norm`). Each sum of squares is a dot product of the
+    raveled array with itself, which XLA:CPU runs 4× faster than a sum of squares (measured on the
+    DDPM U-Net's 328 gradient arrays: 11 ms against 50 ms, `benchmarks/update_cost.py`).
     """
     values = {"loss": jnp.mean(loss), **{name: jnp.mean(v) for name, v in terms.items()}}
-    squares = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)])
+    squares = jnp.stack([jnp.vdot(g, g).astype(jnp.float32) for g in
+                         (g.astype(jnp.float32).ravel() for g in jax.tree.leaves(grads))])
     bad_grads = ~jnp.isfinite(squares)
     finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in values.values()]))
     return {"ok": finite & ~jnp.any(bad_grads),

@@ -68,13 +68,30 @@ def train_step(state: TrainState, batch, *, key) -> tuple[TrainState, dict[str, 
     rng = jax.random.fold_in(key, state.step)
     loss, terms, grads = _grads(state, batch, rng)
     report = faults.inspect(loss, terms, grads)
+    new_state = apply_gradients(state, grads, report)
+    metrics = {"loss": loss, "grad_norm": report["grad_norm"],
+               "learning_rate": state.optimizer.schedule()(state.step),
+               **_term_metrics(report["values"], state.objective.dims),
+               "finite": report["ok"].astype(jnp.float32),
+               "skipped_steps": new_state.faults["skipped"].astype(jnp.float32)}
+    return new_state, metrics
+
+
+def apply_gradients(state: TrainState, grads, report) -> TrainState:
+    """The state after one step's gradients: the optimiser's update (clipping, Adam/AdamW), the EMA
+    and the fault record. `report` is `faults.inspect` of the step: a step that is not finite (or,
+    with on_nonfinite='stop', any step after one) leaves the parameters, EMA and optimiser state as
+    they were.
+
+    The EMA warms up: decay min(ema_decay, (1 + n)/(10 + n)) at step n keeps early averages from
+    dwelling on the initial weights in short runs; long runs reach `ema_decay` after ~10/(1 - decay) steps.
+    """
+    record, apply, advance = faults.record(state.faults, report, state.step, state.on_nonfinite)
 
     def update(_):
-        tx = state.optimizer.transformation()
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = state.optimizer.transformation().update(grads, state.opt_state, state.params,
+                                                                      grad_norm=report["grad_norm"])
         params = optax.apply_updates(state.params, updates)
-        # EMA with warm-up: min(decay, (1 + n)/(10 + n)) keeps early averages from dwelling on the
-        # initial weights in short runs; long runs reach `ema_decay` after ~10/(1 - decay) steps.
         n = state.step.astype(jnp.float32)
         decay = jnp.minimum(state.ema_decay, (1.0 + n) / (10.0 + n))
         ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
@@ -83,16 +100,9 @@ def train_step(state: TrainState, batch, *, key) -> tuple[TrainState, dict[str, 
     def keep(_):
         return state.params, state.ema_params, state.opt_state
 
-    record, apply, advance = faults.record(state.faults, report, state.step, state.on_nonfinite)
     params, ema, opt_state = jax.lax.cond(apply, update, keep, None)
-    new_state = state.replace(step=state.step + advance, params=params, ema_params=ema, opt_state=opt_state,
-                              faults=record)
-    metrics = {"loss": loss, "grad_norm": report["grad_norm"],
-               "learning_rate": state.optimizer.schedule()(state.step),
-               **_term_metrics(report["values"], state.objective.dims),
-               "finite": report["ok"].astype(jnp.float32),
-               "skipped_steps": record["skipped"].astype(jnp.float32)}
-    return new_state, metrics
+    return state.replace(step=state.step + advance, params=params, ema_params=ema, opt_state=opt_state,
+                         faults=record)
 
 
 def train_steps(state: TrainState, batches, *, key, unroll: bool | None = None
