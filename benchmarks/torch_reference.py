@@ -1,4 +1,12 @@
-"""The PyTorch reference for `benchmarks.run --torch`: diffusers' `UNet2DModel` shaped like our U-Net.
+"""The PyTorch reference for `benchmarks.run --torch`: diffusers' `UNet2DModel` shaped like our U-Net,
+run in a process of its own.
+
+JAX's thread pools slow a PyTorch run in the same process (DDPM training measured 1.02× torch in
+one process, 0.90× in two), so the peer is a separate Python process that never imports JAX:
+`Peer` starts `python -m benchmarks.torch_reference`, sends it the settings as one JSON line, and
+then asks for one measurement at a time ('matmul', 'train', 'sample'), each answered by one JSON
+line, so that the caller can alternate its own timed runs with the peer's while the other process
+waits.
 
 The diffusers model is built from the same `UNetConfig` (widths, blocks per level, attention
 resolutions, groups; the time MLP is 4× the first width in both), and its parameter count is
@@ -8,20 +16,108 @@ uint8 images to [-1, 1], t ~ U{1..T}, ε ~ N(0, I), z_t = √ᾱ_t x + √(1-ᾱ
 with diffusers' `DDPMScheduler` (β linear, posterior variance). Needs `pip install torch diffusers`
 (the CPU wheel of torch on a CPU machine).
 """
+import json
 import os
+import subprocess
+import sys
+import tempfile
+import time
+import types
 
-from benchmarks.common import median_time
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def versions() -> dict:
-    import diffusers
+class PeerError(RuntimeError):
+    """The PyTorch process failed; the message has its last lines of standard error."""
+
+
+class Peer:
+    """The PyTorch reference in its own process, one measurement per call.
+
+        with Peer(model_config.to_dict(), params=n, batch=8, sample_batch=2, sample_steps=1000,
+                  train_steps=3, dtype="float32") as peer:
+            peer.info                 # params, device, threads, versions
+            peer.call("matmul")       # {'flops_per_s': ...}: an n×n matmul in the run's dtype
+            peer.call("train")        # {'step_s': ...}: `train_steps` steps, after a warm-up at start
+            peer.call("sample")       # {'chain_s': ...}: one ancestral chain
+    """
+
+    def __init__(self, model_config: dict, *, params: int, batch: int, sample_batch: int, sample_steps: int,
+                 train_steps: int, dtype: str = "float32"):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+        self._stderr = tempfile.TemporaryFile("w+")  # its last lines go into a PeerError
+        self._proc = subprocess.Popen([sys.executable, "-m", "benchmarks.torch_reference"], cwd=REPO, env=env,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        settings = {"model_config": model_config, "params": params, "batch": batch, "sample_batch": sample_batch,
+                    "sample_steps": sample_steps, "train_steps": train_steps, "dtype": dtype}
+        self.info = self._exchange(json.dumps(settings))
+
+    def call(self, command: str) -> dict:
+        return self._exchange(command)
+
+    def _exchange(self, line: str) -> dict:
+        try:
+            self._proc.stdin.write(line + "\n")
+            self._proc.stdin.flush()
+            answer = self._proc.stdout.readline()
+        except BrokenPipeError:
+            answer = ""
+        if not answer:
+            self._proc.wait()
+            self._stderr.seek(0)
+            tail = "".join(self._stderr.readlines()[-20:])
+            raise PeerError(f"the PyTorch process exited ({self._proc.returncode}) at {line[:40]!r}:\n{tail}")
+        return json.loads(answer)
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                self._exchange("quit")
+            except (PeerError, ValueError):
+                pass
+            self._proc.wait(timeout=60)
+        self._stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_PLACEHOLDERS = []  # the torch.library.Library must stay alive for its definitions to hold
+
+
+def import_torchvision():
+    """`import torchvision`, also where PyPI's torchvision wheel (built against torch's CUDA build)
+    sits beside torch's CPU wheel: its compiled ops do not load there, and its import fails
+    registering fake kernels for two detection ops (`torchvision::nms`, `qnms`). Those two ops are
+    then defined as placeholders first; nothing here (diffusers' U-Net, pytorch-fid's Inception)
+    calls them."""
+    import importlib
+
+    try:
+        return importlib.import_module("torchvision")
+    except RuntimeError as e:
+        if "torchvision::nms" not in str(e):
+            raise
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
     import torch
 
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__}
+    lib = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _PLACEHOLDERS.append(lib)
+    return importlib.import_module("torchvision")
 
 
 def diffusers_unet(config):
-    """A `UNet2DModel` with our `UNetConfig`'s architecture."""
+    """A `UNet2DModel` with our `UNetConfig`'s architecture (`config`: its fields as attributes)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        import_torchvision()  # (diffusers imports it when it is installed)
     from diffusers import UNet2DModel
 
     if not config.downsample or config.fourier_features or config.learned_variance:
@@ -37,70 +133,126 @@ def diffusers_unet(config):
         add_attention=config.mid_attention, dropout=config.dropout, flip_sin_to_cos=False, freq_shift=1)
 
 
-def bench(config, batch: int, sample_batch: int, sample_steps: int, train_steps: int, repeats: int) -> dict:
-    import numpy as np
-    import torch
-    from diffusers import DDPMScheduler
+class _Reference:
+    """The PyTorch side: the model, its train step and its sampling chain."""
 
-    from vdm_jax.models import count_params
+    def __init__(self, settings: dict):
+        import numpy as np
+        import torch
+        from diffusers import DDPMScheduler
 
-    torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count())
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = diffusers_unet(config).to(device)
-    params = sum(p.numel() for p in model.parameters())
-    if params != count_params(config):
-        raise RuntimeError(f"parameter counts differ: diffusers {params:,}, vdm_jax {count_params(config):,}")
-    ema = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8)
-    scheduler = DDPMScheduler(num_train_timesteps=sample_steps, beta_schedule="linear", beta_start=1e-4,
-                              beta_end=0.02, variance_type="fixed_small", clip_sample=True)
-    alpha_bars = scheduler.alphas_cumprod.to(device)
-    shape = (config.in_channels, config.image_size, config.image_size)
-    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, *shape), dtype=np.uint8)).to(device)
+        torch.manual_seed(0)
+        torch.set_num_threads(os.cpu_count())
+        self.torch, self.settings = torch, settings
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        config = types.SimpleNamespace(**settings["model_config"])
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[settings["dtype"]]
+        self.model = diffusers_unet(config).to(self.device)
+        params = sum(p.numel() for p in self.model.parameters())
+        if params != settings["params"]:
+            raise RuntimeError(f"parameter counts differ: diffusers {params:,}, vdm_jax {settings['params']:,}")
+        self.ema = [p.detach().clone() for p in self.model.parameters()]
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8)
+        steps = settings["sample_steps"]
+        self.scheduler = DDPMScheduler(num_train_timesteps=steps, beta_schedule="linear", beta_start=1e-4,
+                                       beta_end=0.02, variance_type="fixed_small", clip_sample=True)
+        self.alpha_bars = self.scheduler.alphas_cumprod.to(self.device)
+        self.shape = (config.in_channels, config.image_size, config.image_size)
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (settings["batch"], *self.shape), dtype=np.uint8)
+        self.images = torch.from_numpy(images).to(self.device)
+        self.info = {"params": params, "device": self.device, "threads": torch.get_num_threads(),
+                     "pid": os.getpid(), "versions": versions()}
+        for _ in range(2):  # warm-up
+            self.train_step()
+        self.sync()
 
-    def train_step():
-        x = images.float() * (2.0 / 255.0) - 1.0
-        t = torch.randint(0, sample_steps, (batch,), device=device)
+    def sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def autocast(self):
+        import contextlib
+
+        if self.dtype == self.torch.float32:
+            return contextlib.nullcontext()
+        return self.torch.autocast(self.device, dtype=self.dtype)
+
+    def train_step(self):
+        torch, model, steps = self.torch, self.model, self.settings["sample_steps"]
+        x = self.images.float() * (2.0 / 255.0) - 1.0
+        t = torch.randint(0, steps, (x.shape[0],), device=self.device)
         eps = torch.randn_like(x)
-        a = alpha_bars[t].view(-1, 1, 1, 1)
+        a = self.alpha_bars[t].view(-1, 1, 1, 1)
         z = a.sqrt() * x + (1 - a).sqrt() * eps
-        loss = ((model(z, t).sample - eps) ** 2).mean()
-        optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = ((model(z, t).sample.float() - eps) ** 2).mean()
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        self.optimizer.step()
         with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1e-4)
+            torch._foreach_lerp_(self.ema, [p.detach() for p in model.parameters()], 1e-4)
         return loss
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(2):  # warm-up
-        train_step()
-    sync()
-
-    def run_steps():
-        for _ in range(train_steps):
-            loss = train_step()
+    def train(self) -> dict:
+        n = self.settings["train_steps"]
+        start = time.perf_counter()
+        for _ in range(n):
+            loss = self.train_step()
         loss.item()
-        sync()
+        self.sync()
+        return {"step_s": (time.perf_counter() - start) / n}
 
-    step_s = median_time(run_steps, repeats) / train_steps
+    def sample(self) -> dict:
+        torch = self.torch
+        self.model.eval()
+        start = time.perf_counter()
+        with torch.inference_mode(), self.autocast():
+            self.scheduler.set_timesteps(self.settings["sample_steps"])
+            z = torch.randn((self.settings["sample_batch"], *self.shape), device=self.device)
+            for t in self.scheduler.timesteps:
+                z = self.scheduler.step(self.model(z, t).sample.float(), t, z).prev_sample
+        self.sync()
+        self.model.train()
+        return {"chain_s": time.perf_counter() - start}
 
-    @torch.inference_mode()
-    def sample():
-        scheduler.set_timesteps(sample_steps)
-        z = torch.randn((sample_batch, *shape), device=device)
-        for t in scheduler.timesteps:
-            z = scheduler.step(model(z, t).sample, t, z).prev_sample
-        sync()
-        return z
+    def matmul(self, n: int = 4096, repeats: int = 5) -> dict:
+        torch = self.torch
+        a, b = (torch.randn(n, n, device=self.device, dtype=self.dtype) for _ in range(2))
+        a @ b
+        self.sync()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            self.sync()
+            best = min(best, time.perf_counter() - start)
+        return {"flops_per_s": 2 * n**3 / best}
 
-    model.eval()
-    chain_s = median_time(sample, max(1, repeats - 1))
-    return {"params": params, "device": device, "threads": torch.get_num_threads(), "train_step_s": step_s,
-            "train_steps_per_s": 1 / step_s, "train_images_per_s": batch / step_s, "sample_chain_s": chain_s,
-            "sample_ms_per_step": 1e3 * chain_s / sample_steps}
+
+def versions() -> dict:
+    import diffusers
+    import torch
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def serve() -> None:
+    """The peer process: settings on the first line of stdin, then one command a line; one JSON
+    answer a line on stdout (everything else the libraries print goes to stderr)."""
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # keep the protocol's stream clean
+    reference = _Reference(json.loads(sys.stdin.readline()))
+    print(json.dumps(reference.info), file=out, flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "quit":
+            break
+        if command not in ("train", "sample", "matmul"):
+            raise ValueError(f"unknown command {command!r}")
+        print(json.dumps(getattr(reference, command)()), file=out, flush=True)
+
+
+if __name__ == "__main__":
+    serve()

@@ -16,7 +16,7 @@ On one device, in one process, each program compiled as the loop compiles it (th
 Reports the update's share, (step − no_update) / step; its memory bound, the bytes the update
 must move (read the gradient for its norm, then gradient, parameter, both moments and EMA; write
 all but the gradient: 40 bytes a float32 parameter) at the stream bandwidth; and the train step's FLOP/s (XLA's count of the
-compiled loss gradient, forward and backward) over the matmul peak. Writes
+lowered loss gradient, forward and backward) over the matmul peak. Writes
 benchmarks/results/update_cost_<backend>_<model>.json.
 """
 import json
@@ -26,6 +26,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from benchmarks import measure
 from benchmarks.common import matmul_peak, median_time, write_result
 
 flags.DEFINE_enum("model", "ddpm_cifar10", ["tiny8", "tiny32", "ddpm_cifar10", "vdm_cifar10"], "The U-Net.")
@@ -66,7 +67,7 @@ def _model(name: str):
             "ddpm_cifar10": models.ddpm_cifar10, "vdm_cifar10": models.vdm_cifar10}[name]()
 
 
-def measure(model_name: str, batch: int, steps: int, repeats: int, optimizer: str | None = None,
+def measure_update(model_name: str, batch: int, steps: int, repeats: int, optimizer: str | None = None,
             rounds: int = 3) -> dict:
     import jax
 
@@ -106,8 +107,7 @@ def measure(model_name: str, batch: int, steps: int, repeats: int, optimizer: st
                         donate_argnums=0)
     update = jax.jit(update, in_shardings=(rep, rep, rep), out_shardings=rep, donate_argnums=0)
     grads, terms = jax.jit(grads_of, in_shardings=(rep, data_sharding, rep), out_shardings=rep)(state, data, key)
-    flops = jax.jit(steps_lib._grads, in_shardings=(rep, data_sharding, rep)).lower(state, data, key).compile()
-    flops = float(_cost(flops).get("flops", float("nan")))
+    flops = measure.flops(jax.jit(steps_lib._grads, in_shardings=(rep, data_sharding, rep)).lower(state, data, key))
 
     def timed(call):  # call(state) -> state; median seconds per call over `repeats` runs of `steps`
         nonlocal state
@@ -149,13 +149,6 @@ def measure(model_name: str, batch: int, steps: int, repeats: int, optimizer: st
     return result
 
 
-def _cost(compiled) -> dict:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
-        analysis = analysis[0] if analysis else {}
-    return analysis or {}
-
-
 def main(argv):
     del argv
     from vdm_jax import set_cpu_xla_flags
@@ -163,7 +156,7 @@ def main(argv):
     set_cpu_xla_flags()
     import jax
 
-    result = measure(FLAGS.model, FLAGS.batch, FLAGS.steps, FLAGS.repeats, FLAGS.optimizer, FLAGS.rounds)
+    result = measure_update(FLAGS.model, FLAGS.batch, FLAGS.steps, FLAGS.repeats, FLAGS.optimizer, FLAGS.rounds)
     device = jax.devices()[0]
     record = {"benchmark": "update_cost", "model": FLAGS.model, "batch": FLAGS.batch, "steps": FLAGS.steps,
               "repeats": FLAGS.repeats, "device": f"1 × {device.device_kind} ({jax.default_backend()})",

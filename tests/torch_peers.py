@@ -1,11 +1,10 @@
 """Importing the PyTorch peers (pytorch-fid, torch-fidelity) that the FID tests compare against.
 
-Both import torchvision for its Inception blocks (pure Python). PyPI's torchvision wheel is built
-against torch's CUDA build; beside torch's CPU wheel its compiled ops do not load, and its import
-then fails registering fake kernels for two detection ops (`torchvision::nms`, `qnms`). Where that
-happens, those two ops are defined as placeholders first: nothing here calls them, and the
-Inception code the tests run is torchvision's and pytorch-fid's own. A peer that is not installed
-skips the test with the reason.
+Both import torchvision for its Inception blocks (pure Python), through
+`benchmarks.torch_reference.import_torchvision`, which copes with PyPI's torchvision beside torch's
+CPU wheel (two detection ops defined as placeholders; nothing here calls them, and the Inception
+code the tests run is torchvision's and pytorch-fid's own). A peer that is not installed skips the
+test with the reason.
 
 `random_fid_state_dict()`: pytorch-fid's network's state dict with random values, which
 `torch.save` writes as a file in the format of pytorch-fid's weights file (the published weights
@@ -14,35 +13,17 @@ cannot be downloaded here, and the tests need none).
 import importlib
 import itertools
 import math
-import sys
 
 import pytest
 
-_PLACEHOLDERS = []  # the torch.library.Library must stay alive for its definitions to hold
-
-
-def _import_torchvision():
-    try:
-        return importlib.import_module("torchvision")
-    except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
-            raise
-    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-        del sys.modules[name]
-    import torch
-    lib = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _PLACEHOLDERS.append(lib)
-    return importlib.import_module("torchvision")
-
+from benchmarks.torch_reference import import_torchvision
 
 def import_peer(module: str):
     """`module` (e.g. 'pytorch_fid.inception'), importing torch and torchvision first; skips the
     calling test if the peer is not installed (`pip install -e ".[dev]"` installs them)."""
     pytest.importorskip("torch", reason="the PyTorch peers need torch (installed by .[dev])")
     if module.split(".")[0] != "torch":
-        _import_torchvision()
+        import_torchvision()
     top = module.split(".")[0]
     pytest.importorskip(top, reason=f"{top} is not installed (installed by .[dev])")
     return importlib.import_module(module)
