@@ -151,7 +151,7 @@ def main(argv):
     }
     with contextlib.ExitStack() as stack:
         peer = None
-        if FLAGS.torch:  # started (model built, warmed up) before JAX compiles anything, so that neither waits
+        if FLAGS.torch:  # built and warmed up before JAX compiles anything: the two processes never compute at once
             from benchmarks.torch_reference import Peer
             from vdm_jax.models import count_params
 

@@ -8,6 +8,8 @@ import sys
 import pytest
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
+# One worker runs this module (`--dist loadgroup`): the dry run is a module fixture, made once.
+pytestmark = pytest.mark.xdist_group("gpu_check")
 SECTIONS = ("matmul", "ddpm_bfloat16", "ddpm_float32", "vdm", "sample_ancestral_1000", "sample_dpm_solver_20",
             "bpd", "bpd_at_scale")
 
