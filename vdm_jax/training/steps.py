@@ -1,5 +1,5 @@
 """Pure step functions: `train_step`, `train_steps` (several per call), `eval_step`, `sample_step`,
-`ode_bpd_step`.
+`ode_bpd_step`; `apply_gradients`, the part of a train step after the gradients.
 
 Each is a function of pytrees only, with `key` keyword-only; the caller jits it with shardings
 (`loop.compiled_steps`). Per-step randomness is `fold_in(key, state.step)`, so a run is
