@@ -17,6 +17,19 @@ PEAK_FLOPS = {
 }
 
 
+def unet(name: str):
+    """The `UNetConfig` the CPU step benchmarks (`step_time`, `update_cost`) call `name`: tiny8 is the
+    quickstart's (8×8×1), tiny32 the `small` config's, vdm32 VDM's no-downsampling layout at 32 channels."""
+    from vdm_jax import models
+
+    return {"tiny8": lambda: models.tiny(image_size=8, in_channels=1, dropout=0.0), "tiny32": models.tiny,
+            "ddpm_cifar10": models.ddpm_cifar10, "vdm_cifar10": models.vdm_cifar10,
+            "vdm32": lambda: models.vdm_cifar10(base_channels=32, num_groups=8)}[name]()
+
+
+UNETS = ("tiny8", "tiny32", "ddpm_cifar10", "vdm_cifar10", "vdm32")
+
+
 def spec_peak(device_kind: str) -> float | None:
     """The device's dense bf16 peak FLOP/s from `PEAK_FLOPS`, None for devices it lacks (e.g. CPUs)."""
     for name, flops in PEAK_FLOPS.items():

@@ -14,9 +14,10 @@ import time
 import numpy as np
 from absl import app, flags
 
-MODELS = ("tiny8", "tiny32", "ddpm_cifar10", "vdm_cifar10", "vdm32")
-flags.DEFINE_enum("model", "ddpm_cifar10", MODELS, "The U-Net: tiny8 is the quickstart's (8×8×1), vdm32 VDM's "
-                  "no-downsampling layout at 32 channels.")
+from benchmarks import measure
+
+flags.DEFINE_enum("model", "ddpm_cifar10", list(measure.UNETS), "The U-Net: tiny8 is the quickstart's (8×8×1), "
+                  "vdm32 VDM's no-downsampling layout at 32 channels (`measure.unet`).")
 flags.DEFINE_enum("convolutions", "xla", ["xla", "ynnpack"], "XLA:CPU's convolution path.")
 flags.DEFINE_integer("batch", 8, "Training batch.", lower_bound=1)
 flags.DEFINE_integer("steps", 5, "Timed steps per repeat.", lower_bound=1)
@@ -25,11 +26,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from vdm_jax import models, set_cpu_xla_flags
+    from vdm_jax import set_cpu_xla_flags
 
-    model = {"tiny8": lambda: models.tiny(image_size=8, in_channels=1, dropout=0.0), "tiny32": models.tiny,
-             "ddpm_cifar10": models.ddpm_cifar10, "vdm_cifar10": models.vdm_cifar10,
-             "vdm32": lambda: models.vdm_cifar10(base_channels=32, num_groups=8)}[FLAGS.model]()
+    model = measure.unet(FLAGS.model)
     set_cpu_xla_flags(convolutions=FLAGS.convolutions)
     import jax
 

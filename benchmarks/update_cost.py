@@ -23,13 +23,12 @@ import json
 import statistics
 import time
 
-import numpy as np
 from absl import app, flags
 
 from benchmarks import measure
 from benchmarks.common import matmul_peak, median_time, write_result
 
-flags.DEFINE_enum("model", "ddpm_cifar10", ["tiny8", "tiny32", "ddpm_cifar10", "vdm_cifar10"], "The U-Net.")
+flags.DEFINE_enum("model", "ddpm_cifar10", list(measure.UNETS), "The U-Net (`measure.unet`).")
 flags.DEFINE_integer("batch", 8, "Training batch.", lower_bound=1)
 flags.DEFINE_integer("steps", 3, "Timed calls per repeat.", lower_bound=1)
 flags.DEFINE_integer("repeats", 3, "Timed repeats (the median is reported).", lower_bound=1)
@@ -60,23 +59,16 @@ def stream_bandwidth(size: int, repeats: int = 5) -> float:
     return 12 * size / statistics.median(times)
 
 
-def _model(name: str):
-    from vdm_jax import models
-
-    return {"tiny8": lambda: models.tiny(image_size=8, in_channels=1, dropout=0.0), "tiny32": models.tiny,
-            "ddpm_cifar10": models.ddpm_cifar10, "vdm_cifar10": models.vdm_cifar10}[name]()
-
-
 def measure_update(model_name: str, batch: int, steps: int, repeats: int, optimizer: str | None = None,
-            rounds: int = 3) -> dict:
+                   rounds: int = 3) -> dict:
     import jax
 
     from vdm_jax.models import count_params
-    from vdm_jax.training import create_train_state, default_config, parallel, set_model, validate_config
+    from vdm_jax.training import default_config, parallel, set_model
     from vdm_jax.training import faults, steps as steps_lib
     from vdm_jax.training.loop import compiled_steps
 
-    model = _model(model_name)
+    model = measure.unet(model_name)
     config = default_config()
     set_model(config, model, dtype="float32")
     config.training.batch_size = batch
@@ -85,10 +77,7 @@ def measure_update(model_name: str, batch: int, steps: int, repeats: int, optimi
         config.optim.optimizer = optimizer
     mesh = parallel.make_mesh(jax.devices()[:1])
     rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    state = parallel.replicate(create_train_state(config, validate_config(config), key=jax.random.key(0)), mesh)
-    shape = (batch, model.image_size, model.image_size, model.in_channels)
-    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    data, key = parallel.global_batch({"image": images}, mesh), jax.random.key(1)
+    _, state, data, key = measure.setup(config, mesh)
 
     step, _ = compiled_steps(mesh)
 
