@@ -7,12 +7,15 @@ from vdm_jax.data import load_digits
 
 
 def test_split_shapes_and_values():
+    """scikit-learn's digits in its order (read from its file, without importing it: checked
+    here against `sklearn.datasets.load_digits`), scaled to 0..255; the last 297 are the test split."""
     train, test = load_digits("train"), load_digits("test")
     assert (len(train), len(test)) == (1500, 297)
     assert train.images.shape == (1500, 8, 8, 1) and train.images.dtype == np.uint8
     digits = sklearn.datasets.load_digits()
-    np.testing.assert_array_equal(
-        test.images[..., 0], np.round(digits.images[-297:] * 255 / 16).astype(np.uint8))
+    pixels = np.round(digits.images * 255 / 16).astype(np.uint8)
+    np.testing.assert_array_equal(np.concatenate([train.images, test.images])[..., 0], pixels)
+    np.testing.assert_array_equal(np.concatenate([train.labels, test.labels]), digits.target)
     assert test[296]["label"] == digits.target[-1]
     assert train.images.max() == 255 and train.images.min() == 0
     assert set(train.labels.tolist()) == set(range(10))
