@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from vdm_jax.data import load_source, train_iterator
 from vdm_jax.training import faults, parallel, steps

@@ -110,5 +110,5 @@ def _drop_lines_after(path: str, step: int) -> None:
 
 def progress_bar(enabled: bool, **tqdm_kwargs):
     """A tqdm bar on process 0 when `enabled`; else a disabled one (its methods do nothing)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # (not tqdm.auto: in a notebook stderr is no terminal, so the bar is off there)
     return tqdm(dynamic_ncols=True, disable=not enabled or jax.process_index() != 0, **tqdm_kwargs)
