@@ -34,3 +34,24 @@ os.environ["XLA_FLAGS"] = (
     " --xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=1"
 ).strip()
 set_cpu_xla_flags()
+
+
+# The notebooks' expected seconds (as `slow(seconds)` marks say for tests): see the hook below.
+NOTEBOOK_SECONDS = {"train_and_sample.ipynb": 65, "three_objectives.ipynb": 25, "forward_and_posterior.ipynb": 22}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs the long tests first, longest first (the rest keep their order).
+
+    With `-n`, each worker takes the next test when it is done with one (`--dist load
+    --maxschedchunk 1`, pyproject.toml), so a long test never starts last while the other worker
+    has nothing left to do (the longest-processing-time rule). A test's expected seconds (cold, on
+    2 cores with -n 2) are its `slow(seconds)` mark's; a notebook's are in NOTEBOOK_SECONDS.
+    """
+    def seconds(item):
+        mark = item.get_closest_marker("slow")
+        if mark is not None:
+            return float(mark.args[0])
+        return float(NOTEBOOK_SECONDS.get(item.path.name, 0)) if item.path.suffix == ".ipynb" else 0.0
+
+    items.sort(key=seconds, reverse=True)  # stable

@@ -1,12 +1,14 @@
 """Test setup: JAX's compilation cache and strict rank promotion (the environment — 8 fake CPU
 devices, XLA flags — is set before JAX is imported, by the repository's top-level conftest.py),
 and the fixtures the core's tests share: `dtype`, `x64`, `raises` (the error tables),
-`no_host_reads` (the transfer guard), `optimal_pred` (Gaussian data's exact denoiser), and
-`pytorch_fid`/`fid_weights` (the FID network's PyTorch reference and a random weights file).
+`no_host_reads` (the transfer guard), `optimal_pred` (Gaussian data's exact denoiser),
+`pytorch_fid`/`fid_weights` (the FID network's PyTorch reference and a random weights file), and
+`once_per_run` (what the whole run computes once, with `-n` as well).
 """
 import contextlib
 import importlib.util
 import os
+import time
 
 import numpy as np
 import jax
@@ -151,3 +153,36 @@ def fid_weights(tmp_path_factory):
         model = pytorch_fid.InceptionV3([3], resize_input=True, normalize_input=True,
                                         use_fid_inception=True).eval()
     return path, model
+
+
+@pytest.fixture(scope="session")
+def once_per_run(tmp_path_factory):
+    """`once_per_run(name, make)`: a directory that `make(directory)` filled once for the whole
+    test run, with `-n` as well: the first worker to ask for `name` makes it in a directory the
+    workers share (their base temporary directories' parent), the others wait for it (xdist's
+    recipe for expensive session fixtures). Returns the directory."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+
+    def run(name, make):
+        directory, done, failed = root / name, root / f"{name}.done", root / f"{name}.failed"
+        try:
+            os.close(os.open(root / f"{name}.lock", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:  # another worker makes it
+            deadline = time.monotonic() + 1800
+            while not done.exists():
+                if failed.exists() or time.monotonic() > deadline:
+                    raise RuntimeError(f"once_per_run: {name!r} was not made by the worker making it (see its error)")
+                time.sleep(0.1)
+            return directory
+        try:
+            directory.mkdir()
+            make(directory)
+        except BaseException:
+            failed.touch()
+            raise
+        done.touch()
+        return directory
+
+    return run

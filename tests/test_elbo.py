@@ -20,7 +20,7 @@ def optimal_eps(gamma_fn):
     return pred
 
 
-@pytest.mark.slow
+@pytest.mark.slow(9)
 def test_analytic_elbo_equals_entropy():
     """Acceptance 4: with the optimal predictor, VDM's continuous ELBO = h(N(m, s²)) per dimension.
 

@@ -71,6 +71,7 @@ def test_a_missing_section_or_block_is_an_error(tmp_path):
         readme_example["example"](readme, "## Nowhere")
 
 
+@pytest.mark.slow(19)
 def test_the_readme_example_runs():
     """As CI runs it: `python tests/readme_example.py`, in a fresh interpreter."""
     done = subprocess.run([sys.executable, str(_RUNNER)], capture_output=True, text=True, timeout=600)

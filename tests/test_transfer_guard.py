@@ -149,7 +149,6 @@ def test_every_public_name_is_covered():
     assert callables <= covered, callables - covered
 
 
-@pytest.mark.xdist_group("micro_run")  # the worker that already has test_faults' compiled step
 def test_train_step_reads_nothing_back(no_host_reads):
     """The loop's compiled train step (`loop.compiled_steps`, the program tests/training/test_faults.py
     builds for the same micro run, so the compilation cache serves it) on state and batch already

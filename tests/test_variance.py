@@ -78,7 +78,7 @@ def minimise_variance(num_steps=150):
     return [float(v) for v in (*before, *stats(sched_state))]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(6)
 def test_variance_minimisation_lowers_estimator_variance():
     """A few optimiser steps on E[L²] lower the empirical variance of the diffusion loss
     while its mean (fixed by the end points in continuous time) stays put."""

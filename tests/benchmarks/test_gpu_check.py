@@ -25,6 +25,7 @@ def _check(out, *args):
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.slow(55)
 def test_the_dry_run_records_every_section(tmp_path):
     """One dry run (about 40 s cold), checked section by section."""
     record, stdout = _check(tmp_path / "check.json")

@@ -1,7 +1,6 @@
 """Tests for vdm_jax.data.digits."""
 import numpy as np
 import pytest
-import sklearn.datasets
 
 from vdm_jax.data import load_digits
 
@@ -9,6 +8,8 @@ from vdm_jax.data import load_digits
 def test_split_shapes_and_values():
     """scikit-learn's digits in its order (read from its file, without importing it: checked
     here against `sklearn.datasets.load_digits`), scaled to 0..255; the last 297 are the test split."""
+    import sklearn.datasets  # (here: collecting the tests on every worker need not import scikit-learn)
+
     train, test = load_digits("train"), load_digits("test")
     assert (len(train), len(test)) == (1500, 297)
     assert train.images.shape == (1500, 8, 8, 1) and train.images.dtype == np.uint8

@@ -152,7 +152,7 @@ def test_workers_without_parsed_absl_flags_say_how_to_fix_it():
     assert not absl.flags.FLAGS.is_parsed()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(8)
 def test_worker_processes_give_the_same_batches_and_state(absl_flags_parsed):
     source = indexed_source(30)
     make = lambda workers: train_iterator(source, global_batch_size=6, seed=2, shard_index=0,

@@ -34,8 +34,6 @@ from vdm_jax.models.inception_weights import (
     read_torch_state_dict,
 )
 
-pytestmark = pytest.mark.xdist_group("inception")  # with -n: one worker compiles the network once
-
 
 def _rel(got, ref):
     """max |got - ref| / max |ref|."""

@@ -307,6 +307,7 @@ def test_any_spatial_size_the_downsampling_allows(config, size):
     assert float(jnp.std(out)) > 0.0
 
 
+@pytest.mark.slow(15)
 @pytest.mark.parametrize("config", [GRAY16, MICRO_VDM], ids=["ddpm", "vdm"])
 def test_remat_changes_memory_not_results(config):
     """Rematerialised blocks: the same prediction and gradient (dropout included), and the
@@ -338,6 +339,7 @@ def test_remat_changes_memory_not_results(config):
     assert temp_bytes["remat"] < 0.9 * temp_bytes["plain"], temp_bytes
 
 
+@pytest.mark.slow(20)
 def test_bfloat16_activations_track_float32():
     """Mixed precision (bfloat16 activations, float32 parameters): the ε-loss and its gradient stay
     within bfloat16's rounding of the float32 ones (8 mantissa bits: ~0.4% per operation)."""
@@ -413,6 +415,7 @@ def test_pred_fn_splits_a_learned_variance():
     np.testing.assert_allclose(v, out[..., 1:], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow(13)
 def test_pred_fn_under_grad_scan_and_vmap():
     """Differentiable in the parameters and in z_t, usable in a scan body (as a sampler does) and
     under vmap; the eager call and the traced ones agree."""

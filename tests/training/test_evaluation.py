@@ -175,7 +175,7 @@ def _evaluate(*args):
     return out.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.slow(100)
 def test_evaluate_cli_on_a_quickstart_checkpoint(tmp_path, fid_weights):
     """Acceptance 1 and 2: the bpd table over every test image; same seed, same samples across
     processes; --fid of the samples (random Inception weights) is the library's on those samples."""
@@ -266,13 +266,20 @@ def _image_sets():
     return a, b
 
 
-@pytest.fixture(scope="module")
-def fid_features(fid_weights, tmp_path_factory):
-    """(a, b, features of a, features of b): two image sets through `inception_features`."""
-    network = fid_inception(fid_weights[0], cache_dir=str(tmp_path_factory.mktemp("cache")))
+@pytest.fixture(scope="session")
+def fid_features(fid_weights, once_per_run):
+    """(a, b, features of a, features of b): two image sets through `inception_features` (computed
+    once for the whole test run)."""
     a, b = _image_sets()
-    mesh = make_mesh()
-    return a, b, *(inception_features(network, x, mesh=mesh, batch_size=8) for x in (a, b))
+
+    def make(directory):
+        network = fid_inception(fid_weights[0], cache_dir=str(directory / "cache"))
+        mesh = make_mesh()
+        for name, images in (("a", a), ("b", b)):
+            np.savez(directory / f"{name}.npz", **inception_features(network, images, mesh=mesh, batch_size=8))
+
+    directory = once_per_run("fid_features", make)
+    return a, b, *(dict(np.load(directory / f"{name}.npz")) for name in ("a", "b"))
 
 
 def _pytorch_fid_features(torch_model, images):
@@ -282,6 +289,7 @@ def _pytorch_fid_features(torch_model, images):
         return torch_model(x)[0].flatten(1).numpy().astype(np.float64)
 
 
+@pytest.mark.slow(25)
 def test_fid_pipeline_matches_pytorch_fid(fid_weights, fid_features, tmp_path):
     """Features sharded over 8 devices, statistics, distance: the FID of pytorch-fid's features
     and statistics (`np.mean`, `np.cov`, as its `calculate_activation_statistics`). The distance
@@ -303,6 +311,7 @@ def test_fid_pipeline_matches_pytorch_fid(fid_weights, fid_features, tmp_path):
     np.testing.assert_allclose(f13, fa["pool"][:13], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow(55)
 def test_fid_command_and_fid_stats(fid_weights, fid_features, tmp_path):
     """experiments.fid on two image sets prints the pipeline's FID; experiments.fid_stats writes
     a dataset's statistics, which experiments.fid reads as the reference; no weights: one line."""

@@ -61,7 +61,7 @@ def test_inspect_names_the_first_non_finite_gradient_array(where, value):
         assert not np.isfinite(float(report["grad_norm"]))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # (not module: the long tests run first, apart from the module's others)
 def run_step():
     """state (host) -> (state, metrics) (host) after one step, compiled exactly as the loop compiles it
     (so the compilation cache serves these tests and the loop's alike)."""
@@ -80,7 +80,6 @@ def run_step():
     return run
 
 
-@pytest.mark.xdist_group("micro_run")
 def test_stop_freezes_at_the_first_bad_step_and_names_it(micro_run, run_step):
     good, _ = run_step(jax.device_get(_state(micro_run())))  # one good step: step 1
     bad = _poison(good)
@@ -109,7 +108,6 @@ def _skipping(micro_run):
     return config
 
 
-@pytest.mark.xdist_group("micro_run")
 def test_skip_drops_bad_steps_counts_them_and_goes_on(micro_run, run_step):
     good = jax.device_get(_state(_skipping(micro_run)))
     bad = _poison(good, np.inf)
@@ -146,8 +144,7 @@ def _resume_poisoned(workdir, config):
     return train_and_evaluate(config, str(workdir))
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("micro_run")
+@pytest.mark.slow(6)
 def test_loop_stops_on_a_non_finite_step_and_keeps_the_last_good_checkpoint(tmp_path, micro_run):
     with pytest.raises(NonFiniteError) as info:
         _resume_poisoned(tmp_path, micro_run())
@@ -158,8 +155,7 @@ def test_loop_stops_on_a_non_finite_step_and_keeps_the_last_good_checkpoint(tmp_
     assert not os.path.exists(tmp_path / "metrics.jsonl")  # nothing logged from the bad step on
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("micro_run")
+@pytest.mark.slow(5)
 def test_loop_skips_non_finite_steps_and_logs_the_count(tmp_path, micro_run):
     config = _skipping(micro_run)
     config.training.max_consecutive_skips = 4

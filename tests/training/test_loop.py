@@ -45,7 +45,7 @@ def _cli(workdir, *overrides, mock=True):
     return subprocess.run([*cmd, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(45)
 def test_entry_point_trains_and_writes_its_outputs(tmp_path, fid_weights):
     """The real entry point on mock CIFAR-10: steps, checkpoints, logs, samples, the FID at step 2
     and at the end (random Inception weights), the config. (Resuming is `test_resume.py`'s, on

@@ -82,27 +82,27 @@ def _final_arrays(workdir):
     return jax.device_get(state.checkpoint_tree())
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, micro_run):
-    """family -> the micro run of that family, uninterrupted, in this process (8 devices)."""
-    runs = {}
-
+@pytest.fixture(scope="session")
+def uninterrupted(once_per_run, micro_run):
+    """family -> (work directory, summary) of the micro run of that family, uninterrupted, run in
+    a test process (8 devices) once for the whole test run."""
     def run(family="ddpm"):
-        if family not in runs:
-            workdir = tmp_path_factory.mktemp(f"uninterrupted_{family}")
-            runs[family] = workdir, train_and_evaluate(micro_run(family), str(workdir))
-        return runs[family]
+        def make(directory):
+            summary = train_and_evaluate(micro_run(family), str(directory / "run"))
+            (directory / "summary.json").write_text(json.dumps(summary, default=float))
+
+        directory = once_per_run(f"uninterrupted_{family}", make)
+        return directory / "run", json.loads((directory / "summary.json").read_text())
 
     return run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(uninterrupted):
     return uninterrupted("ddpm")
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("micro_run")
+@pytest.mark.slow(50)
 @pytest.mark.parametrize("family", ["ddpm", "vdm"])  # vdm: a learned schedule and masked AdamW state too
 def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, uninterrupted, family):
     ref_dir, _ = uninterrupted(family)
@@ -152,8 +152,7 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_p
         assert got_metrics[step]["grad_norm"] == ref_metrics[step]["grad_norm"]
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("micro_run")
+@pytest.mark.slow(6)
 @pytest.mark.parametrize("delay", [0.3, 4.0])
 def test_a_signal_during_start_up_stops_cleanly(tmp_path, delay):
     """SIGINT while the entry point imports, builds the state or compiles: it is honoured once the
@@ -179,8 +178,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("micro_run")
+@pytest.mark.slow(45)
 def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, reference):
     ref_dir, ref_summary = reference
     workdir = tmp_path / "two_processes"
@@ -225,8 +223,7 @@ class _FailingSource:
         return self.source[index]
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("micro_run")
+@pytest.mark.slow(10)
 def test_a_data_error_saves_the_steps_done_before_failing(tmp_path, micro_run, monkeypatch, capsys):
     real = loop_module.load_source
     # Batches of 16: the 120th read falls in the 8th batch (after a few reads that check the source).

@@ -38,12 +38,12 @@ def _run(config, mesh, batch, n_steps=1):
     return jax.device_get(state.params), jax.device_get(metrics)
 
 
-@pytest.mark.xdist_group("micro_run")
 @pytest.mark.parametrize("family", ["ddpm", "vdm"])
 def test_eight_devices_equal_one_device(micro_run, family):
     """Acceptance 2: two steps on 8 fake devices = the same steps on 1 device, with dropout and (vdm)
-    a learned schedule: the micro run's config, so the 8-device program is the loop's (compiled once
-    for this group of tests). Two steps: the vdm run's warm-up starts at learning rate 0."""
+    a learned schedule: the micro run's config, so the 8-device program is the loop's (which the
+    resume and fault tests compile too: the compilation cache serves them). Two steps: the vdm
+    run's warm-up starts at learning rate 0."""
     assert jax.device_count() == 8
     config = micro_run(family)
     assert config.model.dropout > 0  # dropout keys must not depend on the sharding either
@@ -58,8 +58,9 @@ def test_eight_devices_equal_one_device(micro_run, family):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_step_compiles_once_and_is_reproducible(micro):
-    config = micro()
+def test_step_compiles_once_and_is_reproducible(micro_run):
+    """(The micro run's config: the step compiles to the loop's program, which the compilation cache has.)"""
+    config = micro_run()
     mesh = parallel.make_mesh()
     rep = parallel.replicated(mesh)
     traced = chex.assert_max_traces(train_step, n=1)
