@@ -51,7 +51,7 @@ def pytest_collection_modifyitems(config, items):
     def seconds(item):
         mark = item.get_closest_marker("slow")
         if mark is not None:
-            return float(mark.args[0])
+            return float(mark.args[0]) if mark.args else 10.0
         return float(NOTEBOOK_SECONDS.get(item.path.name, 0)) if item.path.suffix == ".ipynb" else 0.0
 
     items.sort(key=seconds, reverse=True)  # stable
