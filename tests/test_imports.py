@@ -75,13 +75,12 @@ def probe():
 
 
 def test_imports_touch_no_global_state(probe):
-    result = probe
-    assert result["environ_changes"] == {}
-    assert result["parsed_before"] is False and result["parsed_after"] is False
-    assert result["flags_present"] == []
-    assert result["compiles_during_imports"] == []
-    assert result["devices"] == 3
-    assert "/jax/core/compile/backend_compile_duration" in result["compiles_after_a_jit"]
+    assert probe["environ_changes"] == {}
+    assert probe["parsed_before"] is False and probe["parsed_after"] is False
+    assert probe["flags_present"] == []
+    assert probe["compiles_during_imports"] == []
+    assert probe["devices"] == 3
+    assert "/jax/core/compile/backend_compile_duration" in probe["compiles_after_a_jit"]
 
 
 def test_start_up_skips_torch_and_sklearn(probe):
