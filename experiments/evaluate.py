@@ -73,6 +73,19 @@ flags.DEFINE_boolean("progress_bar", True, "Show progress bars.")
 flags.mark_flags_as_required(["workdir"])
 
 
+def _write(path: str, record: dict, arrays_path: str | None = None, arrays: dict | None = None) -> None:
+    """Writes `record` as JSON to `path` (and `arrays` as .npz to `arrays_path`), each atomically."""
+    from vdm_jax._files import atomic_write
+
+    with atomic_write(path) as f:
+        json.dump(record, f, indent=2)
+    if arrays_path is not None:
+        import numpy as np
+
+        with atomic_write(arrays_path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+
 def _devices() -> str:
     import jax
     d = jax.devices()
@@ -115,9 +128,7 @@ def _ode_bpd(FLAGS, config, state, mesh, source, spec: str, split: str, out_dir:
               "seconds": seconds, **result}
     path = os.path.join(out_dir, f"bpd_{split}_{tag}.json")
     if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(record, f, indent=2)
-        np.savez_compressed(os.path.join(out_dir, f"bpd_{split}_{tag}_per_example.npz"), **per_example)
+        _write(path, record, os.path.join(out_dir, f"bpd_{split}_{tag}_per_example.npz"), per_example)
     b, iw = result["bpd"]["total"], result["bpd"]["total_iw"]
     print(f"ODE bits/dim of {spec} '{split}': {b['mean']:.5f} ± {b['se']:.5f} over {result['examples']} examples "
           f"(uniform dequantisation, {FLAGS.ode_draws} draw(s); importance weighted {iw['mean']:.5f}), "
@@ -147,8 +158,7 @@ def _fid(FLAGS, mesh, images, stem: str, summary: dict) -> dict:
               "seconds": time.perf_counter() - start, **result}
     path = os.path.join(os.path.dirname(stem), "fid_" + os.path.basename(stem)[len("samples_"):] + ".json")
     if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(record, f, indent=2)
+        _write(path, record)
     print(f"FID of {result['num_images']} samples against {FLAGS.reference}:")
     print(format_quality(result))
     print(f"wrote {path}")
@@ -210,9 +220,7 @@ def evaluate(FLAGS) -> dict:
                   "seconds": seconds, **result}
         path = os.path.join(out_dir, f"bpd_{split}_{tag}.json")
         if main:
-            with open(path, "w") as f:
-                json.dump(record, f, indent=2)
-            np.savez_compressed(os.path.join(out_dir, f"bpd_{split}_{tag}_per_example.npz"), **per_example)
+            _write(path, record, os.path.join(out_dir, f"bpd_{split}_{tag}_per_example.npz"), per_example)
         print(f"bits/dim of {spec} '{split}': {result['examples']} examples, each exactly once; {how}; "
               f"EMA parameters at step {step}, {summary['dtype']} activations; {seconds:.1f} s on "
               f"{summary['devices']}")

@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from vdm_jax._files import atomic_write
+
 __all__ = ["FeatureStatistics", "frechet_distance", "kernel_inception_distance", "inception_score",
            "sample_quality", "save_statistics", "load_statistics"]
 
@@ -193,11 +195,8 @@ def save_statistics(path: str, mu, sigma) -> None:
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
         raise ValueError(f"mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}.")
-    path = os.path.abspath(os.path.expanduser(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma)
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:

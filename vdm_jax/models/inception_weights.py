@@ -24,7 +24,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -34,6 +33,8 @@ from typing import Any, BinaryIO, NamedTuple
 
 import ml_dtypes  # installed with jax: NumPy's bfloat16
 import numpy as np
+
+from vdm_jax._files import atomic_write
 
 __all__ = ["FID_WEIGHTS_URL", "FID_WEIGHTS_FILE", "FID_WEIGHTS_HASH_PREFIX", "read_torch_state_dict",
            "default_cache_dir", "load_fid_inception_weights", "fid_inception"]
@@ -382,8 +383,8 @@ def _converted(path: str, cache_dir: str, hash_prefix: str | None) -> dict[str, 
     weights = read_torch_state_dict(path)
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        with _atomic(cached) as tmp:
-            np.savez(tmp, **weights)
+        with atomic_write(cached, "wb") as f:
+            np.savez(f, **weights)
     except OSError as e:  # e.g. a read-only cache folder: the weights are still good
         warnings.warn(f"load_fid_inception_weights: could not cache the weights in {cached}: {e}",
                       stacklevel=3)
@@ -398,33 +399,13 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-class _atomic:
-    """Writes to a temporary file beside `target`, renamed onto it on success, deleted on failure."""
-
-    def __init__(self, target: str):
-        self.target = target
-
-    def __enter__(self):
-        fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(self.target) or ".", prefix=".tmp-")
-        self.file = os.fdopen(fd, "wb")
-        return self.file
-
-    def __exit__(self, kind, *_):
-        self.file.close()
-        if kind is None:
-            os.replace(self.tmp, self.target)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
-        return False
-
-
 def _download(url: str, target: str, hash_prefix: str) -> None:
     """Downloads `url` to `target` (atomically), checking that its sha256 starts with `hash_prefix`."""
     os.makedirs(os.path.dirname(target), exist_ok=True)
     print(f"Downloading {url} to {target}", file=sys.stderr)
     h = hashlib.sha256()
     try:
-        with _atomic(target) as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+        with atomic_write(target, "wb") as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
             for block in iter(lambda: response.read(1 << 20), b""):
                 h.update(block)
                 out.write(block)

@@ -24,6 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vdm_jax._files import atomic_write
+
 log = logging.getLogger(__name__)
 
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -213,14 +215,26 @@ def _one_line(e: Exception) -> str:
 
 
 def save_config(workdir: str, config_dict: dict) -> None:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    """Writes `workdir/config.json`, atomically (one process: process 0)."""
+    with atomic_write(os.path.join(workdir, "config.json")) as f:
         json.dump(config_dict, f, indent=2, sort_keys=True, default=list)
 
 
 def saved_config(workdir: str) -> dict | None:
-    """The config dict a run saved in `workdir/config.json`, or None if there is none."""
+    """The config dict a run saved in `workdir/config.json`, or None if there is none.
+
+    Raises ValueError naming the file if it is not a JSON object (damaged or edited).
+    """
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        config = e
+    if not isinstance(config, dict):
+        what = f"not JSON ({config})" if isinstance(config, ValueError) else "JSON, but not an object"
+        raise ValueError(f"{path} is damaged: {'empty' if not text.strip() else what}")
+    return config

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from vdm_jax._files import atomic_write
 from vdm_jax.data import check_source, eval_iterator, num_eval_batches
 from vdm_jax.fid import load_statistics
 from vdm_jax.training import parallel, steps
@@ -43,7 +44,11 @@ class RunNotFoundError(FileNotFoundError):
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run saved in `workdir/config.json`, read into the schema (`checked_config`)."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    config = saved_config(workdir)
+    try:
+        config = saved_config(workdir)
+    except ValueError as e:
+        raise ValueError(f"{e}. Rerunning the run's training command rewrites it (it resumes from the "
+                         "last checkpoint).") from None
     if config is None:
         raise RunNotFoundError(f"{os.path.join(workdir, 'config.json')} does not exist: --workdir must be the work "
                                "directory of a training run (experiments.quickstart or experiments.cifar10).")
@@ -282,10 +287,8 @@ def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int 
 
 def save_samples(path: str, images: np.ndarray) -> None:
     """Writes uint8 images [N, H, W, C] to `path` (.npz, key 'images'), atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, images=np.asarray(images, np.uint8))
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        np.savez_compressed(f, images=np.asarray(images, np.uint8))
 
 
 @functools.lru_cache(maxsize=None)

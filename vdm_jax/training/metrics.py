@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+from vdm_jax._files import atomic_write
+
 
 def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> np.ndarray:
     """Tiles uint8 images [N, H, W, C] into one [rows·(H+pad)+pad, cols·(W+pad)+pad, C] picture."""
@@ -31,8 +33,8 @@ def save_png(path: str, picture: np.ndarray, scale: int = 1) -> None:
     if scale > 1:
         picture = picture.repeat(scale, axis=0).repeat(scale, axis=1)
     mode_picture = picture[..., 0] if picture.shape[-1] == 1 else picture
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(mode_picture).save(path)
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(mode_picture).save(f, format="PNG")
 
 
 class MetricWriter:
@@ -103,9 +105,8 @@ def _drop_lines_after(path: str, step: int) -> None:
                     keep.append(line.rstrip("\n") + "\n")
             except (ValueError, KeyError, TypeError):  # a line cut short by a kill: drop it
                 pass
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path) as f:
         f.writelines(keep)
-    os.replace(path + ".tmp", path)
 
 
 def progress_bar(enabled: bool, **tqdm_kwargs):
