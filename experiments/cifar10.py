@@ -43,7 +43,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv  # parse_flags has rejected anything but flags
-    from experiments.common import run_or_explain, start_jax
+    from experiments.common import run_or_explain, start_jax, supervise
     from vdm_jax.training import train_and_evaluate  # after flag parsing, so --help is fast
 
     start_jax()
@@ -53,6 +53,10 @@ def main(argv):
         config = run_or_explain(lambda: flags.FLAGS.config)  # overrides are applied here
     except (AttributeError, KeyError) as e:
         _unknown_key(e)
+    t = config.training
+    if t.distributed:  # one process of several: supervised (train_and_evaluate starts JAX's distributed runtime)
+        supervise(process_id=t.process_id, num_processes=t.num_processes, heartbeat_timeout=t.heartbeat_timeout,
+                  checkpoints=os.path.join(os.path.abspath(flags.FLAGS.workdir), "checkpoints"))
     summary = run_or_explain(train_and_evaluate, config, flags.FLAGS.workdir)
     if "eval" in summary:
         print(f"step {summary['step']}: test bpd {summary['eval']['eval/total_bpd']:.4f} "

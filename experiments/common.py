@@ -120,16 +120,56 @@ def run_app(main, flags_parser) -> None:
         os._exit(130)
 
 
+def supervise(*, process_id: int, num_processes: int, heartbeat_timeout: int, checkpoints: str | None) -> None:
+    """With several processes, the first thing an entry point does once its flags are read: unless this
+    is already the supervised child, run this command again as one
+    (`vdm_jax.training.distributed.supervise`: a lost process is one line, not an abort) and exit
+    with its status."""
+    from vdm_jax.training import distributed
+
+    if not distributed.supervised():
+        sys.exit(distributed.supervise(process_id=process_id, num_processes=num_processes,
+                                       heartbeat_timeout=heartbeat_timeout, checkpoints=checkpoints))
+
+
+def _define_distributed_flags() -> None:
+    """The evaluation commands' flags for running as one of several processes (as training's
+    `training.distributed`, `coordinator_address`, `num_processes`, `process_id`, `heartbeat_timeout`)."""
+    from absl import flags
+
+    main = {"module_name": sys.argv[0]}  # (listed with the command's own flags by --help)
+    flags.DEFINE_boolean("distributed", False, "Run as one of several processes (jax.distributed.initialize; "
+                         "docs/scaling.md): the same command on every host.", **main)
+    flags.DEFINE_string("coordinator_address", "", "--distributed: host:port of process 0 ('': auto-detect on Cloud "
+                        "TPU, SLURM, MPI).", **main)
+    flags.DEFINE_integer("num_processes", 0, "--distributed: processes (0: auto-detect).", lower_bound=0, **main)
+    flags.DEFINE_integer("process_id", -1, "--distributed: this process's index (-1: auto-detect).", lower_bound=-1,
+                         **main)
+    flags.DEFINE_integer("heartbeat_timeout", 100, "--distributed: seconds without a heartbeat after which a process "
+                         "counts as lost and the others stop.", lower_bound=1, **main)
+
+
 def run_command(fn) -> None:
     """The whole `__main__` of an evaluation command (evaluate, fid, fid_stats): its flags parsed
-    (`parse_flags`), absl's logs at WARNING, vdm_jax's XLA flags (`start_jax`), then `fn(FLAGS)`
-    with bad input explained in one line (`run_or_explain`) and Ctrl-C ending it (`run_app`)."""
+    (`parse_flags`; with `--distributed` and the other flags of several processes), absl's logs at
+    WARNING, vdm_jax's XLA flags (`start_jax`), JAX's distributed runtime with --distributed, then
+    `fn(FLAGS)` with bad input explained in one line (`run_or_explain`) and Ctrl-C ending it (`run_app`)."""
     from absl import flags, logging
+
+    _define_distributed_flags()
 
     def main(argv):
         del argv  # parse_flags has rejected anything but flags
         logging.set_verbosity(logging.WARNING)
         start_jax()
-        run_or_explain(fn, flags.FLAGS)
+        f = flags.FLAGS
+        if f.distributed:
+            from vdm_jax.training import initialize_distributed
+
+            supervise(process_id=f.process_id, num_processes=f.num_processes, heartbeat_timeout=f.heartbeat_timeout,
+                      checkpoints=None)
+            run_or_explain(initialize_distributed, f.coordinator_address, f.num_processes, f.process_id,
+                           f.heartbeat_timeout)
+        run_or_explain(fn, f)
 
     run_app(main, parse_flags)

@@ -34,6 +34,9 @@ flags.mark_flags_as_required(["images", "reference"])
 
 
 def compute(FLAGS) -> dict:
+    import jax
+
+    from vdm_jax._files import atomic_write
     from vdm_jax.fid import frechet_distance, sample_quality
     from vdm_jax.training import make_mesh
     from vdm_jax.training.evaluation import format_quality, read_images_or_statistics
@@ -65,9 +68,9 @@ def compute(FLAGS) -> dict:
                                 is_splits=FLAGS.is_splits)
     result.update(images=os.path.abspath(FLAGS.images), reference=os.path.abspath(FLAGS.reference),
                   seconds=time.perf_counter() - start)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    if jax.process_index() == 0:
+        with atomic_write(out) as f:
+            json.dump(result, f, indent=2)
     print(format_quality(result))
     print(f"wrote {out}")
     print(f"FID {result['fid']:.4f}")

@@ -25,6 +25,7 @@ flags.mark_flags_as_required(["source", "out"])
 
 
 def compute(FLAGS) -> dict:
+    import jax
     import numpy as np
 
     from vdm_jax.data import FirstExamples, check_source, load_source
@@ -53,7 +54,8 @@ def compute(FLAGS) -> dict:
         bar.update(len(images))
     bar.close()
     mu, sigma = stats.mean_and_covariance()
-    save_statistics(out, mu, sigma)
+    if jax.process_index() == 0:  # (every process holds the same statistics)
+        save_statistics(out, mu, sigma)
     seconds = time.perf_counter() - start
     print(f"statistics of {stats.count} images of {FLAGS.source} '{FLAGS.split}' in {seconds:.1f} s: wrote {out}")
     return {"count": stats.count, "out": out, "seconds": seconds}

@@ -7,14 +7,16 @@ what these tests test (tests/models does), and its train step compiles in 60% of
 two-level tiny net with attention; `get_config` trains it on scikit-learn's digits (offline).
 """
 from vdm_jax.models import tiny
-from vdm_jax.training import default_config
+from vdm_jax.training import default_config, set_model
 
 
 def micro_config(image_size=8, channels=1, **diffusion):
-    """An 8×8×1 U-Net of ~15k parameters, batch 16, T = 50 (any diffusion.* key may be changed)."""
+    """An 8×8×1 U-Net of ~15k parameters (`model.dtype='auto'`), batch 16, T = 50 (any diffusion.* key
+    may be changed)."""
     c = default_config()
-    c.model.update(tiny(image_size=image_size, in_channels=channels, base_channels=8, channel_mult=(1,),
-                        attn_resolutions=(), mid_attention=False, num_groups=4, embedding_dim=16).to_dict())
+    # As the shipped configs set their model: model.dtype = 'auto' (float32 on a CPU).
+    set_model(c, tiny(image_size=image_size, in_channels=channels, base_channels=8, channel_mult=(1,),
+                      attn_resolutions=(), mid_attention=False, num_groups=4, embedding_dim=16))
     c.diffusion.timesteps = 50
     c.diffusion.schedule_hidden = 16
     for k, v in diffusion.items():

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +19,8 @@ import numpy as np
 import jax
 import pytest
 
-from vdm_jax.training import load_checkpoint, train_and_evaluate
+from vdm_jax.training import generate_samples, load_checkpoint, make_mesh, train_and_evaluate
+from vdm_jax.training.evaluation import read_config
 from vdm_jax.training import loop as loop_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -178,15 +180,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow(45)
-def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, reference):
-    ref_dir, ref_summary = reference
-    workdir = tmp_path / "two_processes"
+def _launch_processes(workdir, *flags, count: int = 2) -> list[subprocess.Popen]:
+    """`count` processes of 4 CPU devices each, joined on a fresh localhost port, as docs/scaling.md
+    says to run them on one machine (each its own supervisor and the run's process under it)."""
     address = f"localhost:{_free_port()}"
-    procs = [_launch(workdir, "--config.training.distributed=True", f"--config.training.coordinator_address={address}",
-                     "--config.training.num_processes=2", f"--config.training.process_id={i}", devices=4)
-             for i in range(2)]
-    results = [_finish(p) for p in procs]
+    return [_launch(workdir, "--config.training.distributed=True", f"--config.training.coordinator_address={address}",
+                    f"--config.training.num_processes={count}", f"--config.training.process_id={i}", *flags,
+                    devices=4)
+            for i in range(count)]
+
+
+@pytest.fixture(scope="session")
+def two_processes(once_per_run):
+    """(work directory, [(status, stdout, stderr)] of each process) of the micro ddpm run on two
+    processes of 4 devices, uninterrupted, run once for the whole test run."""
+    def make(directory):
+        results = [_finish(p) for p in _launch_processes(directory / "run")]
+        (directory / "results.json").write_text(json.dumps(results))
+
+    directory = once_per_run("two_processes", make)
+    return directory / "run", json.loads((directory / "results.json").read_text())
+
+
+@pytest.mark.slow(45)
+def test_two_processes_of_four_devices_train_like_one_of_eight(reference, two_processes):
+    ref_dir, ref_summary = reference
+    workdir, results = two_processes
     for code, _, err in results:
         assert code == 0, err[-3000:]
     out = results[0][1]
@@ -205,6 +224,49 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, referen
     np.testing.assert_array_equal(got["step"], ref["step"])
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+
+
+HEARTBEAT_TIMEOUT = 10  # s (the default is 100): a lost process is noticed within this
+
+
+@pytest.mark.slow(70)
+def test_a_lost_process_stops_the_other_in_bounded_time_and_a_restart_resumes_exactly(tmp_path, two_processes):
+    """Process 1 killed with SIGKILL after the first checkpoint (its host gone): process 0 exits
+    within the heartbeat timeout with one line naming the lost process and the intact checkpoint;
+    both restarted on another port resume from it and end bitwise equal to the uninterrupted run of
+    the same two processes."""
+    ref_dir, _ = two_processes
+    workdir = tmp_path / "lost"
+    timeout = f"--config.training.heartbeat_timeout={HEARTBEAT_TIMEOUT}"
+    first, second = _launch_processes(workdir, timeout)
+    _wait_for_step(first, workdir, 3)
+    deadline = time.monotonic() + 120
+    while not (workdir / "checkpoints" / "3").is_dir():  # (saved in the background)
+        assert time.monotonic() < deadline and first.poll() is None, "no checkpoint at step 3"
+        time.sleep(0.02)
+    second.kill()  # the supervisor: the run's process under it dies with it
+    killed = time.monotonic()
+    code, _, err = _finish(first)
+    waited = time.monotonic() - killed
+    assert code == 75, f"{err[:3000]}\n...\n{err[-3000:]}"  # EXIT_LOST: start every process again
+    assert waited < HEARTBEAT_TIMEOUT + 15, f"process 0 took {waited:.1f} s to stop"
+    last = err.strip().splitlines()[-1]
+    saved = int(re.match(rf"error: process 1 of 2 stopped sending heartbeats \(for {HEARTBEAT_TIMEOUT} s\), so process 0 stopped "
+                         r"too\. The last checkpoint, step (\d+) in (\S+), is intact: start every process again", last,
+                         ).group(1))
+    assert saved >= 3 and "Fatal Python error" not in err and "Check failure" not in err
+    os.remove(last.rsplit("JAX's report: ", 1)[1])  # (JAX's own account, kept in a temporary file)
+    _finish(second)
+
+    results = [_finish(p) for p in _launch_processes(workdir, timeout)]  # (another coordinator port)
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    err = results[0][2]
+    assert f"resuming from step {saved} in {workdir}" in err and "the config differs" not in err
+    ref, got = _final_arrays(ref_dir), _final_arrays(workdir)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(_metrics(workdir)) == list(range(1, 13))
 
 
 class _FailingSource:
@@ -243,3 +305,79 @@ def test_a_data_error_saves_the_steps_done_before_failing(tmp_path, micro_run, m
     assert (summary["start_step"], summary["step"]) == (saved, 12)
     notices = capsys.readouterr().err  # the run's own notices, plainly, once
     assert f"resuming from step {saved} in {tmp_path}" in notices and "training.log_every: 1 -> 2" in notices
+
+
+@pytest.mark.slow(30)
+def test_evaluate_on_two_processes_samples_as_one(tmp_path, reference):
+    """`experiments.evaluate --distributed` (the evaluation commands' flags for several processes):
+    both processes start JAX's distributed runtime first, process 0 alone writes the samples, and
+    they are bitwise those of one process of 8 devices with the same seed and batch."""
+    ref_dir, _ = reference
+    address, out = f"localhost:{_free_port()}", tmp_path / "eval"
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.evaluate", f"--workdir={ref_dir}", f"--out={out}",
+                               "--num_samples=8", "--sample_batch_size=8", "--sampler=ddim", "--sample_steps=4",
+                               "--noprogress_bar", "--distributed", f"--coordinator_address={address}",
+                               "--num_processes=2", f"--process_id={i}"],
+                              cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for code, stdout, err in map(_finish, procs):
+        assert code == 0, err[-3000:]
+        assert "sampled 8 images (ddim, 4 steps" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["samples_ddim4_seed0.npz", "samples_ddim4_seed0.png"]
+    mesh = make_mesh()
+    _, state = load_checkpoint(str(ref_dir), mesh=mesh)
+    expected = generate_samples(state, mesh=mesh, num=8, key=jax.random.key(0), batch_size=8, sampler="ddim",
+                                sample_steps=4)
+    np.testing.assert_array_equal(np.load(out / "samples_ddim4_seed0.npz")["images"], expected)
+
+
+# A process killed while it writes config.json (`save_config`): half the JSON is on disk when it dies.
+_KILLED_WHILE_WRITING_CONFIG = """
+import json, os, signal, sys
+from vdm_jax.training import checkpoint
+
+def dump_half_then_die(obj, f, **kwargs):
+    text = json.dumps(obj, **kwargs)
+    f.write(text[:len(text) // 2])
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.json.dump = dump_half_then_die
+checkpoint.save_config(sys.argv[1], {"seed": 1})
+"""
+
+
+@pytest.mark.slow(8)
+@pytest.mark.parametrize("damage", ["killed while writing", "empty", "cut short"])
+def test_a_run_resumes_past_a_damaged_config_json(tmp_path, reference, micro_run, capsys, damage):
+    """config.json is written atomically, so a kill mid-write leaves the old one; one damaged anyway
+    (e.g. by an older vdm_jax or by hand) is reported in one line and rewritten, and the run resumes."""
+    ref_dir, _ = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    path = workdir / "config.json"
+    before = path.read_text()
+    if damage == "killed while writing":
+        proc = subprocess.run([sys.executable, "-c", _KILLED_WHILE_WRITING_CONFIG, str(workdir)], cwd=REPO,
+                              env=_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        assert path.read_text() == before  # the old file, whole
+        assert [p.name for p in workdir.glob(".config.json.*.tmp")]  # (the killed write's own file)
+    else:
+        path.write_text("" if damage == "empty" else before[:len(before) // 2])
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))} is damaged: "
+                                             + ("empty" if damage == "empty" else "not JSON")):
+            read_config(str(workdir))  # (what evaluate says, in one line)
+    config = micro_run()
+    config.training.update(eval_at_end=False, sample_at_end=False)
+    capsys.readouterr()
+    summary = train_and_evaluate(config, str(workdir))
+    assert (summary["start_step"], summary["step"]) == (12, 12)
+    notices = capsys.readouterr().err
+    assert f"resuming from step 12 in {workdir}" in notices
+    if damage == "killed while writing":
+        assert "warning" not in notices  # the old config.json, read whole: the settings changed here are listed
+        assert "training.eval_at_end: True -> False" in notices
+    else:
+        assert f"warning: {path} is damaged: " in notices and "it is rewritten from this run's config" in notices
+    assert read_config(str(workdir)).to_dict() == config.to_dict()

@@ -4,7 +4,9 @@ from vdm_jax._extras import require_train_extra
 require_train_extra("vdm_jax.training", "grain", "PIL", "ml_collections", "orbax.checkpoint", "tensorboardX", "tqdm")
 
 from vdm_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
-from vdm_jax.training.config import checked_config, compute_dtype, default_config, set_model, validate_config
+from vdm_jax.training.config import (check_config, checked_config, compute_dtype, default_config, set_model,
+                                     validate_config)
+from vdm_jax.training.distributed import initialize_distributed
 from vdm_jax.training.evaluation import (RunNotFoundError, evaluate_bpd, evaluate_ode_bpd, format_bpd_table,
                                          generate_samples, inception_features, load_checkpoint, save_samples)
 from vdm_jax.training.faults import NonFiniteError

@@ -93,10 +93,16 @@ SETTINGS = {
     "training.coordinator_address": ("", "host:port of process 0 ('': auto-detect on Cloud TPU, SLURM, MPI)"),
     "training.num_processes": (0, "processes in the run (0: auto-detect)", ">= 0"),
     "training.process_id": (-1, "this process's index (-1: auto-detect)", ">= -1"),
+    "training.heartbeat_timeout": (100, "several processes: seconds without a heartbeat after which a process counts "
+                                        "as lost and the others stop (docs/scaling.md)", "> 0"),
     "training.progress_bar": (True, "a progress bar on a terminal (a plain line at each log otherwise)"),
     "training.on_nonfinite": ("stop", "a NaN/Inf loss or gradient: 'stop' (raise) or 'skip' the step", ON_NONFINITE),
     "training.max_consecutive_skips": (100, "with 'skip': raise after this many bad steps in a row (0: never)", ">= 0"),
 }
+# The settings that say where a run executes, not what it computes: a run restarted with other values
+# (a new coordinator port, another process count) is the same run (`config_changes`).
+PLACEMENT = ("training.distributed", "training.coordinator_address", "training.num_processes", "training.process_id",
+             "training.heartbeat_timeout")
 _RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= -1": lambda v: v >= -1,
            "in [0, 1)": lambda v: 0.0 <= v < 1.0}
 _MODEL_DTYPE = "activations: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'"
@@ -195,12 +201,13 @@ def _group_of(config, name: str):
 
 
 def config_changes(old: dict | None, new: dict) -> list[str]:
-    """'key: old -> new' for each setting that differs between two config dicts (old: None = none saved)."""
+    """'key: old -> new' for each setting that differs between two config dicts (old: None = none saved),
+    but those of `PLACEMENT`: where a run executes is not part of what it is."""
     if old is None:
         return []
     a, b = dict(_leaves(old)), dict(_leaves(json.loads(json.dumps(new, default=list))))  # tuples as JSON lists
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in PLACEMENT]
 
 
 def _leaves(values, prefix=""):
@@ -212,15 +219,32 @@ def _leaves(values, prefix=""):
             yield f"{prefix}{key}", value
 
 
-def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
-    """Checks a config against `default_config()` (`checked_config`) and the rules between its
-    settings; returns the model's config, with `model.dtype = 'auto'` resolved for JAX's default
-    backend (`compute_dtype`).
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Every check of `validate_config`, without starting JAX's backend (`model.dtype='auto'` is not
+    resolved): what a run on several processes calls before `jax.distributed.initialize`.
 
     Raises:
       ValueError: unknown keys, values out of range, impossible combinations.
       TypeError: values of the wrong type.
     """
+    _validate(config, "float32")  # (either dtype: no other rule depends on it)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
+    """Checks a config against `default_config()` (`checked_config`) and the rules between its
+    settings; returns the model's config, with `model.dtype = 'auto'` resolved for JAX's default
+    backend (`compute_dtype`), which starts the backend: with several processes, `check_config`
+    first, then `jax.distributed.initialize` (`vdm_jax.training.initialize_distributed`), then this.
+
+    Raises:
+      ValueError: unknown keys, values out of range, impossible combinations.
+      TypeError: values of the wrong type.
+    """
+    return _validate(config, None)
+
+
+def _validate(config: ml_collections.ConfigDict, auto_dtype: str | None) -> UNetConfig:
+    """`validate_config`, with `model.dtype='auto'` taken as `auto_dtype` (None: `compute_dtype`'s)."""
     config = checked_config(config)
     value = dict(_leaves(config))  # dotted key -> setting
     for name, (_, _, *allowed) in SETTINGS.items():
@@ -229,8 +253,11 @@ def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
             if not (value[name] in rule if choices else _RANGES[rule](value[name])):
                 raise ValueError(f"config key {name!r} must be {f'one of {rule}' if choices else rule}, "
                                  f"got {value[name]!r}.")
+    dtype = config.model.dtype
+    if dtype == "auto":
+        dtype = auto_dtype or compute_dtype(dtype)
     try:
-        model = UNetConfig.from_dict({**config.model, "dtype": compute_dtype(config.model.dtype)})
+        model = UNetConfig.from_dict({**config.model, "dtype": dtype})
     except (ValueError, TypeError) as e:
         raise type(e)(f"config.model: {e}") from None
     t = config.training

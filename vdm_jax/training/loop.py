@@ -13,6 +13,9 @@ Never losing a run (docs/long_jobs.md lists the tests):
   evaluation and sample steps only, so the loop does not wait on the device in between (but for
   an interactive progress bar, which counts each call's steps when they are done, one call behind).
 - A data error saves the steps done before it is raised (one process).
+- With several processes, `jax.distributed.initialize` comes before anything starts JAX's backend,
+  only process 0 writes the work directory's files (each atomically), and a lost process stops the
+  others within `training.heartbeat_timeout` (`distributed`).
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ from tqdm import tqdm
 from vdm_jax.data import load_source, train_iterator
 from vdm_jax.training import faults, parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, save_config, saved_config
-from vdm_jax.training.config import config_changes, validate_config
+from vdm_jax.training.config import check_config, config_changes, validate_config
+from vdm_jax.training.distributed import initialize_distributed
 from vdm_jax.fid import load_statistics, sample_quality
 from vdm_jax.models.inception_weights import fid_inception
 from vdm_jax.training.evaluation import check_images, evaluate_bpd, generate_samples, inception_features
@@ -128,11 +132,15 @@ class _Run:
             if data.get("iterator"):
                 self.train_iter.set_state(data["iterator"])
             self.skipped_seen = int(jax.device_get(state.faults["skipped"]))
-            changes = config_changes(saved_config(self.workdir), config_dict)
             _say(f"resuming from step {resume_step} in {self.workdir}")
+        if self.is_main:  # (config.json is process 0's: the others neither read nor write it)
+            try:
+                changes = config_changes(saved_config(self.workdir), config_dict) if restored is not None else []
+            except ValueError as e:  # a damaged config.json: the checkpoint is what counts
+                changes = []
+                _say(f"warning: {e}; it is rewritten from this run's config")
             if changes:
                 _say(f"the config differs from the one saved in {self.workdir}/config.json:\n  " + "\n  ".join(changes))
-        if self.is_main:
             save_config(self.workdir, config_dict)
         self.writer = MetricWriter(os.path.join(self.workdir, "tensorboard"), enabled=self.is_main,
                                    jsonl_path=os.path.join(self.workdir, "metrics.jsonl"), resume_step=resume_step)
@@ -302,12 +310,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     with _StopSignal() as stop:
         if stop.signum is not None:  # a signal during start-up, before anything was done (and before JAX starts)
             return _stopped_before_training(stop, 0)
-        model_config = validate_config(config)
+        check_config(config)  # (starts no JAX backend: jax.distributed.initialize comes first)
         t = config.training
-        if t.distributed:  # each setting's 'auto-detect' value as None
-            jax.distributed.initialize(coordinator_address=t.coordinator_address or None,
-                                       num_processes=t.num_processes or None,
-                                       process_id=None if t.process_id < 0 else t.process_id)
+        if t.distributed:
+            initialize_distributed(t.coordinator_address, t.num_processes, t.process_id, t.heartbeat_timeout)
+        model_config = validate_config(config)
         mesh = parallel.make_mesh()
         parallel.check_batch_size(t.batch_size, mesh)
         parallel.check_batch_size(t.eval_batch_size, mesh, "training.eval_batch_size")
