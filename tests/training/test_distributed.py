@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -150,20 +149,17 @@ raise ValueError("a bug of its own")
 '''
 
 
-def _supervise(tmp_path, child: str, **kwargs):
-    """Runs `supervise` in a fresh process over `child` (Python source); (status, stdout, stderr)."""
+def _supervise(tmp_path, capfd, child: str, **kwargs):
+    """`supervise` over `child` (Python source), here; (status, stdout, stderr)."""
     (tmp_path / "child.py").write_text(child)
     checkpoints = tmp_path / "checkpoints"
     for step in ("3", "6.orbax-checkpoint-tmp-12"):  # a finished step and one being written
         (checkpoints / step).mkdir(parents=True, exist_ok=True)
-    code = textwrap.dedent(f"""
-        import sys
-        from vdm_jax.training import distributed
-        sys.exit(distributed.supervise(command=[sys.executable, {str(tmp_path / 'child.py')!r}],
-                                       checkpoints={str(checkpoints)!r}, **{kwargs!r}))
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    return proc.returncode, proc.stdout, proc.stderr
+    capfd.readouterr()
+    status = distributed.supervise(command=[sys.executable, str(tmp_path / "child.py")], checkpoints=str(checkpoints),
+                                   **kwargs)
+    out, err = capfd.readouterr()
+    return status, out, err
 
 
 @pytest.mark.parametrize("child, kwargs, line", [
@@ -179,8 +175,8 @@ def _supervise(tmp_path, child: str, **kwargs):
     (_GLOO_CRASH, dict(process_id=0, num_processes=2),
      "error: another process of 2 stopped or was lost, so process 0 stopped too. The last checkpoint, step 3"),
 ])
-def test_a_lost_process_is_one_line(tmp_path, child, kwargs, line):
-    status, out, err = _supervise(tmp_path, child, **kwargs)
+def test_a_lost_process_is_one_line(tmp_path, capfd, child, kwargs, line):
+    status, out, err = _supervise(tmp_path, capfd, child, **kwargs)
     assert status == distributed.EXIT_LOST
     assert out == ("step 4/12\n" if child is _JAX_ABORT else "")  # standard output untouched
     lines = err.splitlines()
@@ -194,8 +190,10 @@ def test_a_lost_process_is_one_line(tmp_path, child, kwargs, line):
     os.remove(report)
 
 
-def test_the_childs_own_failure_passes_through(tmp_path):
-    status, out, err = _supervise(tmp_path, _OWN_ERROR)
+def test_the_childs_own_failure_passes_through(tmp_path, capfd):
+    handlers = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
+    status, out, err = _supervise(tmp_path, capfd, _OWN_ERROR)
+    assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)] == handlers
     assert status == 1
     assert err.startswith("a warning\nTraceback (most recent call last):")
     assert err.rstrip().endswith("ValueError: a bug of its own")

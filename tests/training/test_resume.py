@@ -237,8 +237,9 @@ def test_a_lost_process_stops_the_other_in_bounded_time_and_a_restart_resumes_ex
     the same two processes."""
     ref_dir, _ = two_processes
     workdir = tmp_path / "lost"
-    timeout = f"--config.training.heartbeat_timeout={HEARTBEAT_TIMEOUT}"
-    first, second = _launch_processes(workdir, timeout)
+    flags = (f"--config.training.heartbeat_timeout={HEARTBEAT_TIMEOUT}",  # (the final checkpoint is what counts)
+             "--config.training.eval_at_end=False", "--config.training.sample_at_end=False")
+    first, second = _launch_processes(workdir, *flags)
     _wait_for_step(first, workdir, 3)
     deadline = time.monotonic() + 120
     while not (workdir / "checkpoints" / "3").is_dir():  # (saved in the background)
@@ -258,7 +259,7 @@ def test_a_lost_process_stops_the_other_in_bounded_time_and_a_restart_resumes_ex
     os.remove(last.rsplit("JAX's report: ", 1)[1])  # (JAX's own account, kept in a temporary file)
     _finish(second)
 
-    results = [_finish(p) for p in _launch_processes(workdir, timeout)]  # (another coordinator port)
+    results = [_finish(p) for p in _launch_processes(workdir, *flags)]  # (another coordinator port)
     for code, _, err in results:
         assert code == 0, err[-3000:]
     err = results[0][2]

@@ -94,18 +94,21 @@ def supervise(*, process_id: int = -1, num_processes: int = 0, heartbeat_timeout
     def forward(signum, frame):
         child.send_signal(signum)
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
-    for signum in filter(None, held):  # a signal during our own start-up (`experiments.common.hold_signals`)
-        child.send_signal(signum)
-    held, tail = [], collections.deque(maxlen=2000)  # (what is not shown yet; the last lines, for the verdict)
-    for line in child.stderr:
-        tail.append(line)
-        if held or _HOLD.match(line):
-            held.append(line)
-        else:
-            os.write(2, line)
-    status = child.wait()
+    before = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for signum in filter(None, held):  # a signal during our own start-up (`experiments.common.hold_signals`)
+            child.send_signal(signum)
+        held, tail = [], collections.deque(maxlen=2000)  # (what is not shown yet; the last lines, for the verdict)
+        for line in child.stderr:
+            tail.append(line)
+            if held or _HOLD.match(line):
+                held.append(line)
+            else:
+                os.write(2, line)
+        status = child.wait()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     text = b"".join(tail)
     if status == 0 or not _FATAL.search(text):
         os.write(2, b"".join(held))
