@@ -84,7 +84,7 @@ def test_evaluate_flags():
                      "than None.", None]
     assert sampling[:3] == [["ddim", 100], ["ancestral", 0], ["ddim", 20]]
     assert sampling[3].startswith("--sample_steps=50: DDPM's ancestral sampler runs all T = 1000 steps")
-    assert sampling[4] == "--sample_steps=5000: DDIM on a DDPM with T = 1000 takes at most T steps."
+    assert sampling[4] == "--sample_steps=5000: ddim on a DDPM with T = 1000 takes at most T steps."
 
 
 def test_quickstart_and_cifar10_flags():

@@ -52,6 +52,7 @@ from vdm_jax.variance import variance_minimising_grads
 from vdm_jax.sampling import (SPACINGS, ddim_sample, ddpm_sample, ddpm_step, dpm_solver_sample, ode_sample,
                               solver_times, strided_times, vdm_sample)
 from vdm_jax.likelihood import dequantized_bits_per_dim, ode_log_likelihood
+from vdm_jax.families import DDPM, SAMPLERS, VDM, Sampler
 from vdm_jax.fid import (FeatureStatistics, frechet_distance, inception_score, kernel_inception_distance,
                          load_statistics, sample_quality, save_statistics)
 from vdm_jax.xla_flags import set_cpu_xla_flags
@@ -77,6 +78,8 @@ __all__ = [
     # samplers (§6)
     "ddpm_sample", "ddpm_step", "vdm_sample", "ddim_sample", "strided_times", "dpm_solver_sample", "ode_sample",
     "solver_times", "SPACINGS",
+    # the families: loss, bound and sampling of a network (§5, §6), and the samplers' registry
+    "DDPM", "VDM", "SAMPLERS", "Sampler",
     # likelihoods (§6.8)
     "ode_log_likelihood", "dequantized_bits_per_dim",
     # sample quality from Inception features (§7)

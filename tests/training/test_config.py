@@ -49,12 +49,13 @@ def test_wrong_type():
     ({"diffusion.loss": "simple", "diffusion.variance": "learned", "model.learned_variance": True},
      "cannot train a learned variance"),
     ({"diffusion.family": "vdm", "model.learned_variance": True}, "DDPM option"),
-    ({"diffusion.family": "vdm", "diffusion.gamma_min": 5.0}, "gamma_min must be < diffusion.gamma_max"),
+    ({"diffusion.family": "vdm", "diffusion.gamma_min": 5.0}, "diffusion.gamma_min must be < gamma_max, got 5.0"),
     ({"diffusion.family": "diffusion"}, "'diffusion.family' must be one of"),
-    ({"diffusion.schedule": "learned"}, "'diffusion.schedule' must be one of"),
+    ({"diffusion.schedule": "learned"}, r"diffusion.family='ddpm': diffusion.schedule must be one of \('linear', "
+                                        r"'cosine'\), got 'learned'"),
     ({"training.batch_size": 0}, "'training.batch_size' must be > 0"),
     ({"optim.ema_decay": 1.0}, r"'optim.ema_decay' must be in \[0, 1\)"),
-    ({"diffusion.timesteps": 0}, "must be >= 1 for a DDPM"),
+    ({"diffusion.timesteps": 0}, "diffusion.family='ddpm': diffusion.timesteps must be an int >= 1, got 0"),
     ({"model.image_size": 30}, "config.model"),
     ({"model.channel_mult": ()}, r"config.model: UNetConfig.channel_mult: expected a non-empty tuple"),
     ({"model.num_groups": 5}, r"config.model: UNetConfig.num_groups: expected a divisor of every channel count"),
@@ -62,7 +63,8 @@ def test_wrong_type():
                                        r"reachable resolutions"),
     ({"seed": -1}, "'seed' must be >= 0, got -1"),
     ({"data.num_workers": -1}, "'data.num_workers' must be >= 0, got -1"),
-    ({"diffusion.beta_start": 0.05}, r"must satisfy 0 < beta_start <= beta_end < 1, got 0.05 and 0.02"),
+    ({"diffusion.beta_start": 0.05}, r"diffusion.beta_start and diffusion.beta_end must satisfy 0 < beta_start <= "
+                                     r"beta_end < 1, got 0.05 and 0.02"),
     ({"diffusion.beta_end": 1.0}, r"must satisfy 0 < beta_start <= beta_end < 1, got 0.0001 and 1.0"),
     ({"diffusion.hybrid_lambda": -0.001}, "'diffusion.hybrid_lambda' must be >= 0"),
     ({"diffusion.family": "vdm", "diffusion.timesteps": 0, "diffusion.schedule": "learned",
@@ -73,7 +75,7 @@ def test_wrong_type():
     ({"optim.eps": 0.0}, "'optim.eps' must be > 0"),
     ({"training.num_processes": 2, "training.process_id": 2}, "'training.process_id' must be < training.num_processes"),
     ({"training.sample_steps": 100}, r"training.sample_steps=100: DDPM's ancestral sampler runs all T = 1000 steps"),
-    ({"training.sampler": "ddim", "training.sample_steps": 2000}, "DDIM on a DDPM with T = 1000 takes at most T"),
+    ({"training.sampler": "ddim", "training.sample_steps": 2000}, "ddim on a DDPM with T = 1000 takes at most T"),
 ])
 def test_impossible_combinations(changes, message):
     c = default_config()

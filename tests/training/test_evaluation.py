@@ -63,12 +63,12 @@ def test_bpd_equals_the_core_elbo_on_the_same_draws(micro, family):
     draw_key = jax.random.fold_in(jax.random.fold_in(key, 1), 0)
     if family == "ddpm":
         core = jax.jit(lambda p, k: ddpm_vlb(as_pred_fn(model), pixels_to_data(p, grid="ddpm"),
-                                             objective.discrete_schedule(), key=k))(pixels, draw_key)
+                                             objective.family.gamma_schedule(), key=k))(pixels, draw_key)
         assert len(result["per_t_bpd"]) == 20
         np.testing.assert_allclose(np.sum(result["per_t_bpd"]), result["bpd"]["diffusion"]["mean"]
                                    + result["bpd"]["reconstruction"]["mean"], rtol=1e-6)
     else:
-        gamma_fn = objective.gamma_fn()
+        gamma_fn = objective.family.gamma_schedule()
         pred_fn = as_pred_fn(model, gamma_fn, gamma_min=config.diffusion.gamma_min,
                              gamma_max=config.diffusion.gamma_max)
         core = jax.jit(lambda p, k: vdm_elbo(pred_fn, pixels_to_data(p, grid="vdm"), gamma_fn, key=k))(

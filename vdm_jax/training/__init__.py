@@ -11,7 +11,7 @@ from vdm_jax.training.evaluation import (RunNotFoundError, evaluate_bpd, evaluat
                                          generate_samples, inception_features, load_checkpoint, save_samples)
 from vdm_jax.training.faults import NonFiniteError
 from vdm_jax.training.loop import WorkdirError, train_and_evaluate
-from vdm_jax.training.objective import DDPMObjective, Objective, VDMObjective, make_objective
+from vdm_jax.training.objective import Objective, make_objective
 from vdm_jax.training.parallel import make_mesh
 from vdm_jax.training.state import Optimizer, TrainState, create_train_state, decay_mask
 from vdm_jax.training.steps import eval_step, ode_bpd_step, sample_step, train_step, train_steps

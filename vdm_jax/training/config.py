@@ -15,9 +15,10 @@ import ml_collections
 
 from vdm_jax.models import UNetConfig, tiny
 from vdm_jax.training.faults import ON_NONFINITE
-from vdm_jax.training.objective import OBJECTIVES, make_objective
+from vdm_jax.families import SAMPLERS as _SAMPLER_REGISTRY
+from vdm_jax.training.objective import FAMILIES, make_objective
 
-SAMPLERS = ("ancestral", "ddim", "dpm_solver", "heun", "euler")
+SAMPLERS = tuple(_SAMPLER_REGISTRY)  # (the core registry's names: `vdm_jax.SAMPLERS`)
 # model.dtype = 'auto': bfloat16 activations on these backends (float32 parameters, loss and optimiser
 # state either way), float32 elsewhere. XLA:CPU has no fast bfloat16 convolutions.
 MIXED_PRECISION_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
@@ -45,7 +46,7 @@ SETTINGS = {
     "data.random_flip": (True, "flip training images left-right at random"),
     "data.num_workers": (0, "grain worker processes reading the training data (0: in the main process)", ">= 0"),
     "data.prefetch": (2, "calls' batches read and put on the devices ahead, on a background thread (0: none)", ">= 0"),
-    "diffusion.family": ("ddpm", "'ddpm' (discrete, β schedule) or 'vdm' (γ schedule, its ELBO)", tuple(OBJECTIVES)),
+    "diffusion.family": ("ddpm", "'ddpm' (discrete, β schedule) or 'vdm' (γ schedule, its ELBO)", tuple(FAMILIES)),
     "diffusion.timesteps": (1000, "T, the number of diffusion steps; for 'vdm', 0 = continuous time"),
     "diffusion.schedule": ("linear", "ddpm: 'linear' | 'cosine'; vdm: 'linear' | 'cosine' | 'learned'"),
     "diffusion.beta_start": (1e-4, "ddpm, linear schedule: β_1"),
