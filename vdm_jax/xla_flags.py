@@ -9,12 +9,11 @@ XLA:CPU flags to `XLA_FLAGS`:
 - `--xla_cpu_enable_concurrency_optimized_scheduler=false`: XLA's memory-minimising schedule,
   under which rematerialisation (`UNetConfig.remat`) saves memory on CPU;
 - `--xla_cpu_experimental_ynn_fusion_type=` (empty): XLA's own convolutions instead of YNNPACK's,
-  14-26% faster per train step for the small nets trained on CPUs, 5-8% slower for the
-  128-channel CIFAR-10 nets at small batches (`convolutions='ynnpack'` or
-  $VDM_JAX_CPU_CONVOLUTIONS=ynnpack keeps YNNPACK's).
+  faster for the small nets trained on CPUs, slower for the 128-channel CIFAR-10 nets at small
+  batches (`convolutions='ynnpack'` or $VDM_JAX_CPU_CONVOLUTIONS=ynnpack keeps YNNPACK's).
 
-Measurements: `benchmarks/results/cpu_conv_paths_x86_64.json` (`python -m benchmarks.cpu_conv_paths`)
-and docs/benchmarks.md. The flags only change how XLA:CPU compiles; other backends ignore them.
+The measurements behind the choice, with their commands: docs/benchmarks.md, "XLA:CPU
+convolutions". The flags only change how XLA:CPU compiles; other backends ignore them.
 """
 from __future__ import annotations
 

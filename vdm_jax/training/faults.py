@@ -50,9 +50,8 @@ def inspect(loss, terms: dict[str, jax.Array], grads) -> dict[str, Any]:
     overflow), and the per-array sums of squares that give the norm also give the gradients'
     finiteness, so the check costs no extra pass over the gradients; the optimiser's clipping
     reuses the norm (`state.clip_by_global_norm`). Each sum of squares is a dot product of the
-    raveled array with itself, which XLA:CPU runs faster than a reduction (11 ms against 50 ms for
-    the DDPM U-Net's 328 gradient arrays on 2 CPU cores; with the reuse, the whole update went from
-    97 to 58 ms: `python -m benchmarks.update_cost`, docs/benchmarks.md).
+    raveled array with itself, which XLA:CPU runs faster than a reduction (docs/benchmarks.md, "The
+    update").
     """
     values = {"loss": jnp.mean(loss), **{name: jnp.mean(v) for name, v in terms.items()}}
     squares = jnp.stack([jnp.vdot(g, g).astype(jnp.float32) for g in

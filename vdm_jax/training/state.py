@@ -65,9 +65,8 @@ class Optimizer:
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
     """`optax.clip_by_global_norm` (the same update and state), taking the norm as `grad_norm=` when
-    the caller has it: the train step's fault check computes it anyway (`faults.inspect`), and a
-    second pass over every gradient array costs ~2% of the DDPM step on a CPU. Without
-    `grad_norm` it computes the norm itself."""
+    the caller has it: the train step's fault check computes it anyway (`faults.inspect`), so a
+    second pass over every gradient array is saved. Without `grad_norm` it computes the norm itself."""
     def update(updates, state, params=None, *, grad_norm=None, **extra_args):
         del params, extra_args
         norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
