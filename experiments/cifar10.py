@@ -59,7 +59,7 @@ def main(argv):
                   checkpoints=os.path.join(os.path.abspath(flags.FLAGS.workdir), "checkpoints"))
     summary = run_or_explain(train_and_evaluate, config, flags.FLAGS.workdir)
     if "eval" in summary:
-        print(f"step {summary['step']}: test bpd {summary['eval']['eval/total_bpd']:.4f} "
+        print(f"step {summary['eval']['step']}: test bpd {summary['eval']['eval/total_bpd']:.4f} "
               f"over {int(summary['eval']['eval/examples'])} images"
               + (f"; samples: {summary['samples']}" if "samples" in summary else ""))
 

@@ -117,6 +117,8 @@ class _Run:
         self.skipped_seen = 0
         self.batches: DevicePrefetcher | None = None  # made once the state is restored
         self.trained = False  # a training call has run (its logs stay, even with no checkpoint)
+        self.progress = None  # the progress bar (a disabled one where there is no terminal)
+        self.logged = (0, 0.0)  # (step, time) of the last log
 
     # --- state and checkpoints ----------------------------------------------------------------
 
@@ -197,17 +199,36 @@ class _Run:
 
     # --- work ---------------------------------------------------------------------------------
 
-    def evaluate(self, state: TrainState) -> dict[str, float]:
-        """The bound on the whole eval split, every example once, with the EMA parameters."""
+    def log(self, state: TrainState, metrics) -> dict[str, float]:
+        """The last training call's metrics, with the steps and images per second since the last log:
+        to the logs, the progress bar, and as a plain line where there is no bar."""
+        t, step = self.config.training, int(state.step)
+        values = {name: float(v) for name, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        values["steps_per_sec"] = (step - self.logged[0]) / (now - self.logged[1])
+        values["images_per_sec"] = values["steps_per_sec"] * t.batch_size
+        self.logged = (step, now)
+        self.writer.scalars(step, values)
+        self.progress.set_postfix(loss=f"{values['loss']:.4f}")
+        if t.progress_bar and self.progress.disable and self.is_main:
+            left = (t.num_steps - step) / max(values["steps_per_sec"], 1e-9)
+            print(f"step {step}/{t.num_steps}: loss {values['loss']:.4f}, {values['steps_per_sec']:.1f} steps/s, "
+                  f"about {tqdm.format_interval(left)} to go", flush=True)
+        return values
+
+    def evaluate(self, state: TrainState, metrics=None) -> dict[str, float]:
+        """The bound on the whole eval split, every example once, with the EMA parameters (logged;
+        returned with its 'step')."""
         result = evaluate_bpd(state, self.eval_source, mesh=self.mesh,
                               batch_size=self.config.training.eval_batch_size, key=self.key_eval)
         out = {f"eval/{name}_bpd": r["mean"] for name, r in result["bpd"].items()}
         out["eval/total_bpd_se"] = result["bpd"]["total"]["se"]
         out["eval/examples"] = float(result["examples"])
-        return out
+        self.writer.scalars(int(state.step), out)
+        return {**out, "step": int(state.step)}
 
-    def fid(self, state: TrainState) -> dict[str, float]:
-        """FID and Inception Score of training.fid_samples samples (the sampler of the sample grids)."""
+    def fid(self, state: TrainState, metrics=None) -> dict[str, float]:
+        """FID and Inception Score of training.fid_samples samples (the sampler of the sample grids), logged."""
         t, n = self.config.training, self.mesh.devices.size
         batch = -(-min(t.fid_samples, t.eval_batch_size) // n) * n
         images = generate_samples(state, mesh=self.mesh, num=t.fid_samples, batch_size=batch,
@@ -215,9 +236,12 @@ class _Run:
                                   sample_steps=t.sample_steps)
         features = inception_features(self.fid_network, images, mesh=self.mesh, batch_size=batch)
         result = sample_quality(features, self.fid_reference)
-        return {"fid/fid": result["fid"], "fid/inception_score": result["inception_score"]}
+        out = {"fid/fid": result["fid"], "fid/inception_score": result["inception_score"]}
+        self.writer.scalars(int(state.step), out)
+        return out
 
-    def sample(self, state: TrainState) -> str:
+    def sample(self, state: TrainState, metrics=None) -> str:
+        """A grid of training.num_samples samples, as a PNG in samples/ and in the logs; returns its path."""
         t = self.config.training
         n = self.mesh.devices.size
         images = generate_samples(state, mesh=self.mesh, num=t.num_samples, batch_size=-(-t.num_samples // n) * n,
@@ -345,26 +369,37 @@ def _stopped_before_training(stop: _StopSignal, step: int) -> dict[str, Any]:
     return {"start_step": step, "step": step, "interrupted": True}
 
 
+def _periodic(run: _Run) -> dict[str, tuple[int, bool, Any]]:
+    """The loop's periodic work, by the summary entry it fills: name -> (every, at_end, action).
+
+    `action(state, metrics)` runs whenever training crosses a multiple of `every` steps (0: never),
+    and with `at_end` once more when training ends uninterrupted (then not at the last step itself,
+    so that it never runs twice there). Checkpoints are not in the table: they are saved at every
+    training.checkpoint_every steps and when the run ends, interrupted or not.
+    """
+    t = run.config.training
+    return {"train": (t.log_every, True, run.log), "eval": (t.eval_every, t.eval_at_end, run.evaluate),
+            "samples": (t.sample_every, t.sample_at_end, run.sample), "fid": (t.fid_every, t.fid_every > 0, run.fid)}
+
+
 def _train(run: _Run) -> dict[str, Any]:
-    config = run.config
-    t = config.training
-    stop = run.stop
+    t, stop = run.config.training, run.stop
     if _stop_requested(stop, True):
         return _stopped_before_training(stop, 0)
     state = run.initial_state()
     start = step = int(state.step)
     if _stop_requested(stop, True):  # a signal during start-up: nothing trained, nothing to save
         return _stopped_before_training(stop, start)
-    summary: dict[str, Any] = {"start_step": start}
+    summary, work, metrics = {"start_step": start}, _periodic(run), None
     one, many = compiled_steps(run.mesh)
     sizes = call_sizes(start, t.num_steps, t.steps_per_call)
-    batches = run.batches = DevicePrefetcher(run.train_iter, run.mesh, sizes, depth=config.data.prefetch)
+    batches = run.batches = DevicePrefetcher(run.train_iter, run.mesh, sizes, depth=run.config.data.prefetch)
     interactive = t.progress_bar and sys.stderr.isatty()
-    progress = progress_bar(interactive, total=t.num_steps, initial=start, desc="train", unit="step")
+    run.progress = progress_bar(interactive, total=t.num_steps, initial=start, desc="train", unit="step")
     in_flight = None  # (steps, metrics) of the call before, counted once its results are ready
     if t.eval_at_start and start == 0:
-        run.writer.scalars(0, run.evaluate(state))
-    last_time, last_step = time.perf_counter(), start
+        run.evaluate(state)
+    run.logged = (start, time.perf_counter())
     for k in sizes:
         prev = step
         try:
@@ -375,42 +410,22 @@ def _train(run: _Run) -> dict[str, Any]:
         state, metrics = (many if k > 1 else one)(state, batch, run.key_train)
         step, run.trained = prev + k, True
         if interactive:  # the bar counts finished steps: the call before this one's (which runs meanwhile)
-            _count_finished(progress, in_flight)
+            _count_finished(run.progress, in_flight)
             in_flight = (k, metrics)
-        log_now = _crossed(prev, step, t.log_every) or step == t.num_steps
+        due = [name for name, (every, at_end, _) in work.items()
+               if _crossed(prev, step, every) and not (at_end and step == t.num_steps)]
         save_now = _crossed(prev, step, t.checkpoint_every)
-        eval_now = _crossed(prev, step, t.eval_every) and step < t.num_steps
-        sample_now = _crossed(prev, step, t.sample_every) and step < t.num_steps
-        fid_now = _crossed(prev, step, t.fid_every) and step < t.num_steps
-        sync = log_now or save_now or eval_now or sample_now or fid_now
-        if sync:  # the host reads the state only here (no sync inside the loop otherwise)
+        if due or save_now:  # the host reads the state only here (no sync inside the loop otherwise)
             run.check_faults(state)
-        if log_now:
-            values = {k_: float(v) for k_, v in jax.device_get(metrics).items()}
-            elapsed = time.perf_counter() - last_time
-            values["steps_per_sec"] = (step - last_step) / elapsed
-            values["images_per_sec"] = values["steps_per_sec"] * t.batch_size
-            last_time, last_step = time.perf_counter(), step
-            run.writer.scalars(step, values)
-            summary["train"] = values
-            progress.set_postfix(loss=f"{values['loss']:.4f}")
-            if t.progress_bar and not interactive and run.is_main:
-                left = (t.num_steps - step) / max(values["steps_per_sec"], 1e-9)
-                print(f"step {step}/{t.num_steps}: loss {values['loss']:.4f}, {values['steps_per_sec']:.1f} steps/s, "
-                      f"about {tqdm.format_interval(left)} to go", flush=True)
         if save_now:
             run.save(state)
-        if eval_now:
-            run.writer.scalars(step, run.evaluate(state))
-        if sample_now:
-            summary["samples"] = run.sample(state)
-        if fid_now:
-            run.writer.scalars(step, run.fid(state))
-        if _stop_requested(stop, sync):
+        summary.update({name: work[name][2](state, metrics) for name in due})
+        if _stop_requested(stop, bool(due or save_now)):
             break
-    _count_finished(progress, in_flight)
-    progress.close()
+    _count_finished(run.progress, in_flight)
     interrupted = _stop_requested(stop, True)
+    if not interrupted and metrics is not None:  # the last log before the save, whose time is not training's
+        summary["train"] = run.log(state, metrics)  # (a finished run restarted trains no step: nothing to log)
     if run.ckpt.latest_step() != int(state.step):
         run.save(state, force=True)
     run.ckpt.wait()
@@ -418,14 +433,9 @@ def _train(run: _Run) -> dict[str, Any]:
         name = signal.Signals(stop.signum).name
         print(f"{name} received: checkpoint saved at step {int(state.step)}; rerun to resume.", flush=True)
     else:
-        if t.eval_at_end:
-            summary["eval"] = run.evaluate(state)
-            run.writer.scalars(int(state.step), summary["eval"])
-        if t.sample_at_end:
-            summary["samples"] = run.sample(state)
-        if t.fid_every:
-            summary["fid"] = run.fid(state)
-            run.writer.scalars(int(state.step), summary["fid"])
+        summary.update({name: action(state, metrics) for name, (_, at_end, action) in work.items()
+                        if at_end and name != "train"})
+    run.progress.close()
     summary["step"] = int(state.step)
     summary["interrupted"] = interrupted
     return summary
