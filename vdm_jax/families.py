@@ -69,13 +69,12 @@ class Sampler:
       `pred_fn` returns the prediction alone, but for samplers that take the reverse variance.
     evaluations(family, steps): the network evaluations it makes.
     variance: it takes the reverse variance (pred_fn returns (prediction, v) with a learned one).
-    ode: it solves the probability-flow ODE (deterministic after the starting noise).
+    summary: what it is, and its section of docs/math.md.
     """
 
     run: Callable
     evaluations: Callable[[object, int], int]
     variance: bool
-    ode: bool
     summary: str
 
 
@@ -109,12 +108,12 @@ def _heun_evaluations(family, steps: int) -> int:
 
 
 SAMPLERS: dict[str, Sampler] = {
-    "ancestral": Sampler(_ancestral, _steps, True, False, "DDPM's or VDM's ancestral sampler (docs/math.md §6.2, §6.3)"),
-    "ddim": Sampler(_ddim, _steps, False, False, "DDIM with η = 0 (docs/math.md §6.4)"),
-    "dpm_solver": Sampler(_dpm_solver, _steps, False, True, "DPM-Solver++(2M) (docs/math.md §6.6)"),
-    "heun": Sampler(_ode("heun"), _heun_evaluations, False, True,
+    "ancestral": Sampler(_ancestral, _steps, True, "DDPM's or VDM's ancestral sampler (docs/math.md §6.2, §6.3)"),
+    "ddim": Sampler(_ddim, _steps, False, "DDIM with η = 0 (docs/math.md §6.4)"),
+    "dpm_solver": Sampler(_dpm_solver, _steps, False, "DPM-Solver++(2M) (docs/math.md §6.6)"),
+    "heun": Sampler(_ode("heun"), _heun_evaluations, False,
                     "the probability-flow ODE by Heun's method (docs/math.md §6.7)"),
-    "euler": Sampler(_ode("euler"), _steps, False, True, "the probability-flow ODE by Euler's method (docs/math.md §6.7)"),
+    "euler": Sampler(_ode("euler"), _steps, False, "the probability-flow ODE by Euler's method (docs/math.md §6.7)"),
 }
 """Every sampler, by name. Adding one: its function in `vdm_jax.sampling`, an entry here, its
 section in docs/math.md; the flags, the config's check and the docs' sampler table read this."""

@@ -382,8 +382,7 @@ def _converted(path: str, cache_dir: str, hash_prefix: str | None) -> dict[str, 
             return {name: npz[name] for name in npz.files}
     weights = read_torch_state_dict(path)
     try:
-        os.makedirs(cache_dir, exist_ok=True)
-        with atomic_write(cached, "wb") as f:
+        with atomic_write(cached, "wb") as f:  # (it makes the folder)
             np.savez(f, **weights)
     except OSError as e:  # e.g. a read-only cache folder: the weights are still good
         warnings.warn(f"load_fid_inception_weights: could not cache the weights in {cached}: {e}",
@@ -401,7 +400,6 @@ def _sha256(path: str) -> str:
 
 def _download(url: str, target: str, hash_prefix: str) -> None:
     """Downloads `url` to `target` (atomically), checking that its sha256 starts with `hash_prefix`."""
-    os.makedirs(os.path.dirname(target), exist_ok=True)
     print(f"Downloading {url} to {target}", file=sys.stderr)
     h = hashlib.sha256()
     try:

@@ -233,8 +233,7 @@ def saved_config(workdir: str) -> dict | None:
     try:
         config = json.loads(text)
     except ValueError as e:
-        config = e
+        raise ValueError(f"{path} is damaged: {f'not JSON ({e})' if text.strip() else 'empty'}") from None
     if not isinstance(config, dict):
-        what = f"not JSON ({config})" if isinstance(config, ValueError) else "JSON, but not an object"
-        raise ValueError(f"{path} is damaged: {'empty' if not text.strip() else what}")
+        raise ValueError(f"{path} is damaged: JSON, but not an object")
     return config

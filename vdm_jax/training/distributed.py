@@ -89,14 +89,14 @@ def supervise(*, process_id: int = -1, num_processes: int = 0, heartbeat_timeout
     child = subprocess.Popen(command, env={**os.environ, SUPERVISED: "1"}, stderr=subprocess.PIPE,
                              start_new_session=True,  # (a terminal's Ctrl-C reaches it once: forwarded by us)
                              preexec_fn=prctl)
-    held = [getattr(signal.getsignal(sig), "signum", None) for sig in (signal.SIGINT, signal.SIGTERM)]
+    pending = [getattr(signal.getsignal(sig), "signum", None) for sig in (signal.SIGINT, signal.SIGTERM)]
 
     def forward(signum, frame):
         child.send_signal(signum)
 
     before = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        for signum in filter(None, held):  # a signal during our own start-up (`experiments.common.hold_signals`)
+        for signum in filter(None, pending):  # a signal during our own start-up (`experiments.common.hold_signals`)
             child.send_signal(signum)
         held, tail = [], collections.deque(maxlen=2000)  # (what is not shown yet; the last lines, for the verdict)
         for line in child.stderr:
