@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 
 import jax
 import ml_collections
@@ -19,19 +20,18 @@ from vdm_jax.families import SAMPLERS as _SAMPLER_REGISTRY
 from vdm_jax.training.objective import FAMILIES, make_objective
 
 SAMPLERS = tuple(_SAMPLER_REGISTRY)  # (the core registry's names: `vdm_jax.SAMPLERS`)
-# model.dtype = 'auto': bfloat16 activations on these backends (float32 parameters, loss and optimiser
-# state either way), float32 elsewhere. XLA:CPU has no fast bfloat16 convolutions.
-MIXED_PRECISION_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
 
 def compute_dtype(dtype: str, backend: str | None = None) -> str:
-    """The U-Net's activation dtype for `model.dtype`: 'auto' is 'bfloat16' on GPU/TPU, else 'float32'.
+    """The U-Net's activation dtype for `model.dtype`: 'auto' is 'bfloat16' on GPU/TPU, else 'float32'
+    (float32 parameters, loss and optimiser state either way; XLA:CPU has no fast bfloat16 convolutions).
 
-    Any other value is returned as it is (UNetConfig checks it).
+    Any other value is returned as it is (UNetConfig checks it). backend: None is JAX's default one
+    (asking for it starts it).
     """
     if dtype != "auto":
         return dtype
-    return "bfloat16" if (backend or jax.default_backend()) in MIXED_PRECISION_BACKENDS else "float32"
+    return "bfloat16" if (backend or jax.default_backend()) in ("gpu", "cuda", "rocm", "tpu") else "float32"
 
 
 # Every setting but the model's: (default, meaning[, allowed values: a tuple of choices or a range of
@@ -106,7 +106,6 @@ PLACEMENT = ("training.distributed", "training.coordinator_address", "training.n
              "training.heartbeat_timeout")
 _RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= -1": lambda v: v >= -1,
            "in [0, 1)": lambda v: 0.0 <= v < 1.0}
-_MODEL_DTYPE = "activations: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'"
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -125,26 +124,18 @@ def default_config() -> ml_collections.ConfigDict:
 
 def describe_config(config: ml_collections.ConfigDict | None = None) -> str:
     """Every config key with its value in `config` (default: `default_config()`) and its meaning."""
-    config = default_config() if config is None else config
-    meanings = {name: meaning for name, (_, meaning, *_) in SETTINGS.items()}
-    meanings.update({f"model.{name}": text for name, text in _field_docs(UNetConfig).items()})
-    meanings["model.dtype"] = _MODEL_DTYPE
-    lines = []
-    for name, value in _leaves(config):
-        lines.append(f"  --config.{name}={value!r}".ljust(48) + f" {meanings.get(name, '')}".rstrip())
-    return "\n".join(lines)
+    meanings = {**_field_docs(UNetConfig, "model."), **{name: meaning for name, (_, meaning, *_) in SETTINGS.items()},
+                "model.dtype": "activations: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'"}
+    return "\n".join(f"  --config.{name}={value!r}".ljust(48) + f" {meanings.get(name, '')}".rstrip()
+                     for name, value in _leaves(default_config() if config is None else config))
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """The first sentence of each field's entry in a dataclass's 'Attributes:' docstring."""
-    docs, name = {}, None
-    for line in (cls.__doc__ or "").split("Attributes:", 1)[-1].splitlines():
-        head, sep, text = line.strip().partition(": ")
-        if sep and line.startswith("      ") and not line.startswith("        ") and head.isidentifier():
-            name, docs[head] = head, text
-        elif name and line.startswith("        "):
-            docs[name] += " " + line.strip()
-    return {k: v.split(". ")[0].rstrip(".") for k, v in docs.items()}
+def _field_docs(cls, prefix: str) -> dict[str, str]:
+    """{prefix + field: the first sentence of its entry} of a dataclass's 'Attributes:' docstring
+    (an entry: a line `      name: text`, then lines indented further)."""
+    text = (cls.__doc__ or "").split("Attributes:", 1)[-1]
+    entries = re.findall(r"^ {6}(\w+): (.*?)(?=\n {0,7}\S|\Z)", text, re.M | re.S)
+    return {prefix + name: " ".join(entry.split()).split(". ")[0].rstrip(".") for name, entry in entries}
 
 
 def set_model(config: ml_collections.ConfigDict, model: UNetConfig, *, dtype: str = "auto") -> None:
@@ -221,31 +212,28 @@ def _leaves(values, prefix=""):
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Every check of `validate_config`, without starting JAX's backend (`model.dtype='auto'` is not
-    resolved): what a run on several processes calls before `jax.distributed.initialize`.
+    """Every check of `validate_config`, without starting JAX's backend (`model.dtype='auto'` is
+    resolved for a CPU: no other rule depends on it): what a run on several processes calls before
+    `jax.distributed.initialize`.
 
     Raises:
       ValueError: unknown keys, values out of range, impossible combinations.
       TypeError: values of the wrong type.
     """
-    _validate(config, "float32")  # (either dtype: no other rule depends on it)
+    validate_config(config, backend="cpu")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> UNetConfig:
+def validate_config(config: ml_collections.ConfigDict, *, backend: str | None = None) -> UNetConfig:
     """Checks a config against `default_config()` (`checked_config`) and the rules between its
-    settings; returns the model's config, with `model.dtype = 'auto'` resolved for JAX's default
-    backend (`compute_dtype`), which starts the backend: with several processes, `check_config`
-    first, then `jax.distributed.initialize` (`vdm_jax.training.initialize_distributed`), then this.
+    settings; returns the model's config, with `model.dtype = 'auto'` resolved for `backend`
+    (`compute_dtype`; None: JAX's default backend, which starts it: with several processes,
+    `check_config` first, then `jax.distributed.initialize`
+    (`vdm_jax.training.initialize_distributed`), then this).
 
     Raises:
       ValueError: unknown keys, values out of range, impossible combinations.
       TypeError: values of the wrong type.
     """
-    return _validate(config, None)
-
-
-def _validate(config: ml_collections.ConfigDict, auto_dtype: str | None) -> UNetConfig:
-    """`validate_config`, with `model.dtype='auto'` taken as `auto_dtype` (None: `compute_dtype`'s)."""
     config = checked_config(config)
     value = dict(_leaves(config))  # dotted key -> setting
     for name, (_, _, *allowed) in SETTINGS.items():
@@ -254,11 +242,8 @@ def _validate(config: ml_collections.ConfigDict, auto_dtype: str | None) -> UNet
             if not (value[name] in rule if choices else _RANGES[rule](value[name])):
                 raise ValueError(f"config key {name!r} must be {f'one of {rule}' if choices else rule}, "
                                  f"got {value[name]!r}.")
-    dtype = config.model.dtype
-    if dtype == "auto":
-        dtype = auto_dtype or compute_dtype(dtype)
     try:
-        model = UNetConfig.from_dict({**config.model, "dtype": dtype})
+        model = UNetConfig.from_dict({**config.model, "dtype": compute_dtype(config.model.dtype, backend)})
     except (ValueError, TypeError) as e:
         raise type(e)(f"config.model: {e}") from None
     t = config.training
