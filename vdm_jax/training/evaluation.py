@@ -28,12 +28,14 @@ from vdm_jax.data import check_source, eval_iterator, num_eval_batches
 from vdm_jax.fid import load_statistics
 from vdm_jax.training import parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, saved_config
-from vdm_jax.training.config import SAMPLERS, checked_config, validate_config
+from vdm_jax.training.config import checked_config, validate_config
 from vdm_jax.training.metrics import progress_bar
 from vdm_jax.training.state import TrainState, create_train_state
 
 TERMS = ("prior", "diffusion", "reconstruction", "total")
-ODE_TERMS = ("prior", "flow", "dequantization", "total", "total_iw")  # `evaluate_ode_bpd`'s
+# `evaluate_ode_bpd`'s terms: the per-example values of `steps.ode_bpd_step` they are the mean of.
+ODE_TERMS = {"prior": "prior_bpd", "flow": "flow_bpd", "dequantization": "dequantization_bpd",
+             "total": "bits_per_dim", "total_iw": "bits_per_dim_iw"}
 _LN2 = math.log(2.0)
 
 
@@ -80,25 +82,19 @@ def load_checkpoint(workdir: str, *, step: int | None = None, mesh=None, dtype: 
     if dtype is not None:
         config.model.dtype = dtype
     model_config = validate_config(config)
-    mesh = mesh or parallel.make_mesh()
     directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        raise RunNotFoundError(f"{workdir} has no checkpoint yet (looked in {directory}).")
-    ckpt = Checkpointer(directory, async_save=False, read_only=True)
+    ckpt = Checkpointer(directory, async_save=False, read_only=True) if os.path.isdir(directory) else None
     try:
-        steps_saved = ckpt.all_steps()
-        if not steps_saved:
-            raise RunNotFoundError(f"{workdir} has no checkpoint yet (looked in {directory}).")
-        if step is not None and step not in steps_saved:
-            raise RunNotFoundError(f"{workdir} has no checkpoint at step {step}; it has steps {steps_saved}.")
+        saved = ckpt.all_steps() if ckpt else []
+        if not saved or (step is not None and step not in saved):
+            raise RunNotFoundError(f"{workdir} has no checkpoint at step {step}; it has steps {saved}." if saved
+                                   else f"{workdir} has no checkpoint yet (looked in {directory}).")
         abstract = jax.eval_shape(lambda key: create_train_state(config, model_config, key=key), jax.random.key(0))
-        target = parallel.replicated_like(abstract.checkpoint_tree(), mesh)
-        if step is None:
-            _, tree, _ = ckpt.restore_latest(target)
-        else:
-            tree, _ = ckpt.restore(target, step)
+        target = parallel.replicated_like(abstract.checkpoint_tree(), mesh or parallel.make_mesh())
+        tree = ckpt.restore_latest(target)[1] if step is None else ckpt.restore(target, step)[0]
     finally:
-        ckpt.close()
+        if ckpt:
+            ckpt.close()
     return config, abstract.replace(**tree)
 
 
@@ -106,20 +102,24 @@ def load_checkpoint(workdir: str, *, step: int | None = None, mesh=None, dtype: 
 
 
 @functools.lru_cache(maxsize=None)
-def _bound_fn(mesh, draws: int, full_vlb: bool):
+def _per_example_fn(mesh, step, options: tuple):
+    """`step(state, batch, key=key, **options)`, jitted with the batch sharded over `mesh`: ({name: [B]}
+    and the examples' 'index' [B], mask [B]), gathered."""
     rep = parallel.replicated(mesh)
 
-    def fn(state, batch, key):  # -> ({term: [B]} and the examples' 'index' [B], mask [B]), gathered
-        terms = steps.eval_step(state, {"image": batch["image"]}, key=key, draws=draws, full_vlb=full_vlb)
-        return {**terms, "index": batch["index"]}, batch["mask"]
+    def fn(state, batch, key):
+        values = step(state, {"image": batch["image"]}, key=key, **dict(options))
+        return {**values, "index": batch["index"]}, batch["mask"]
 
     return jax.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
 
 
-def _every_example(fn, state, source, *, mesh, batch_size: int, key, progress: bool, desc: str):
-    """({name: float64 [N]} of `fn`'s per-example values in the source's order, N): every example of
-    `source` exactly once, batch b with `fold_in(key, b)`; `fn(state, batch, key) -> ({name: [B],
-    'index': [B]}, mask [B])` is jitted with the batch sharded over `mesh`."""
+def _every_example(step, options: dict, state, source, *, mesh, batch_size: int, key, progress: bool, desc: str):
+    """({name: float64 [N]} of `step`'s per-example values in the source's order, N): every example of
+    `source` exactly once, batch b with `fold_in(key, b)` (`_per_example_fn`)."""
+    parallel.check_batch_size(batch_size, mesh, name="batch_size")
+    check_images(source, state.objective.image_shape)
+    fn = _per_example_fn(mesh, step, tuple(sorted(options.items())))
     bar = progress_bar(progress, total=num_eval_batches(len(source), batch_size), desc=desc, unit="batch")
     parts = []
     for b, batch in enumerate(eval_iterator(source, global_batch_size=batch_size)):
@@ -171,30 +171,14 @@ def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws
         another shape than the model's, or full_vlb for a VDM.
       RuntimeError: the pass did not cover every example exactly once (a data pipeline bug).
     """
-    parallel.check_batch_size(batch_size, mesh, name="batch_size")
-    check_images(source, state.objective.image_shape)
-    per_example, n = _every_example(_bound_fn(mesh, draws, bool(full_vlb)), state, source, mesh=mesh,
-                                    batch_size=batch_size, key=key, progress=progress, desc="bpd")
+    per_example, n = _every_example(steps.eval_step, dict(draws=draws, full_vlb=bool(full_vlb)), state, source,
+                                    mesh=mesh, batch_size=batch_size, key=key, progress=progress, desc="bpd")
     scale = state.objective.dims * _LN2
-    result: dict[str, Any] = {"examples": n, "draws": int(draws), "full_vlb": bool(full_vlb), "bpd": {}}
-    for name in TERMS:
-        result["bpd"][name] = _mean_and_se(per_example[name] / scale)
-    per_t = per_example.pop("per_t", None)
-    if per_t is not None:
-        result["per_t_bpd"] = (per_t.mean(axis=0) / scale).tolist()
-    result["per_example_nats"] = per_example
-    return result
-
-
-@functools.lru_cache(maxsize=None)
-def _ode_fn(mesh, num_draws: int, options: tuple):
-    rep = parallel.replicated(mesh)
-
-    def fn(state, batch, key):
-        values = steps.ode_bpd_step(state, {"image": batch["image"]}, key=key, num_draws=num_draws, **dict(options))
-        return {**values, "index": batch["index"]}, batch["mask"]
-
-    return jax.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
+    result = {"examples": n, "draws": int(draws), "full_vlb": bool(full_vlb),
+              "bpd": {name: _mean_and_se(per_example[name] / scale) for name in TERMS}}
+    if "per_t" in per_example:
+        result["per_t_bpd"] = (per_example.pop("per_t").mean(axis=0) / scale).tolist()
+    return {**result, "per_example_nats": per_example}
 
 
 def evaluate_ode_bpd(state: TrainState, source, *, mesh, batch_size: int, key, num_draws: int = 1,
@@ -213,15 +197,10 @@ def evaluate_ode_bpd(state: TrainState, source, *, mesh, batch_size: int, key, n
        importance weighted over the draws), 'nfe': {'mean', 'max'} network evaluations per example,
        'per_example': {name: float64 [N]} in the source's order}.
     """
-    parallel.check_batch_size(batch_size, mesh, name="batch_size")
-    check_images(source, state.objective.image_shape)
-    fn = _ode_fn(mesh, num_draws, tuple(sorted(ode_kwargs.items())))
-    per_example, n = _every_example(fn, state, source, mesh=mesh, batch_size=batch_size, key=key,
-                                    progress=progress, desc="ode bpd")
-    names = {"prior": "prior_bpd", "flow": "flow_bpd", "dequantization": "dequantization_bpd",
-             "total": "bits_per_dim", "total_iw": "bits_per_dim_iw"}
+    per_example, n = _every_example(steps.ode_bpd_step, dict(ode_kwargs, num_draws=num_draws), state, source,
+                                    mesh=mesh, batch_size=batch_size, key=key, progress=progress, desc="ode bpd")
     return {"examples": n, "num_draws": num_draws, "options": dict(ode_kwargs),
-            "bpd": {term: _mean_and_se(per_example[names[term]]) for term in ODE_TERMS},
+            "bpd": {term: _mean_and_se(per_example[name]) for term, name in ODE_TERMS.items()},
             "nfe": {"mean": float(per_example["nfe"].mean()), "max": float(per_example["nfe"].max())},
             "per_example": per_example}
 
@@ -229,11 +208,8 @@ def evaluate_ode_bpd(state: TrainState, source, *, mesh, batch_size: int, key, n
 def format_bpd_table(result: dict[str, Any]) -> str:
     """The bpd result (`evaluate_bpd`'s or `evaluate_ode_bpd`'s) as a small text table (term,
     bits/dim, standard error)."""
-    lines = [f"{'term':<16}{'bits/dim':>12}{'± s.e.':>12}"]
-    for name in result["bpd"]:
-        r = result["bpd"][name]
-        lines.append(f"{name:<16}{r['mean']:>12.5f}{r['se']:>12.5f}")
-    return "\n".join(lines)
+    return "\n".join([f"{'term':<16}{'bits/dim':>12}{'± s.e.':>12}"]
+                     + [f"{name:<16}{r['mean']:>12.5f}{r['se']:>12.5f}" for name, r in result["bpd"].items()])
 
 
 # --- samples ---------------------------------------------------------------------------------------
@@ -269,18 +245,14 @@ def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int 
     """
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}.")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
-    objective = state.objective
-    objective.check_sample_steps(sample_steps, sampler, name="sample_steps")
+    state.objective.check_sample_steps(sample_steps, sampler, name="sample_steps")  # (and the sampler's name)
     parallel.check_batch_size(batch_size, mesh, name="batch_size")
     fn = _sample_fn(mesh, int(batch_size), sampler, int(sample_steps))
-    num_batches = math.ceil(num / batch_size)
     bar = progress_bar(progress, total=num, desc="samples", unit="image")
     out = []
-    for b in range(num_batches):
-        out.append(np.asarray(jax.device_get(fn(state, jax.random.fold_in(key, b)))))
-        bar.update(min(batch_size, num - b * batch_size))
+    for lo in range(0, num, batch_size):
+        out.append(np.asarray(jax.device_get(fn(state, jax.random.fold_in(key, lo // batch_size)))))
+        bar.update(min(batch_size, num - lo))
     bar.close()
     return np.concatenate(out)[:num]
 
@@ -323,7 +295,7 @@ def inception_features(network, images: np.ndarray, *, mesh, batch_size: int = 2
     out = {"pool": [], "logits_unbiased": []}
     for lo in range(0, len(images), batch_size):
         batch = images[lo:lo + batch_size]
-        batch = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], np.uint8)])
+        batch = np.pad(batch, [(0, batch_size - len(batch))] + [(0, 0)] * 3)
         result = jax.device_get(fn(weights, jax.make_array_from_callback(batch.shape, sharding,
                                                                          lambda index: batch[index])))
         for k in out:
