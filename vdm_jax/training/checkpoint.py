@@ -117,12 +117,10 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - the shapes fit, so any read failure is damage
             raise CorruptCheckpointError(f"{where} can't be read: {_one_line(e)}") from e
         saved = data.pop("fingerprint", None)
-        if saved is not None:
-            now = fingerprint(tree)
-            bad = sorted(k for k in now if saved.get(k) != now[k])
-            if bad:
-                raise CorruptCheckpointError(
-                    f"{where}: {len(bad)} arrays differ from what was saved (CRC-32 mismatch, e.g. {bad[0]})")
+        bad = [] if saved is None else sorted(k for k, crc in fingerprint(tree).items() if saved.get(k) != crc)
+        if bad:
+            raise CorruptCheckpointError(f"{where}: {len(bad)} arrays differ from what was saved (CRC-32 mismatch, "
+                                         f"e.g. {bad[0]})")
         return tree, data
 
     def restore_latest(self, target_tree: Any) -> tuple[int, Any, dict] | None:
@@ -177,21 +175,20 @@ class Checkpointer:
             raise CorruptCheckpointError(
                 f"{os.path.join(self.directory, str(step))} has no readable metadata: {_one_line(e)}") from e
         saved, wanted = _shapes(meta), _shapes(target_tree)
-        missing = sorted(set(wanted) - set(saved))
-        extra = sorted(set(saved) - set(wanted))
         differ = sorted(k for k in set(wanted) & set(saved) if wanted[k] != saved[k])
-        if (missing or extra or differ) and all(k.startswith(("opt_state/", "faults/"))
-                                                for k in missing + extra + differ):
+        problems = {"arrays differ in shape or dtype": differ, "arrays missing from the checkpoint":
+                    sorted(set(wanted) - set(saved)), "unexpected arrays in it": sorted(set(saved) - set(wanted))}
+        names = sum(problems.values(), [])
+        if names and all(k.startswith(("opt_state/", "faults/")) for k in names):
             raise CheckpointMismatchError(
                 f"the checkpoint at step {step} in {self.directory} was written by vdm_jax 0.1 (its "
                 "optimiser state is one raveled vector, its fault record a bit mask); vdm_jax 0.2 keeps the "
                 "parameter tree's structure and can't restore it. Use a new --workdir, or the older vdm_jax to "
                 "finish or evaluate that run.")
-        if missing or extra or differ:
-            detail = [f"{len(differ)} arrays differ in shape or dtype (e.g. {differ[0]}: saved "
-                      f"{saved[differ[0]]}, model {wanted[differ[0]]})"] if differ else []
-            detail += [f"{len(missing)} arrays missing from the checkpoint (e.g. {missing[0]})"] if missing else []
-            detail += [f"{len(extra)} unexpected arrays in it (e.g. {extra[0]})"] if extra else []
+        if names:
+            detail = [f"{len(keys)} {what} (e.g. {keys[0]}" + (f": saved {saved[keys[0]]}, model {wanted[keys[0]]})"
+                                                              if keys is differ else ")")
+                      for what, keys in problems.items() if keys]
             raise CheckpointMismatchError(
                 f"the checkpoint at step {step} in {self.directory} was written by a different model: "
                 + "; ".join(detail) + ". Use a new --workdir, or the config that wrote it.")
@@ -204,9 +201,7 @@ class Checkpointer:
 
 
 def _quiet_read_only(record: logging.LogRecord) -> bool:
-    message = record.getMessage()
-    return not (message.startswith("CheckpointManagerOptions.read_only=True")
-                or message.startswith("Given directory is read only"))
+    return not record.getMessage().startswith(("CheckpointManagerOptions.read_only=True", "Given directory is read only"))
 
 
 def _one_line(e: Exception) -> str:
