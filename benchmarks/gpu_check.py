@@ -1,57 +1,17 @@
-"""The GPU check: DDPM and VDM training, sampling and bits/dim speed on one accelerator, in one JSON.
-
-    bash benchmarks/gpu_check.sh                 # on the GPU machine (installs the wheels carried in .whl/)
-    python -m benchmarks.gpu_check [--out=PATH]  # the same, wheels already installed
-    python -m benchmarks.gpu_check --dry         # the same program at small shapes, on any device (the tests)
-
-Runs, on all local devices (data parallel, as the loop trains), in this order, each section's
-programs compiled as the library compiles them:
-
-1. `matmul`: an n×n matmul in bfloat16 and in float32 (n = 8192; 4096 on a CPU), the practical
-   peaks measured in this run;
-2. `ddpm_bfloat16`, `ddpm_float32`: the DDPM CIFAR-10 recipe's train step (35.7M U-Net,
-   `experiments/configs/cifar10.py:ddpm`) at batch 128 with bfloat16 or float32 activations:
-   images/s, model FLOPs (XLA's count of the loss gradient, forward and backward), MFU against
-   the device's dense bf16 peak (`measure.PEAK_FLOPS`) and against the matmul measured in 1, and
-   memory (XLA's buffer assignment for the step; the device's peak so far);
-3. `vdm`: the VDM CIFAR-10 recipe's train step (learned schedule, variance minimisation, AdamW)
-   at batch 128 in the recipe's dtype ('auto': bfloat16 on an accelerator);
-4. `sample_ancestral_1000`: a 1000-step ancestral chain of 128 images from the bfloat16 DDPM,
-   one compiled `lax.scan`; `sample_dpm_solver_20`: DPM-Solver++(2M) in 20 steps;
-5. `bpd`: the one-t bound of a batch of 512 images (`steps.eval_step`); `bpd_at_scale`: the
-   library's `evaluate_bpd` over 10,000 images (as `benchmarks.eval_at_scale` on the CIFAR-10 test
-   split, here random uint8 images: speed does not depend on the pixels or the weights).
-
-A section that would start after `--budget_s` seconds is recorded as skipped, so that the whole
-check stays under 8 minutes on one H100 or H200. `--dry` runs every section with U-Nets of one
-level of 8 channels on 8×8×1 images, batch 16, 16 images and 4 timed steps, on whatever device JAX
-has (the test suite runs it on one CPU device).
-Writes benchmarks/results/gpu_check_<device>.json (or `--out`).
-"""
-from __future__ import annotations
-
-import platform
+"""`gpu_check`: DDPM and VDM training, sampling and bits/dim speed on one accelerator, in one JSON."""
 import time
 
 import numpy as np
-from absl import app, flags
 
-from benchmarks import measure
-from benchmarks.common import matmul_peak, write_result
-
-flags.DEFINE_boolean("dry", False, "Small shapes and few steps: checks the script, measures nothing of interest.")
-flags.DEFINE_float("budget_s", 420.0, "Sections that would start later than this are skipped.")
-flags.DEFINE_string("out", None, "JSON output (default benchmarks/results/gpu_check_<device>.json).")
-FLAGS = flags.FLAGS
+from benchmarks import common
+from benchmarks.common import command, flag, matmul_peak, out_flag, write_result
 
 
 def plan(dry: bool) -> dict:
     """The check's sizes: the full ones, or `dry`'s small ones."""
-    if dry:
-        return {"batch": 16, "timed_steps": 4, "repeats": 2, "sample_images": 16, "eval_images": 32,
-                "scale_images": 64, "matmul_n": 256}
-    return {"batch": 128, "timed_steps": 20, "repeats": 3, "sample_images": 128, "eval_images": 512,
-            "scale_images": 10_000, "matmul_n": 8192}
+    sizes = (16, 4, 2, 16, 32, 64, 256) if dry else (128, 20, 3, 128, 512, 10_000, 8192)
+    return dict(zip(("batch", "timed_steps", "repeats", "sample_images", "eval_images", "scale_images", "matmul_n"),
+                    sizes))
 
 
 def configs(dry: bool, batch: int) -> dict:
@@ -65,7 +25,7 @@ def configs(dry: bool, batch: int) -> dict:
         if dry:
             set_model(c, tiny(image_size=8, in_channels=1, base_channels=8, channel_mult=(1,), num_groups=4,
                               embedding_dim=16, attn_resolutions=(), mid_attention=False))
-        c.model.dtype = dtype
+        c.model.dtype, c.training.batch_size = dtype, batch
         return c
 
     vdm = cifar10.vdm()
@@ -73,10 +33,8 @@ def configs(dry: bool, batch: int) -> dict:
         set_model(vdm, vdm_cifar10(image_size=8, in_channels=1, base_channels=8, num_res_blocks=1, num_groups=4,
                                    embedding_dim=16, mid_attention=False))
         vdm.diffusion.schedule_hidden = 16
-    out = {"ddpm_bfloat16": ddpm("bfloat16"), "ddpm_float32": ddpm("float32"), "vdm": vdm}
-    for c in out.values():
-        c.training.batch_size = batch
-    return out
+    vdm.training.batch_size = batch
+    return {"ddpm_bfloat16": ddpm("bfloat16"), "ddpm_float32": ddpm("float32"), "vdm": vdm}
 
 
 def train_section(config, mesh, p: dict, peaks: dict) -> tuple[dict, object, object]:
@@ -85,15 +43,15 @@ def train_section(config, mesh, p: dict, peaks: dict) -> tuple[dict, object, obj
 
     from vdm_jax.models import count_params
 
-    model_config, state, data, key = measure.setup(config, mesh)
-    state, r = measure.train(state, data, key, mesh, steps=p["timed_steps"], repeats=p["repeats"])
+    model_config, state, data, key = common.setup(config, mesh)
+    state, r = common.train(state, data, key, mesh, steps=p["timed_steps"], repeats=p["repeats"])
     batch = config.training.batch_size
     record = {"params": count_params(model_config), "dtype": model_config.dtype, "batch": batch,
               "compile_s": r["compile_s"], "step_s": r["step_s"], "repeats_s": r["repeats_s"],
-              "images_per_s": batch / r["step_s"], "memory": r["memory"], "device_peak_memory_bytes": measure.peak_memory()}
+              "images_per_s": batch / r["step_s"], "memory": r["memory"], "device_peak_memory_bytes": common.peak_memory()}
     if r["flops_per_step"] is not None:
         achieved = r["flops_per_step"] / r["step_s"] / mesh.devices.size  # per device
-        spec = measure.spec_peak(jax.devices()[0].device_kind)
+        spec = common.spec_peak(jax.devices()[0].device_kind)
         record.update(flops_per_image=r["flops_per_step"] / batch, flops_per_s_per_device=achieved,
                       mfu=achieved / spec if spec else None,
                       share_of_measured_matmul=achieved / peaks[model_config.dtype])
@@ -103,17 +61,15 @@ def train_section(config, mesh, p: dict, peaks: dict) -> tuple[dict, object, obj
 def run_check(dry: bool, budget_s: float) -> dict:
     import jax
 
-    from vdm_jax.data import ArraySource, FirstExamples
-    from vdm_jax.training import evaluate_bpd, parallel
+    from vdm_jax.data import ArraySource
+    from vdm_jax.training import parallel
 
     start = time.perf_counter()
     p = plan(dry)
     mesh = parallel.make_mesh()
     device = jax.devices()[0]
     record = {"benchmark": "gpu_check", "dry": dry, "plan": p,
-              "device": f"{jax.device_count()} × {device.device_kind} ({jax.default_backend()})",
-              "device_peak_flops": measure.spec_peak(device.device_kind),
-              "versions": {"python": platform.python_version(), "jax": jax.__version__}, "sections": {}}
+              "device": common.device(), "device_peak_flops": common.spec_peak(device.device_kind), "sections": {}}
     sections = record["sections"]
 
     def section(name, fn):
@@ -127,8 +83,8 @@ def run_check(dry: bool, budget_s: float) -> dict:
         result = out[0] if isinstance(out, tuple) else out
         result["section_s"] = time.perf_counter() - began
         sections[name] = result
-        print(f"{name}: " + ", ".join(f"{k}={_short(v)}" for k, v in result.items()
-                                      if not isinstance(v, (dict, list))), flush=True)
+        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in result.items() if not isinstance(v, (dict, list))), flush=True)
         return out
 
     n = p["matmul_n"] if jax.default_backend() != "cpu" or dry else 4096
@@ -148,44 +104,38 @@ def run_check(dry: bool, budget_s: float) -> dict:
         return record
     _, state, key = ddpm
     for name, sampler, steps in (("sample_ancestral_1000", "ancestral", 0), ("sample_dpm_solver_20", "dpm_solver", 20)):
-        section(name, lambda: measure.sample(state, key, mesh, num=p["sample_images"], sampler=sampler,
+        section(name, lambda: common.sample(state, key, mesh, num=p["sample_images"], sampler=sampler,
                                              sample_steps=steps, repeats=max(1, p["repeats"] - 1)))
     config = train_configs["ddpm_bfloat16"]
     shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
     images = np.random.default_rng(0).integers(0, 256, (p["eval_images"], *shape), dtype=np.uint8)
-    section("bpd", lambda: measure.evaluate(state, key, mesh, images=images, repeats=p["repeats"]))
+    section("bpd", lambda: common.evaluate(state, key, mesh, images=images, repeats=p["repeats"]))
 
-    def at_scale():
-        pixels = np.random.default_rng(1).integers(0, 256, (p["scale_images"], *shape), dtype=np.uint8)
-        source = ArraySource(pixels, np.zeros(len(pixels), np.int64))
-        batch = min(p["eval_images"], len(source))
-        evaluate_bpd(state, FirstExamples(source, batch), mesh=mesh, batch_size=batch, key=key)  # compiles
-        began = time.perf_counter()
-        result = evaluate_bpd(state, source, mesh=mesh, batch_size=batch, key=key)
-        seconds = time.perf_counter() - began
-        return {"images": len(source), "batch": batch, "seconds": seconds, "images_per_s": len(source) / seconds,
-                "examples_evaluated": int(result["examples"])}
-
-    section("bpd_at_scale", at_scale)
+    pixels = np.random.default_rng(1).integers(0, 256, (p["scale_images"], *shape), dtype=np.uint8)
+    source = ArraySource(pixels, np.zeros(len(pixels), np.int64))
+    section("bpd_at_scale", lambda: common.bpd_at_scale(state, source, mesh, batch=min(p["eval_images"], len(source)),
+                                                        key=key))
     record["total_s"] = time.perf_counter() - start
     return record
 
 
-def _short(value):
-    return f"{value:.4g}" if isinstance(value, float) else value
+@command(flag("--dry", action="store_true", help="Small shapes, few steps: checks the program."),
+         flag("--budget_s", type=float, default=420.0, help="Sections that would start later than this are skipped."),
+         out_flag("gpu_check_<device>[_dry].json"))
+def gpu_check(args):
+    """The GPU check: DDPM and VDM train steps, sampling chains and bits/dim on all local devices, in one JSON.
 
+    bash benchmarks/gpu_check.sh                # on the GPU machine (installs the wheels carried in .whl/)
+    python -m benchmarks gpu_check [--out=PATH] # the same, wheels already installed
+    python -m benchmarks gpu_check --dry        # the same program at small shapes, on any device (the tests)
 
-def main(argv):
-    del argv
-    from vdm_jax import set_cpu_xla_flags
-
-    set_cpu_xla_flags()  # (only XLA:CPU reads them: a dry run on a CPU compiles as the entry points do)
+Sections: matmul (8192² in bf16 and fp32); ddpm_bfloat16, ddpm_float32, vdm (the CIFAR-10
+recipes' train steps at batch 128: images/s, FLOPs, MFU, memory); sample_ancestral_1000,
+sample_dpm_solver_20 (128 images); bpd (512 images), bpd_at_scale (10,000). A section that would
+start after --budget_s is skipped. --dry: 8-channel U-Nets on 8×8×1, batch 16.
+"""
     import jax
 
-    record = run_check(FLAGS.dry, FLAGS.budget_s)
+    record = run_check(args.dry, args.budget_s)
     kind = jax.devices()[0].device_kind.replace(" ", "_")
-    write_result(record, FLAGS.out, f"gpu_check_{kind}{'_dry' if FLAGS.dry else ''}.json")
-
-
-if __name__ == "__main__":
-    app.run(main)
+    write_result(record, args.out, f"gpu_check_{kind}{'_dry' if args.dry else ''}.json")

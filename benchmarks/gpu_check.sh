@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check (benchmarks/gpu_check.py: DDPM bf16/fp32 and VDM train steps at batch 128, the
-# 1000-step and 20-step sampling chains, bits/dim throughput; one JSON), on a machine whose image
-# has JAX for CUDA but not all of vdm_jax's training dependencies, and no internet.
+# The GPU check (`python -m benchmarks gpu_check`, benchmarks/gpu_check.py: DDPM bf16/fp32 and VDM
+# train steps at batch 128, the 1000-step and 20-step sampling chains, bits/dim throughput; one
+# JSON), on a machine whose image has JAX for CUDA but not all of vdm_jax's training dependencies,
+# and no internet.
 #
 #   bash benchmarks/gpu_check.sh --fetch-wheels   # where pip works: the missing packages' wheels into .whl/
 #   bash benchmarks/gpu_check.sh [--out=PATH]      # on the GPU machine: installs .whl/ (if there), runs the check
@@ -32,4 +33,4 @@ fi
 export PYTHONUNBUFFERED=1
 # The repository first on the path: the check measures this checkout's vdm_jax.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec python3 -m benchmarks.gpu_check "$@"
+exec python3 -m benchmarks gpu_check "$@"

@@ -1,20 +1,14 @@
-"""The PyTorch reference for `benchmarks.run --torch`: diffusers' `UNet2DModel` shaped like our U-Net,
-run in a process of its own.
+"""The PyTorch reference for `python -m benchmarks run --torch`: diffusers' `UNet2DModel` shaped
+like our U-Net, in a process of its own (JAX's thread pools slow a PyTorch run in the same
+process: DDPM training measured 1.02× torch in one process, 0.90× in two). `Peer` starts
+`python -m benchmarks.torch_reference`, sends it the settings as one JSON line, then asks for one
+measurement at a time ('matmul', 'train', 'sample'), each answered by one JSON line, so that the
+caller alternates its own timed runs with the peer's while the other process waits.
 
-JAX's thread pools slow a PyTorch run in the same process (DDPM training measured 1.02× torch in
-one process, 0.90× in two), so the peer is a separate Python process that never imports JAX:
-`Peer` starts `python -m benchmarks.torch_reference`, sends it the settings as one JSON line, and
-then asks for one measurement at a time ('matmul', 'train', 'sample'), each answered by one JSON
-line, so that the caller can alternate its own timed runs with the peer's while the other process
-waits.
-
-The diffusers model is built from the same `UNetConfig` (widths, blocks per level, attention
-resolutions, groups; the time MLP is 4× the first width in both), and its parameter count is
-checked equal to ours. The train step is the one vdm_jax's loop runs for the default DDPM config:
-uint8 images to [-1, 1], t ~ U{1..T}, ε ~ N(0, I), z_t = √ᾱ_t x + √(1-ᾱ_t) ε, ‖ε - ε̂‖², Adam
-2e-4 with global-norm clipping at 1 and an EMA of the weights. Sampling is DDPM's ancestral chain
-with diffusers' `DDPMScheduler` (β linear, posterior variance). Needs `pip install torch diffusers`
-(the CPU wheel of torch on a CPU machine).
+The model is built from the same `UNetConfig` (its parameter count checked equal to ours); the
+train step is the default DDPM config's: uint8 images to [-1, 1], t ~ U{1..T}, ε ~ N(0, I),
+‖ε - ε̂‖², Adam 2e-4, global-norm clipping at 1, an EMA. Sampling is DDPM's ancestral chain with
+diffusers' `DDPMScheduler`. Needs `pip install torch diffusers` (torch's CPU wheel on a CPU).
 """
 import json
 import os
@@ -52,9 +46,6 @@ class Peer:
                     "sample_steps": sample_steps, "train_steps": train_steps, "dtype": dtype}
         self.info = self._exchange(json.dumps(settings))
 
-    def call(self, command: str) -> dict:
-        return self._exchange(command)
-
     def _exchange(self, line: str) -> dict:
         try:
             self._proc.stdin.write(line + "\n")
@@ -68,6 +59,8 @@ class Peer:
             tail = "".join(self._stderr.readlines()[-20:])
             raise PeerError(f"the PyTorch process exited ({self._proc.returncode}) at {line[:40]!r}:\n{tail}")
         return json.loads(answer)
+
+    call = _exchange  # call(command) -> its answer
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -89,11 +82,9 @@ _PLACEHOLDERS = []  # the torch.library.Library must stay alive for its definiti
 
 
 def import_torchvision():
-    """`import torchvision`, also where PyPI's torchvision wheel (built against torch's CUDA build)
-    sits beside torch's CPU wheel: its compiled ops do not load there, and its import fails
-    registering fake kernels for two detection ops (`torchvision::nms`, `qnms`). Those two ops are
-    then defined as placeholders first; nothing here (diffusers' U-Net, pytorch-fid's Inception)
-    calls them."""
+    """`import torchvision`, also where PyPI's torchvision wheel (built for torch's CUDA build) sits beside
+    torch's CPU wheel, whose import fails registering fake kernels for `torchvision::nms` and `qnms`:
+    those two ops are then defined as placeholders first (nothing here calls them)."""
     import importlib
 
     try:
@@ -137,9 +128,9 @@ class _Reference:
     """The PyTorch side: the model, its train step and its sampling chain."""
 
     def __init__(self, settings: dict):
+        import diffusers
         import numpy as np
         import torch
-        from diffusers import DDPMScheduler
 
         torch.manual_seed(0)
         torch.set_num_threads(os.cpu_count())
@@ -154,15 +145,14 @@ class _Reference:
         self.ema = [p.detach().clone() for p in self.model.parameters()]
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8)
         steps = settings["sample_steps"]
-        self.scheduler = DDPMScheduler(num_train_timesteps=steps, beta_schedule="linear", beta_start=1e-4,
+        self.scheduler = diffusers.DDPMScheduler(num_train_timesteps=steps, beta_schedule="linear", beta_start=1e-4,
                                        beta_end=0.02, variance_type="fixed_small", clip_sample=True)
         self.alpha_bars = self.scheduler.alphas_cumprod.to(self.device)
         self.shape = (config.in_channels, config.image_size, config.image_size)
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (settings["batch"], *self.shape), dtype=np.uint8)
+        images = np.random.default_rng(0).integers(0, 256, (settings["batch"], *self.shape), dtype=np.uint8)
         self.images = torch.from_numpy(images).to(self.device)
-        self.info = {"params": params, "device": self.device, "threads": torch.get_num_threads(),
-                     "pid": os.getpid(), "versions": versions()}
+        self.info = {"params": params, "device": self.device, "threads": torch.get_num_threads(), "pid": os.getpid(),
+                     "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}}
         for _ in range(2):  # warm-up
             self.train_step()
         self.sync()
@@ -174,9 +164,8 @@ class _Reference:
     def autocast(self):
         import contextlib
 
-        if self.dtype == self.torch.float32:
-            return contextlib.nullcontext()
-        return self.torch.autocast(self.device, dtype=self.dtype)
+        float32 = self.dtype == self.torch.float32
+        return contextlib.nullcontext() if float32 else self.torch.autocast(self.device, dtype=self.dtype)
 
     def train_step(self):
         torch, model, steps = self.torch, self.model, self.settings["sample_steps"]
@@ -218,24 +207,14 @@ class _Reference:
         return {"chain_s": time.perf_counter() - start}
 
     def matmul(self, n: int = 4096, repeats: int = 5) -> dict:
-        torch = self.torch
-        a, b = (torch.randn(n, n, device=self.device, dtype=self.dtype) for _ in range(2))
-        a @ b
-        self.sync()
-        best = float("inf")
-        for _ in range(repeats):
+        a, b = (self.torch.randn(n, n, device=self.device, dtype=self.dtype) for _ in range(2))
+        times = []
+        for _ in range(repeats + 1):  # (the first warms up)
             start = time.perf_counter()
             a @ b
             self.sync()
-            best = min(best, time.perf_counter() - start)
-        return {"flops_per_s": 2 * n**3 / best}
-
-
-def versions() -> dict:
-    import diffusers
-    import torch
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__}
+            times.append(time.perf_counter() - start)
+        return {"flops_per_s": 2 * n**3 / min(times[1:])}
 
 
 def serve() -> None:

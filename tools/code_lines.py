@@ -1,6 +1,6 @@
 """Size of a package at a git revision: `wc -l` and code lines (not blank, not comments, not docstrings).
 
-    python -m benchmarks.code_lines [REV ...] [--package=vdm_jax/training]
+    python -m tools.code_lines [REV ...] [--package=vdm_jax/training]
 
 For issue 15's "the training package is smaller": compare revisions of the same package.
 """

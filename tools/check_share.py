@@ -1,7 +1,7 @@
 """The share of the core's code lines that check arguments, counted from the syntax tree.
 
-    python -m benchmarks.check_share            # the working tree
-    python -m benchmarks.check_share --rev 57b5bd9
+    python -m tools.check_share            # the working tree
+    python -m tools.check_share --rev 57b5bd9
 
 Code lines: lines holding a token that is neither a comment nor part of a docstring (blank lines
 don't count). Check lines, among those:
