@@ -52,7 +52,7 @@ def test_grads_are_mean_for_model_and_endpoints_second_moment_for_shape():
 
 def minimise_variance(num_steps=150):
     """(mean, variance) of the diffusion-loss estimator before and after `num_steps` Adam steps of
-    `variance_minimising_grads` on a learned schedule (also used by benchmarks/analytic_checks)."""
+    `variance_minimising_grads` on a learned schedule (also used by `python -m benchmarks analytic_checks`)."""
     sched_state, loss_fn = _setup(hidden=32, seed=1)
     params = {"scale": jnp.float32(1.0)}
     x_eval, key_eval = _data(jax.random.key(10), 200_000), jax.random.key(11)
@@ -83,7 +83,7 @@ def test_variance_minimisation_lowers_estimator_variance():
     """A few optimiser steps on E[L²] lower the empirical variance of the diffusion loss
     while its mean (fixed by the end points in continuous time) stays put."""
     mean0, var0, mean1, var1 = minimise_variance()
-    assert var1 < 0.8 * var0, (var0, var1)  # measured: 0.69x (python -m benchmarks.analytic_checks)
+    assert var1 < 0.8 * var0, (var0, var1)  # measured: 0.69x (python -m benchmarks analytic_checks)
     se = np.sqrt(var0 / 200_000)
     assert abs(mean1 - mean0) < 0.05 * abs(mean0) + 5 * se, (mean0, mean1)
 

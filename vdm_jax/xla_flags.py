@@ -37,7 +37,7 @@ def cpu_xla_flags(*, convolutions: str | None = None) -> str:
 
     convolutions: 'xla' (XLA's own, the default) or 'ynnpack' (jaxlib's default path); None:
     $VDM_JAX_CPU_CONVOLUTIONS if set, else 'xla'. See docs/benchmarks.md for the measurements
-    behind the default (`python -m benchmarks.step_time --model=M --convolutions=xla|ynnpack`).
+    behind the default (`python -m benchmarks step_time --model=M --convolutions=xla|ynnpack`).
     """
     convolutions = convolutions or os.environ.get("VDM_JAX_CPU_CONVOLUTIONS") or "xla"
     if convolutions not in CONVOLUTIONS:

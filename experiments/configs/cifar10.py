@@ -21,7 +21,8 @@ small — fits a 2-core CPU: the tiny U-Net (0.42M params) on 32×32×3, DDPM wi
   batch 32, Adam 3e-4.
     python -m experiments.cifar10 --workdir=runs/small --config=experiments/configs/cifar10.py:small
   Its speed, and the loss and test bound it reaches in 30 minutes on 2 CPU cores:
-  benchmarks/results/cifar10_small_cpu.json (`python -m benchmarks.cifar10_small_cpu`); samples
+  benchmarks/results/cifar10_small_cpu.json (measured at commit 9828861 with
+  `python -m benchmarks.cifar10_small_cpu`, since removed; docs/benchmarks.md); samples
   are still blobs at this size and budget.
 
 Offline data: add --config.data.source=images:$VDM_JAX_DATA_DIR/cifar10_jpeg.zip (or
