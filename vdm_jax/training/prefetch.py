@@ -54,16 +54,13 @@ class DevicePrefetcher:
     def __init__(self, iterator, mesh, sizes: Iterable[int], depth: int = 2):
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be an int >= 0, got {depth!r}.")
-        self._iterator = iterator
-        self._mesh = mesh
-        self._sizes = iter(sizes)
-        self.position = iterator.get_state()  # after the last call handed out
-        self.read_position = self.position  # before the last call handed out (or asked for)
-        self._queue: queue.Queue | None = None
+        self._iterator, self._mesh, self._sizes = iterator, mesh, iter(sizes)
+        # The iterator's position after the last call handed out, and before it (or the one asked for).
+        self.position = self.read_position = iterator.get_state()
+        self._queue = queue.Queue(maxsize=depth) if depth else None
         self._stop = threading.Event()
-        if depth > 0:
-            self._queue = queue.Queue(maxsize=depth)
-            self._thread = threading.Thread(target=self._work, name="vdm_jax-prefetch", daemon=True)
+        self._thread = threading.Thread(target=self._work, name="vdm_jax-prefetch", daemon=True)
+        if depth:
             self._thread.start()
 
     def _prepare(self, k: int) -> tuple[Any, Any, Any, BaseException | None]:
@@ -84,16 +81,8 @@ class DevicePrefetcher:
                 return
         self._queue.put((self._iterator.get_state(), None, None, StopIteration()))
 
-    def __iter__(self):
-        return self
-
     def __next__(self):
-        if self._queue is None:
-            k = next(self._sizes)
-            before, batch, after, error = self._prepare(k)
-        else:
-            before, batch, after, error = self._queue.get()
-        self.read_position = before
+        self.read_position, batch, after, error = self._queue.get() if self._queue else self._prepare(next(self._sizes))
         if error is not None:
             raise error
         self.position = after
@@ -102,7 +91,7 @@ class DevicePrefetcher:
     def close(self) -> None:
         """Stops the thread (it finishes the batch it is reading)."""
         self._stop.set()
-        if self._queue is not None:
+        if self._queue:
             while self._thread.is_alive():
                 try:
                     self._queue.get(timeout=0.1)
