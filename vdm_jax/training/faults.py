@@ -37,9 +37,9 @@ class NonFiniteError(FloatingPointError):
 
 def init_faults(terms: Sequence[str]) -> dict[str, Any]:
     """A record of no faults, for a loss with these term names."""
-    ints = {name: jnp.asarray(value, jnp.int32) for name, value in
-            (("step", -1), ("grad_leaf", -1), ("skipped", 0), ("consecutive", 0))}
-    return {**ints, "values": {name: jnp.zeros((), jnp.float32) for name in ("loss", *terms)}}
+    return {**{name: jnp.asarray(value, jnp.int32) for name, value in dict(step=-1, grad_leaf=-1, skipped=0,
+                                                                            consecutive=0).items()},
+            "values": {name: jnp.zeros((), jnp.float32) for name in ("loss", *terms)}}
 
 
 def inspect(loss, terms: dict[str, jax.Array], grads) -> dict[str, Any]:
@@ -67,15 +67,12 @@ def inspect(loss, terms: dict[str, jax.Array], grads) -> dict[str, Any]:
 def record(faults: dict[str, Any], report: dict[str, Any], step: jax.Array, mode: str):
     """(the fault record after a step computed at `step`, whether to apply the step, how far the step
     counter advances). A step is applied if it is finite and, in 'stop' mode, no earlier one was not."""
-    ok = report["ok"]
-    apply = ok & (faults["step"] < 0) if mode == "stop" else ok
-    new = ~ok & (faults["step"] < 0) if mode == "stop" else ~ok
-    out = {
-        "step": jnp.where(new, step, faults["step"]),
-        "grad_leaf": jnp.where(new, report["grad_leaf"], faults["grad_leaf"]),
-        "skipped": faults["skipped"] + (new & (mode == "skip")),
-        "consecutive": jnp.where(ok, 0, faults["consecutive"] + 1),
-    }
+    ok, first = report["ok"], faults["step"] < 0  # (first: no step has stopped the run)
+    apply, new = (ok & first, ~ok & first) if mode == "stop" else (ok, ~ok)
+    out = {"step": jnp.where(new, step, faults["step"]),
+           "grad_leaf": jnp.where(new, report["grad_leaf"], faults["grad_leaf"]),
+           "skipped": faults["skipped"] + (new & (mode == "skip")),
+           "consecutive": jnp.where(ok, 0, faults["consecutive"] + 1)}
     out = {k: v.astype(jnp.int32) for k, v in out.items()}
     out["values"] = jax.tree.map(lambda now, before: jnp.where(new, now, before), report["values"], faults["values"])
     return out, apply, (apply if mode == "stop" else jnp.bool_(True)).astype(jnp.int32)

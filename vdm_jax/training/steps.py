@@ -97,10 +97,8 @@ def apply_gradients(state: TrainState, grads, report) -> TrainState:
         ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
         return params, ema, opt_state
 
-    def keep(_):
-        return state.params, state.ema_params, state.opt_state
-
-    params, ema, opt_state = jax.lax.cond(apply, update, keep, None)
+    params, ema, opt_state = jax.lax.cond(apply, update, lambda _: (state.params, state.ema_params, state.opt_state),
+                                          None)
     return state.replace(step=state.step + advance, params=params, ema_params=ema, opt_state=opt_state,
                          faults=record)
 
@@ -117,15 +115,12 @@ def train_steps(state: TrainState, batches, *, key, unroll: bool | None = None
     None (default): unroll when JAX's default backend is the CPU, whose gradient convolutions
     inside a loop body miss XLA:CPU's fast kernels (jax-ml/jax#12868).
     """
-    if unroll is None:
-        unroll = jax.default_backend() == "cpu"
-    state, metrics = jax.lax.scan(lambda s, b: train_step(s, b, key=key), state, batches, unroll=bool(unroll))
-    finite = metrics.pop("finite")
-    skipped = metrics.pop("skipped_steps")
-    ok = finite > 0
+    unroll = jax.default_backend() == "cpu" if unroll is None else bool(unroll)
+    state, metrics = jax.lax.scan(lambda s, b: train_step(s, b, key=key), state, batches, unroll=unroll)
+    finite, skipped = metrics.pop("finite"), metrics.pop("skipped_steps")
     count = jnp.sum(finite)
-    out = jax.tree.map(lambda m: jnp.where(count > 0, jnp.sum(jnp.where(ok, m, 0.0), axis=0) / count, jnp.nan),
-                       metrics)
+    out = jax.tree.map(lambda m: jnp.where(count > 0, jnp.sum(jnp.where(finite > 0, m, 0.0), axis=0) / count,
+                                           jnp.nan), metrics)
     return state, {**out, "finite": jnp.mean(finite), "skipped_steps": skipped[-1]}
 
 
@@ -138,15 +133,14 @@ def eval_step(state: TrainState, batch, *, key, draws: int = 1, full_vlb: bool =
     Padding examples are evaluated like the others; the caller masks them out.
     """
     model, schedule_model = _modules(state, state.ema_params)  # evaluation and sampling use the EMA
-    objective = state.objective
     if not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be a positive int, got {draws!r}.")
 
     def one(d):
         k = jax.random.fold_in(key, d)
         if full_vlb:
-            return objective.per_example_full_vlb(model, batch, key=k)
-        return objective.per_example_bound(model, schedule_model, batch, key=k)
+            return state.objective.per_example_full_vlb(model, batch, key=k)
+        return state.objective.per_example_bound(model, schedule_model, batch, key=k)
 
     if draws == 1:
         return one(0)
