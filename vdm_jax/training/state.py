@@ -54,12 +54,9 @@ class Optimizer:
         return optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps)
 
     def transformation(self) -> optax.GradientTransformation:
-        lr = self.schedule()
-        if self.optimizer == "adamw":
-            opt = optax.adamw(lr, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay,
-                              mask=decay_mask)
-        else:
-            opt = optax.adam(lr, b1=self.b1, b2=self.b2, eps=self.eps)
+        adam = dict(learning_rate=self.schedule(), b1=self.b1, b2=self.b2, eps=self.eps)
+        opt = (optax.adamw(**adam, weight_decay=self.weight_decay, mask=decay_mask) if self.optimizer == "adamw"
+               else optax.adam(**adam))
         return optax.chain(*([clip_by_global_norm(self.grad_clip)] if self.grad_clip > 0 else []), opt)
 
 
@@ -68,10 +65,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     the caller has it: the train step's fault check computes it anyway (`faults.inspect`), so a
     second pass over every gradient array is saved. Without `grad_norm` it computes the norm itself."""
     def update(updates, state, params=None, *, grad_norm=None, **extra_args):
-        del params, extra_args
         norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
-        clipped = jax.tree.map(lambda g: jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm), updates)
-        return clipped, state
+        return jax.tree.map(lambda g: jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm), updates), state
 
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
