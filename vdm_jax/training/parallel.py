@@ -51,11 +51,8 @@ def check_batch_size(global_batch_size: int, mesh, name: str = "training.batch_s
 def replicate(tree: Any, mesh) -> Any:
     """Copies a host pytree to every device as replicated global arrays (fresh buffers: the source
     is never aliased, so donating the result is safe). The value must be the same on every host."""
-    sharding = replicated(mesh)
-
     def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+        return jax.make_array_from_callback(np.shape(x), replicated(mesh), lambda index: np.asarray(x)[index])
 
     return jax.tree.map(put, jax.device_get(tree))
 
