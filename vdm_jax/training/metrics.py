@@ -29,12 +29,9 @@ def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> 
 
 def save_png(path: str, picture: np.ndarray, scale: int = 1) -> None:
     """Writes a uint8 [H, W, C] picture (C = 1 or 3) as PNG, enlarged `scale` times (nearest)."""
-    picture = np.asarray(picture)
-    if scale > 1:
-        picture = picture.repeat(scale, axis=0).repeat(scale, axis=1)
-    mode_picture = picture[..., 0] if picture.shape[-1] == 1 else picture
+    picture = np.asarray(picture).repeat(scale, axis=0).repeat(scale, axis=1)
     with atomic_write(path, "wb") as f:
-        Image.fromarray(mode_picture).save(f, format="PNG")
+        Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(f, format="PNG")
 
 
 class MetricWriter:
@@ -47,12 +44,9 @@ class MetricWriter:
 
     def __init__(self, logdir: str, enabled: bool = True, jsonl_path: str | None = None,
                  resume_step: int | None = None):
-        self._writer = None
-        self._jsonl = jsonl_path if enabled else None
+        self._jsonl, self._writer = (jsonl_path if enabled else None), None
         if enabled:
-            SummaryWriter = _summary_writer_class()
-            purge = None if resume_step is None else resume_step + 1
-            self._writer = SummaryWriter(logdir, purge_step=purge)
+            self._writer = _summary_writer_class()(logdir, purge_step=None if resume_step is None else resume_step + 1)
             if resume_step is not None and jsonl_path and os.path.exists(jsonl_path):
                 _drop_lines_after(jsonl_path, resume_step)
 
