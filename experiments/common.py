@@ -1,8 +1,13 @@
 """What the experiment entry points share: bad input ends the program with one line `error: ...`,
-and Ctrl-C or SIGTERM at any moment ends it cleanly."""
+Ctrl-C or SIGTERM at any moment ends it cleanly, and a process of a run on several processes is
+supervised, so that a lost process ends the others with one line (`supervise`)."""
+import collections
 import os
+import re
 import signal
+import subprocess
 import sys
+import tempfile
 
 # absl is imported inside the functions: the training entry points import this module first thing
 # for `hold_signals`, and until it is installed a Ctrl-C is Python's default (a traceback).
@@ -120,16 +125,174 @@ def run_app(main, flags_parser) -> None:
         os._exit(130)
 
 
+def read_images_or_statistics(path: str, name: str):
+    """('images', uint8 [N, H, W, C]) or ('statistics', (mu, sigma)) from a .npz (no pickles)."""
+    import numpy as np
+
+    from vdm_jax.fid import load_statistics
+
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name}={path} does not exist.")
+    with np.load(path, allow_pickle=False) as f:
+        keys = sorted(f)
+        if "images" in keys:
+            images = f["images"]
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+                raise ValueError(f"{name}={path}: 'images' must be uint8 [N, H, W, 1 or 3], "
+                                 f"got {images.dtype} {images.shape}.")
+            return "images", images
+    if "mu" in keys and "sigma" in keys:
+        return "statistics", load_statistics(path)
+    raise ValueError(f"{name}={path} holds {keys}: expected uint8 'images' or statistics 'mu' and 'sigma'.")
+
+
+def format_quality(result: dict) -> str:
+    """The metrics as a small table (KID's row only where it was computed)."""
+    rows = [("FID", f"{result['fid']:.4f}", "")]
+    if result.get("kid") is not None:
+        rows.append(("KID", f"{result['kid']:.6f}", f"± {result['kid_std']:.6f} (std over subsets)"))
+    if result.get("inception_score") is not None:
+        rows.append(("Inception Score", f"{result['inception_score']:.4f}",
+                     f"± {result['inception_score_std']:.4f} (std over splits)"))
+    return "\n".join(f"  {a:<16}{b:>12}  {c}" for a, b, c in rows)
+
+
+# --- the supervisor of a run on several processes ----------------------------------------------------
+# JAX's coordination service aborts every other process when one is lost (a C++ fatal error, its stack
+# and every Python thread's, exit status 134). The entry point runs again as a child process of a
+# supervisor, which turns that into one line (which process was lost, the last checkpoint, how to
+# resume) and exit status `EXIT_LOST`. The child's output passes through unchanged otherwise; signals
+# sent to the supervisor reach the child once; the child dies with it. Nothing here imports JAX, so
+# the supervising process stays small.
+
+SUPERVISED = "VDM_JAX_SUPERVISED"
+"""The environment variable that marks the supervised child (so that it does not supervise again)."""
+
+EXIT_LOST = 75
+"""The exit status of a process stopped because another process of the run was lost (EX_TEMPFAIL:
+start every process again to resume)."""
+
+# The output of a failure: held back from its first line (an error or fatal line of XLA's C++ log, a
+# C++ or Python crash, a Python traceback) to the child's end, then passed on, or summarised if it
+# says another process was lost (JAX's coordination service, or the collectives' connection to it).
+_HOLD = re.compile(rb"^(?:[EF]\d{4} [\d:.]+ +\d+ \S+:\d+\]|Traceback \(most recent call last\)|Fatal Python error"
+                   rb"|terminate called)")
+_FATAL = re.compile(rb"JAX distributed service detected fatal errors|tasks are unhealthy"
+                    rb"|[Gg]loo.*(?:Connection reset|Connection closed|Read error|Write error|Socket closed)")
+_UNHEALTHY = re.compile(rb"tasks are unhealthy[^:]*:\s*((?:\d+[\s,]*)+)")
+
+
 def supervise(*, process_id: int, num_processes: int, heartbeat_timeout: int, checkpoints: str | None) -> None:
     """With several processes, the first thing an entry point does once its flags are read: unless this
-    is already the supervised child, run this command again as one
-    (`vdm_jax.training.distributed.supervise`: a lost process is one line, not an abort) and exit
-    with its status."""
-    from vdm_jax.training import distributed
+    is already the supervised child, run this command again as one (`run_supervised`: a lost process
+    is one line, not an abort) and exit with its status."""
+    if os.environ.get(SUPERVISED) != "1":
+        sys.exit(run_supervised(process_id=process_id, num_processes=num_processes,
+                                heartbeat_timeout=heartbeat_timeout, checkpoints=checkpoints))
 
-    if not distributed.supervised():
-        sys.exit(distributed.supervise(process_id=process_id, num_processes=num_processes,
-                                       heartbeat_timeout=heartbeat_timeout, checkpoints=checkpoints))
+
+def run_supervised(*, process_id: int = -1, num_processes: int = 0, heartbeat_timeout: int = 100,
+                   checkpoints: str | None = None, command: list[str] | None = None) -> int:
+    """Runs this program's command line again as a child process and returns the exit status to
+    end with: the child's, or `EXIT_LOST` after one line on standard error if it was stopped
+    because another process of the run was lost.
+
+    Args:
+      process_id, num_processes, heartbeat_timeout: the run's settings, for the line (-1 and 0:
+        auto-detected, unknown here).
+      checkpoints: the run's checkpoint directory, whose newest step the line names (None: the
+        program writes no checkpoints).
+      command: the child's command line (default: this program's own, `sys.orig_argv`).
+    """
+    command = command or [sys.executable, *sys.orig_argv[1:]]
+    prctl = _parent_death_signal()
+    child = subprocess.Popen(command, env={**os.environ, SUPERVISED: "1"}, stderr=subprocess.PIPE,
+                             start_new_session=True,  # (a terminal's Ctrl-C reaches it once: forwarded by us)
+                             preexec_fn=prctl)
+    pending = [getattr(signal.getsignal(sig), "signum", None) for sig in (signal.SIGINT, signal.SIGTERM)]
+
+    def forward(signum, frame):
+        child.send_signal(signum)
+
+    before = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for signum in filter(None, pending):  # a signal during our own start-up (`experiments.common.hold_signals`)
+            child.send_signal(signum)
+        held, tail = [], collections.deque(maxlen=2000)  # (what is not shown yet; the last lines, for the verdict)
+        for line in child.stderr:
+            tail.append(line)
+            if held or _HOLD.match(line):
+                held.append(line)
+            else:
+                os.write(2, line)
+        status = child.wait()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    text = b"".join(tail)
+    if status == 0 or not _FATAL.search(text):
+        os.write(2, b"".join(held))
+        return status if status >= 0 else 128 - status
+    fd, report = tempfile.mkstemp(prefix="vdm_jax_lost_process_", suffix=".log")
+    with os.fdopen(fd, "wb") as f:
+        f.write(text)
+    print(_lost_line(text, process_id, num_processes, heartbeat_timeout, checkpoints, report), file=sys.stderr,
+          flush=True)
+    return EXIT_LOST
+
+
+def _lost_line(text: bytes, process_id: int, num_processes: int, heartbeat_timeout: int, checkpoints: str | None,
+               report: str) -> str:
+    """The one line that says which process was lost, what is saved, and how to resume."""
+    of = f" of {num_processes}" if num_processes else ""
+    me = f"process {process_id}" if process_id >= 0 else "this process"
+    unhealthy = _UNHEALTHY.search(text)
+    if unhealthy:
+        lost = sorted({int(n) for n in re.findall(rb"\d+", unhealthy.group(1))})
+        who = (f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))}{of} stopped sending heartbeats "
+               f"(for {heartbeat_timeout} s)")
+    elif process_id != 0 and re.search(rb"PollForError|[Hh]eartbeat", text):
+        who = f"process 0{of}, the coordinator, is gone"
+    else:
+        who = f"another process{of} stopped or was lost"
+    if checkpoints is None:
+        saved = "Nothing was left half-written: run the command again on every process"
+    else:
+        step = _latest_step(checkpoints)
+        saved = (f"No checkpoint was saved in {checkpoints}" if step is None
+                 else f"The last checkpoint, step {step} in {checkpoints}, is intact")
+        saved += ": start every process again with the same command to resume (a new coordinator port is fine)"
+    return f"error: {who}, so {me} stopped too. {saved}. JAX's report: {report}"
+
+
+def _latest_step(checkpoints: str) -> int | None:
+    """The newest complete step in an orbax checkpoint directory (a step being written has another name)."""
+    try:
+        from etils import epath  # (orbax's path library: local paths and gs:// alike)
+
+        steps = [int(p.name) for p in epath.Path(checkpoints).iterdir() if p.name.isdigit()]
+    except (OSError, ImportError):
+        return None
+    return max(steps, default=None)
+
+
+def _parent_death_signal():
+    """A `preexec_fn` that has Linux kill the child with SIGKILL when its parent dies (so killing the
+    supervisor, as a preempted host would be, ends the run's process too); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()  # (looked up before the fork)
+    pr_set_pdeathsig = 1
+
+    def set_signal():
+        prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+        if os.getppid() != parent:  # the parent died before the signal was set
+            os._exit(1)
+
+    return set_signal
 
 
 def _define_distributed_flags() -> None:

@@ -1,5 +1,5 @@
 """Several processes: nothing before `jax.distributed.initialize` starts JAX's backend, and the
-supervisor turns a lost process into one line (`vdm_jax.training.distributed`).
+entry points' supervisor turns a lost process into one line (`experiments.common.supervise`).
 
 The two-process runs themselves (train like one process; a process killed mid-run) are in
 test_resume.py, with the other guarantees of long runs.
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from vdm_jax.training import distributed
+from experiments import common
 from vdm_jax.training.config import PLACEMENT, config_changes, default_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -150,13 +150,13 @@ raise ValueError("a bug of its own")
 
 
 def _supervise(tmp_path, capfd, child: str, **kwargs):
-    """`supervise` over `child` (Python source), here; (status, stdout, stderr)."""
+    """`run_supervised` over `child` (Python source), here; (status, stdout, stderr)."""
     (tmp_path / "child.py").write_text(child)
     checkpoints = tmp_path / "checkpoints"
     for step in ("3", "6.orbax-checkpoint-tmp-12"):  # a finished step and one being written
         (checkpoints / step).mkdir(parents=True, exist_ok=True)
     capfd.readouterr()
-    status = distributed.supervise(command=[sys.executable, str(tmp_path / "child.py")], checkpoints=str(checkpoints),
+    status = common.run_supervised(command=[sys.executable, str(tmp_path / "child.py")], checkpoints=str(checkpoints),
                                    **kwargs)
     out, err = capfd.readouterr()
     return status, out, err
@@ -177,7 +177,7 @@ def _supervise(tmp_path, capfd, child: str, **kwargs):
 ])
 def test_a_lost_process_is_one_line(tmp_path, capfd, child, kwargs, line):
     status, out, err = _supervise(tmp_path, capfd, child, **kwargs)
-    assert status == distributed.EXIT_LOST
+    assert status == common.EXIT_LOST
     assert out == ("step 4/12\n" if child is _JAX_ABORT else "")  # standard output untouched
     lines = err.splitlines()
     assert lines[0] == "resuming from step 3" or child is not _JAX_ABORT  # what came before, as it came
@@ -215,8 +215,8 @@ def test_signals_reach_the_child_once_and_it_dies_with_the_supervisor(tmp_path, 
     """SIGTERM to the supervisor (a scheduler's preemption notice) reaches the child once; SIGKILL
     of the supervisor (its host gone) kills the child too."""
     (tmp_path / "child.py").write_text(_SLEEPER)
-    code = ("import sys\nfrom vdm_jax.training import distributed\n"
-            f"sys.exit(distributed.supervise(command=[sys.executable, {str(tmp_path / 'child.py')!r}]))")
+    code = ("import sys\nfrom experiments import common\n"
+            f"sys.exit(common.run_supervised(command=[sys.executable, {str(tmp_path / 'child.py')!r}]))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "ready\n"
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
