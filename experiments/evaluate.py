@@ -142,9 +142,10 @@ def _fid(FLAGS, mesh, images, stem: str, summary: dict) -> dict:
     """--fid: the samples' FID and Inception Score (and KID against images), printed and written."""
     import jax
 
+    from experiments.common import format_quality, read_images_or_statistics
     from vdm_jax.fid import sample_quality
     from vdm_jax.models import fid_inception
-    from vdm_jax.training.evaluation import format_quality, inception_features, read_images_or_statistics
+    from vdm_jax.training.evaluation import inception_features
 
     kind, reference = read_images_or_statistics(FLAGS.reference, "--reference")
     network = fid_inception(FLAGS.inception_weights)

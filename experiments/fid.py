@@ -36,10 +36,10 @@ flags.mark_flags_as_required(["images", "reference"])
 def compute(FLAGS) -> dict:
     import jax
 
+    from experiments.common import format_quality, read_images_or_statistics
     from vdm_jax._files import atomic_write
     from vdm_jax.fid import frechet_distance, sample_quality
     from vdm_jax.training import make_mesh
-    from vdm_jax.training.evaluation import format_quality, read_images_or_statistics
     from vdm_jax.training.parallel import check_batch_size
 
     images_kind, images = read_images_or_statistics(FLAGS.images, "--images")

@@ -25,7 +25,6 @@ from flax import nnx
 
 from vdm_jax._files import atomic_write
 from vdm_jax.data import check_source, eval_iterator, num_eval_batches
-from vdm_jax.fid import load_statistics
 from vdm_jax.training import parallel, steps
 from vdm_jax.training.checkpoint import Checkpointer, saved_config
 from vdm_jax.training.config import checked_config, validate_config
@@ -303,32 +302,3 @@ def inception_features(network, images: np.ndarray, *, mesh, batch_size: int = 2
         bar.update(min(batch_size, len(images) - lo))
     bar.close()
     return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def read_images_or_statistics(path: str, name: str):
-    """('images', uint8 [N, H, W, C]) or ('statistics', (mu, sigma)) from a .npz (no pickles)."""
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{name}={path} does not exist.")
-    with np.load(path, allow_pickle=False) as f:
-        keys = sorted(f)
-        if "images" in keys:
-            images = f["images"]
-            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-                raise ValueError(f"{name}={path}: 'images' must be uint8 [N, H, W, 1 or 3], "
-                                 f"got {images.dtype} {images.shape}.")
-            return "images", images
-    if "mu" in keys and "sigma" in keys:
-        return "statistics", load_statistics(path)
-    raise ValueError(f"{name}={path} holds {keys}: expected uint8 'images' or statistics 'mu' and 'sigma'.")
-
-
-def format_quality(result: dict) -> str:
-    """The metrics as a small table (KID's row only where it was computed)."""
-    rows = [("FID", f"{result['fid']:.4f}", "")]
-    if result.get("kid") is not None:
-        rows.append(("KID", f"{result['kid']:.6f}", f"± {result['kid_std']:.6f} (std over subsets)"))
-    if result.get("inception_score") is not None:
-        rows.append(("Inception Score", f"{result['inception_score']:.4f}",
-                     f"± {result['inception_score_std']:.4f} (std over splits)"))
-    return "\n".join(f"  {a:<16}{b:>12}  {c}" for a, b, c in rows)
