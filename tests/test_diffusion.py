@@ -220,75 +220,24 @@ def test_jitted_q_sample_traces_once():
     f(jnp.zeros((2, 3)), jnp.ones((2, 3)), jnp.ones((2,)))
 
 
-# --- bad input: one table per public entry point ----------------------------------------------
-# (fn, args, kwargs, error, message regex); each row is checked eagerly and under jax.jit.
+# --- bad input ---------------------------------------------------------------------------------
+# The formulas check nothing but what would otherwise be wrong math: a per-example γ whose batch
+# does not match the data's, and a kind they don't know. (fn, args, kwargs, error, message regex);
+# each row is checked eagerly and under jax.jit.
 
-X, X3, XI = jnp.ones((4, 2)), jnp.ones((4, 3)), jnp.ones((4, 2), jnp.int32)
-G3, G4 = jnp.zeros((3,)), jnp.zeros((4,))
-
-
-def _conversion_rows(name, second):
-    return [
-        ((X, X3, 0.0), {}, ValueError, rf"{name}: {second} must have z_t's shape \(4, 2\), got \(4, 3\)"),
-        ((XI, X, 0.0), {}, TypeError, rf"{name}: z_t must be a floating-point array, got dtype int32"),
-        ((X, XI, 0.0), {}, TypeError, rf"{second} must be a floating-point array, got dtype int32"),
-        ((X, X, G3), {}, ValueError, r"gamma_t must be a scalar or \[B\] = \[4\] \(z_t's batch axis\)"),
-        ((jnp.float32(1.0), jnp.float32(1.0), 0.0), {}, ValueError, r"z_t must have shape \[B, ...\]"),
-    ]
-
+X = jnp.ones((4, 2))
+G3 = jnp.zeros((3,))
+_BATCH = r"a per-example value must be a scalar or \[B\] = \[4\] \(the data's batch axis\), got shape \(3,\)"
 
 ERRORS = {
-    vj.q_sample: [
-        ((X, X, G3), {}, ValueError, r"q_sample: gamma_t must be a scalar or \[B\] = \[4\] \(x's batch axis\), "
-                                     r"got shape \(3,\)"),
-        ((X, X, jnp.zeros((4, 2))), {}, ValueError, r"gamma_t must be a scalar or \[B\] = \[4\]"),
-        ((X, X3, 0.0), {}, ValueError, r"q_sample: eps must have x's shape \(4, 2\), got \(4, 3\)"),
-        ((XI, X, 0.0), {}, TypeError, "q_sample: x must be a floating-point array, got dtype int32"),
-        ((X, X, "1.0"), {}, TypeError, "gamma_t must be a floating-point array, got str"),
-        ((X, X, jnp.int32(1)), {}, TypeError, "gamma_t must be a floating-point array, got dtype int32"),
-        ((jnp.float32(0.0), jnp.float32(0.0), 0.0), {}, ValueError,
-         r"x must have shape \[B, ...\] with a leading batch axis, got shape \(\)"),
-    ],
-    vj.q_step: [
-        ((X, X, 1.5), {}, ValueError, r"q_step: beta_t must lie in \[0, 1\]; got values in \[1.5, 1.5\]"),
-        ((X, X, np.array([0.1, 0.2, -0.1, 0.3])), {}, ValueError, r"beta_t must lie in \[0, 1\]"),
-        ((X, X3, 0.1), {}, ValueError, r"eps must have z_prev's shape \(4, 2\)"),
-        ((X, X, G3), {}, ValueError, r"beta_t must be a scalar or \[B\] = \[4\] \(z_prev's batch axis\)"),
-    ],
-    vj.q_posterior: [
-        ((X, X, jnp.zeros((5,)), jnp.ones((5,))), {}, ValueError,
-         r"q_posterior: gamma_s must be a scalar or \[B\] = \[4\]"),
-        ((X, X, 2.0, 1.0), {}, ValueError, "q_posterior: gamma_s must be < gamma_t"),
-        ((X, X, 1.0, 1.0), {}, ValueError, "gamma_s must be < gamma_t"),
-        ((X[:2], X[:2], np.array([0.0, 3.0]), np.array([1.0, 2.0])), {}, ValueError,
-         r"gamma_s must be < gamma_t \(s < t: the noise level grows with time\); got gamma_s=3.0 and "
-         r"gamma_t=2.0 at index \(1,\)"),
-        ((X, X3, 0.0, 1.0), {}, ValueError, r"z_t must have x's shape \(4, 2\), got \(4, 3\)"),
-    ],
-    vj.x_from_eps: _conversion_rows("x_from_eps", "eps"),
-    vj.eps_from_x: _conversion_rows("eps_from_x", "x"),
-    vj.v_from_eps: _conversion_rows("v_from_eps", "eps"),
-    vj.eps_from_v: _conversion_rows("eps_from_v", "v"),
-    vj.x_from_v: _conversion_rows("x_from_v", "v"),
-    vj.score_from_eps: [
-        ((XI, 0.0), {}, TypeError, "score_from_eps: eps must be a floating-point array"),
-        ((X, G3), {}, ValueError, r"gamma_t must be a scalar or \[B\] = \[4\] \(eps's batch axis\)"),
-    ],
-    vj.eps_from_score: [
-        ((XI, 0.0), {}, TypeError, "eps_from_score: score must be a floating-point array"),
-        ((X, G3), {}, ValueError, r"gamma_t must be a scalar or \[B\] = \[4\] \(score's batch axis\)"),
-    ],
-    vj.eps_and_x: [
-        ((X, XI, 0.0), {"kind": "x"}, TypeError, "eps_and_x: z_t must be a floating-point array"),
-        ((X3, X, 0.0), {"kind": "eps"}, ValueError, r"prediction must have z_t's shape \(4, 2\), got \(4, 3\)"),
-        ((X, X, 0.0), {"kind": "noise"}, ValueError, r"kind must be one of 'eps', 'x', 'score' or 'v', got 'noise'"),
-        ((X, X, 0.0, "x"), {}, TypeError, "eps_and_x: too many positional arguments"),  # kind is keyword-only
-    ],
-    vj.prediction_target: [
-        ((X, X, 0.0), {"kind": "noise"}, ValueError, "prediction_target: kind must be one of"),
-        ((X, X3, 0.0), {"kind": "v"}, ValueError, r"eps must have x's shape \(4, 2\)"),
-        ((X, X, G3), {"kind": "v"}, ValueError, r"gamma_t must be a scalar or \[B\] = \[4\]"),
-    ],
+    vj.q_sample: [((X, X, G3), {}, ValueError, _BATCH)],
+    vj.q_step: [((X, X, G3), {}, ValueError, _BATCH)],
+    vj.q_posterior: [((X, X, jnp.zeros((3,)), jnp.ones((3,))), {}, ValueError, _BATCH)],
+    vj.x_from_eps: [((X, X, G3), {}, ValueError, _BATCH)],
+    vj.score_from_eps: [((X, G3), {}, ValueError, _BATCH)],
+    vj.eps_and_x: [((X, X, 0.0), {"kind": "noise"}, ValueError,
+                    "eps_and_x: kind must be one of 'eps', 'x', 'score' or 'v', got 'noise'")],
+    vj.prediction_target: [((X, X, 0.0), {"kind": "noise"}, ValueError, "prediction_target: kind must be one of")],
 }
 CASES = [(fn, *row) for fn, rows in ERRORS.items() for row in rows]
 

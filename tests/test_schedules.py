@@ -172,23 +172,23 @@ SCHED = vj.DiscreteSchedule(vj.linear_betas(10))
 
 ERRORS = {
     vj.linear_betas: [
-        ((0,), {}, ValueError, "T must be >= 1, got 0"),
-        ((-5,), {}, ValueError, "T must be >= 1"),
-        ((10.5,), {}, TypeError, r"T must be an int, got 10.5 \(float\)"),
-        ((True,), {}, TypeError, "T must be an int, got True"),
-        ((10, 0.02, 1e-4), {}, ValueError, "beta_start must be <= beta_end"),
-        ((10, 0.0, 0.02), {}, ValueError, r"beta_start must be in \(0, 1\)"),
-        ((10, -0.1, 0.02), {}, ValueError, r"beta_start must be in \(0, 1\)"),
-        ((10, 1e-4, 1.0), {}, ValueError, r"beta_end must be in \(0, 1\)"),
-        ((10, "1e-4"), {}, TypeError, "beta_start must be a real number, got '1e-4'"),
-        ((10, 1e-4, None), {}, TypeError, "beta_end must be a real number, got None"),
-        ((10, jnp.float32(1e-4)), {}, TypeError, "beta_start must be a real number"),  # never read back
+        ((0,), {}, ValueError, "linear_betas: T must be an int >= 1, got 0"),
+        ((-5,), {}, ValueError, "T must be an int >= 1"),
+        ((10.5,), {}, ValueError, r"T must be an int >= 1, got 10.5"),
+        ((True,), {}, ValueError, "T must be an int >= 1, got True"),
+        ((10, 0.02, 1e-4), {}, ValueError, "linear_betas: beta_start must be <= beta_end"),
+        ((10, 0.0, 0.02), {}, ValueError, r"linear_betas: beta_start must be a real number in \(0, 1\), got 0.0"),
+        ((10, -0.1, 0.02), {}, ValueError, r"beta_start must be a real number in \(0, 1\)"),
+        ((10, 1e-4, 1.0), {}, ValueError, r"beta_end must be a real number in \(0, 1\)"),
+        ((10, "1e-4"), {}, ValueError, "beta_start must be a real number in .*, got '1e-4'"),
+        ((10, 1e-4, None), {}, ValueError, "beta_end must be a real number in .*, got None"),
+        ((10, jnp.float32(1e-4)), {}, ValueError, r"beta_start must be a real number .*got float32 of shape \(\)"),
     ],
     vj.cosine_betas: [
-        ((0,), {}, ValueError, "T must be >= 1"),
-        ((True,), {}, TypeError, "T must be an int, got True"),
-        ((10,), {"max_beta": 1.0}, ValueError, r"max_beta must be in \(0, 1\), got 1.0"),
-        ((10,), {"s": -0.1}, ValueError, "s must be >= 0, got -0.1"),
+        ((0,), {}, ValueError, "cosine_betas: T must be an int >= 1"),
+        ((True,), {}, ValueError, "T must be an int >= 1, got True"),
+        ((10,), {"max_beta": 1.0}, ValueError, r"cosine_betas: max_beta must be a real number in \(0, 1\), got 1.0"),
+        ((10,), {"s": -0.1}, ValueError, "cosine_betas: s must be a real number >= 0, got -0.1"),
     ],
     vj.DiscreteSchedule: [
         (([0.1, 0.0, 0.2],), {}, ValueError, r"betas must lie in the open interval \(0, 1\); betas\[1\] \(step 2\)"),
@@ -207,53 +207,19 @@ ERRORS = {
         ((np.full((2, 2), 0.5),), {}, ValueError, r"alpha_bars must be a 1-D array of length T >= 1, got shape \(2, 2\)"),
         (([],), {}, ValueError, r"alpha_bars must be a 1-D array .*shape \(0,\)"),
     ],
-    SCHED.gamma_step: [
-        ((-1,), {}, ValueError, r"DiscreteSchedule.gamma_step: i must lie in 0..T = 0..10; got values in \[-1, -1\]"),
-        ((11,), {}, ValueError, r"i must lie in 0..T = 0..10; got values in \[11, 11\]"),
-        (([3, 12],), {}, ValueError, r"i must lie in 0..T = 0..10; got values in \[3, 12\]"),
-        ((np.array([3, 12]),), {}, ValueError, r"i must lie in 0..T = 0..10"),
-        ((jnp.float32(0.5),), {}, TypeError, "DiscreteSchedule.gamma_step: i must be an integer array, got dtype float32"),
-        ((0.5,), {}, TypeError, "i must be an integer array, got dtype float32"),
-    ],
-    SCHED: [  # DiscreteSchedule.__call__ (= .gamma)
-        ((-0.1,), {}, ValueError, r"DiscreteSchedule: t must lie in \[0, 1\]; got values in \[-0.1, -0.1\]"),
-        ((np.float32(1.5),), {}, ValueError, r"t must lie in \[0, 1\]"),
-        ((jnp.int32(1),), {}, TypeError, "DiscreteSchedule: t must be a floating-point array, got dtype int32"),
-        (("0.5",), {}, TypeError, "t must be a floating-point array, got str"),
-    ],
-    SCHED.gamma: [((1.5,), {}, ValueError, r"DiscreteSchedule: t must lie in \[0, 1\]")],
     vj.LinearSchedule: [
-        ((5.0, -13.3), {}, ValueError, "gamma_min < gamma_max"),
+        ((5.0, -13.3), {}, ValueError, "LinearSchedule: the schedule must be increasing .*gamma_min < gamma_max"),
         ((1.0, 1.0), {}, ValueError, "gamma_min < gamma_max"),
-        (("-13", 5.0), {}, TypeError, "gamma_min must be a real number"),
+        (("-13", 5.0), {}, ValueError, "LinearSchedule: gamma_min must be a real number in .*, got '-13'"),
     ],
     vj.CosineSchedule: [
-        ((5.0, -13.3), {}, ValueError, "gamma_min < gamma_max"),
-        ((1.0, 1.0), {}, ValueError, "gamma_min < gamma_max"),
-        ((-13.3, float("inf")), {}, ValueError, "gamma_max must be finite, got inf"),
-    ],
-    vj.LinearSchedule(): [
-        ((-0.1,), {}, ValueError, r"LinearSchedule: t must lie in \[0, 1\]; got values in \[-0.1, -0.1\]"),
-        ((np.array([0.5, 1.5]),), {}, ValueError, r"t must lie in \[0, 1\]; got values in \[0.5, 1.5\]"),
-        ((jnp.int32(1),), {}, TypeError, "LinearSchedule: t must be a floating-point array, got dtype int32"),
-    ],
-    vj.CosineSchedule().gamma: [
-        ((1.5,), {}, ValueError, r"CosineSchedule: t must lie in \[0, 1\]"),
-        ((jnp.int32(1),), {}, TypeError, "t must be a floating-point array, got dtype int32"),
+        ((5.0, -13.3), {}, ValueError, "CosineSchedule: the schedule must be increasing"),
+        ((-13.3, float("inf")), {}, ValueError, r"gamma_max must be a real number in \(-inf, inf\), got inf"),
     ],
     vj.LearnedSchedule: [
-        ((5.0, -1.0), {"rngs": nnx.Rngs(0)}, ValueError, "gamma_min < gamma_max"),
-        ((), {"hidden": 0, "rngs": nnx.Rngs(0)}, ValueError, "hidden must be >= 1, got 0"),
+        ((5.0, -1.0), {"rngs": nnx.Rngs(0)}, ValueError, "LearnedSchedule: the schedule must be increasing"),
+        ((), {"hidden": 0, "rngs": nnx.Rngs(0)}, ValueError, "LearnedSchedule: hidden must be an int >= 1, got 0"),
     ],
-    vj.LearnedSchedule(hidden=4, rngs=nnx.Rngs(0)): [
-        ((1.5,), {}, ValueError, r"LearnedSchedule: t must lie in \[0, 1\]"),
-        ((jnp.int32(1),), {}, TypeError, "LearnedSchedule: t must be a floating-point array, got dtype int32"),
-    ],
-    vj.alpha_sigma: [
-        ((jnp.int32(3),), {}, TypeError, "alpha_sigma: gamma must be a floating-point array, got dtype int32"),
-        (("3.0",), {}, TypeError, "gamma must be a floating-point array, got str"),
-    ],
-    vj.snr: [((jnp.int32(3),), {}, TypeError, "snr: gamma must be a floating-point array, got dtype int32")],
 }
 CASES = [(fn, *row) for fn, rows in ERRORS.items() for row in rows]
 

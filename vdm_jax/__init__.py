@@ -20,6 +20,7 @@ from vdm_jax.diffusion import (
     eps_from_score,
     eps_from_v,
     eps_from_x,
+    per_example,
     prediction_target,
     q_posterior,
     q_sample,
@@ -64,7 +65,7 @@ __all__ = [
     "alpha_sigma", "snr", "linear_betas", "cosine_betas",
     "DiscreteSchedule", "LinearSchedule", "CosineSchedule", "LearnedSchedule",
     # forward process, posterior, predictions (§2-4)
-    "PREDICTIONS", "q_sample", "q_step", "q_posterior",
+    "PREDICTIONS", "per_example", "q_sample", "q_step", "q_posterior",
     "x_from_eps", "eps_from_x", "score_from_eps", "eps_from_score", "v_from_eps", "eps_from_v", "x_from_v",
     "eps_and_x", "prediction_target",
     # pixels

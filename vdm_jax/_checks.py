@@ -1,115 +1,94 @@
-"""How the core checks its arguments: once, at the public boundary, by one decorator.
+"""How the core checks its arguments: at its entry points only, by the names of the arguments.
 
-    @_checks.boundary(arrays=("x", "eps"), per_example=("gamma_t",))
-    def q_sample(x, eps, gamma_t):
-        alpha, sigma = alpha_sigma(gamma_t)
-        return alpha * x + sigma * eps
+The formulas (`q_sample`, the conversions, the losses, the decoders) are plain jnp and check
+nothing. An entry point (a family's constructor and methods, a sampler, an ELBO, the likelihood,
+a schedule's constructor) checks what it is given once, at its top, in one call:
 
-`boundary` declares the contract, so the body reads like its formula. Argument kinds (tuples of
-names; an argument that is None is left alone): `arrays`, floating arrays of one shape, the first
-given being the reference x [B, ...]; `per_example`, floating scalars or [B] (B = x's leading
-axis; with no x given, they need only broadcast), reshaped to [B, 1, ..., 1] for the body so
-that formulas broadcast per example; `per_element`, the same or of x's shape; `batch`, scalars or [B], passed as they are;
-`floats`/`ints`, floating/integer arrays of any shape. Any other keyword gives the argument of that
-name a rule `rule(name, value, args)` (or a tuple of them) that raises: `one_of`, `int_at_least`,
-`in_range`, `below`, `instance`, or one written beside the function.
+    _checks.arguments("ddim_sample", shape=shape, kind=kind, times=times, eta=eta, clip_x=clip_x)
 
-The outermost decorated call checks; library calls made while it runs (a contextvar) skip the
-checks but still convert (asarray, the reshape), so a composite such as `vdm_elbo` validates once.
-Shapes and dtypes are checked at trace time under `jax.jit`; values only of host inputs (Python
-numbers, lists, NumPy arrays): a `jax.Array` is never read back, and an out-of-range value there
-gives NaN. Errors are TypeError (types) or ValueError (shapes, values), prefixed with the public
-function's name.
+An argument's name is its contract across the library (the table in `_rules`): `kind` is always
+one of the predictions, `shape` a sample shape [B, ...], `times` a decreasing grid in [0, 1], `x`
+floating data [B, ...]. Shapes and dtypes are checked at trace time under `jax.jit`; values only
+of host inputs (Python numbers, lists, NumPy arrays): a `jax.Array` is never read back. A failed
+check raises ValueError "<entry point>: <argument> must be <what it expects>, got <what it got>".
 """
 from __future__ import annotations
 
-import contextvars
 import functools
-import inspect
+import math
 
 import numpy as np
 import jax
 import jax.numpy as jnp
 
-_INSIDE = contextvars.ContextVar("vdm_jax_inside_boundary", default=False)
-_KINDS = ("arrays", "per_example", "per_element", "batch", "floats", "ints")
-_EXPANDED, _VECTORS = ("per_example", "per_element"), ("per_example", "per_element", "batch")
+
+def arguments(owner: str, **values) -> None:
+    """Checks each argument by its name's rule; the error names `owner`, the argument and the rule."""
+    for name, value in values.items():
+        ok, expected = _rules()[name]
+        if not ok(value):
+            raise ValueError(f"{owner}: {name} must be {expected}, got {_describe(value)}.")
 
 
-def boundary(**contract):
-    """Decorates a public function with its contract (see the module docstring)."""
-    kinds = {kind: contract.pop(kind, ()) for kind in _KINDS}
-    rules = {n: rule if isinstance(rule, tuple) else (rule,) for n, rule in contract.items()}
-
-    def decorate(fn):
-        signature = inspect.signature(fn)
-        key_hint = " (key is keyword-only: key=...)" if "key" in signature.parameters else ""
-
-        @functools.wraps(fn)
-        def public(*args, **kwargs):
-            try:
-                bound = signature.bind(*args, **kwargs)
-            except TypeError as e:  # e.g. a positional key
-                raise TypeError(f"{fn.__name__}: {e}{key_hint}") from None
-            bound.apply_defaults()
-            a, raw, check = bound.arguments, dict(bound.arguments), not _INSIDE.get()
-            given = {kind: [n for n in names if a[n] is not None] for kind, names in kinds.items()}
-            try:
-                for kind, names in given.items():
-                    for n in names:
-                        a[n] = _asarray(n, a[n], kind, check)
-                if check:
-                    _check_shapes(a, given)
-                    for n, rule in ((n, r) for n, rs in rules.items() for r in rs):
-                        rule(n, raw[n], raw)
-            except (TypeError, ValueError) as e:  # named after the public function (a method: its class)
-                name = f"{type(a['self']).__name__}.{fn.__name__}" if "self" in a else fn.__name__
-                raise type(e)(f"{name.replace('.__call__', '')}: {e}") from None
-            if given["arrays"]:  # per-example values [B] -> [B, 1, ..., 1]
-                ndim = a[given["arrays"][0]].ndim
-                for n in (n for kind in _EXPANDED for n in given[kind] if a[n].ndim == 1):
-                    a[n] = _per_example(a[n], ndim)
-            token = _INSIDE.set(True)
-            try:
-                return fn(*bound.args, **bound.kwargs)
-            finally:
-                _INSIDE.reset(token)
-        return public
-    return decorate
+@functools.cache
+def _rules() -> dict:
+    """name -> (predicate, what it expects). The options live beside their math."""
+    from vdm_jax import diffusion, likelihood, losses, pixels, sampling, schedules
+    options = {"kind": diffusion.PREDICTIONS, "prediction": diffusion.PREDICTIONS, "variance": losses.VARIANCES,
+               "grid": pixels.GRIDS, "spacing": sampling.SPACINGS, "method": ("heun", "euler"), "order": (1, 2),
+               "decoder": ("vdm", "gaussian"), "divergence": likelihood.DIVERGENCES, "probe": likelihood.PROBES,
+               "solver": likelihood.SOLVERS, "loss_type": ("simple", "vlb", "hybrid")}
+    rules = {n: (lambda v, c=c: _is(v, str, int) and v in c, "one of " + _listed(c)) for n, c in options.items()}
+    rules |= {n: (lambda v, m=m: _is(v, int) and v >= m, f"an int >= {m}") for n, m in (
+        ("T", 0), ("sample_steps", 1), ("num_probes", 1), ("max_steps", 1), ("num_draws", 1), ("hidden", 1))}
+    rules |= {n: (lambda v, r=r: _is(v, int, float) and r[0] < v < r[1], f"a real number in ({r[0]}, {r[1]})")
+              for n, r in (
+        ("rtol", (0, math.inf)), ("atol", (0, math.inf)), ("beta_start", (0, 1)), ("beta_end", (0, 1)),
+        ("max_beta", (0, 1)), ("gamma_min", (-math.inf, math.inf)), ("gamma_max", (-math.inf, math.inf)))}
+    batch = lambda v, kind: _dtype_is(v, kind) and np.ndim(v) >= 1  # noqa: E731
+    return rules | {
+        "x": (lambda v: batch(v, jnp.floating), "a floating array [B, ...] with a leading batch axis"),
+        "z": (lambda v: batch(v, jnp.floating), "a floating array [B, ...] with a leading batch axis"),
+        "pixels": (lambda v: batch(v, jnp.integer) and _within(v, 0, 255), "an integer array [B, ...] in 0..255"),
+        "shape": (lambda v: _is(v, tuple, list) and len(v) > 0 and all(_is(s, int) and s > 0 for s in v),
+                  "a non-empty tuple of positive ints [B, ...]"),
+        "clip_x": (lambda v: v is None or (_is(v, tuple, list) and len(v) == 2 and v[0] < v[1]),
+                   "None or a pair (lo, hi) with lo < hi"),
+        "times": (lambda v: np.ndim(v) == 1 and len(v) >= 2 and _dtype_is(v, jnp.floating) and _within(v, 0.0, 1.0)
+                  and _decreasing(v), "a floating 1-D array of at least 2 strictly decreasing times in [0, 1]"),
+        "eta": (lambda v: _within(v, 0.0, 1.0), "in [0, 1]"),
+        "schedule": (lambda v: isinstance(v, schedules.DiscreteSchedule), "a DiscreteSchedule (a continuous schedule "
+                     "goes to vdm_elbo, vdm_sample, ddim_sample or the ODE samplers)"),
+    }
 
 
-@functools.partial(jax.jit, static_argnums=1)  # jitted: eagerly, one fast dispatch instead of a reshape op's
-def _per_example(value, ndim):
-    return value.reshape(value.shape + (1,) * (ndim - 1))
+def _describe(value) -> str:
+    """A small host value as itself; an array (a device one always: it is not read back) by dtype and shape."""
+    if hasattr(value, "shape") and (isinstance(value, jax.Array) or np.size(value) > 8):
+        return f"{value.dtype} of shape {value.shape}"
+    return f"{value.tolist() if hasattr(value, 'tolist') else value!r:.80}"
 
 
-def _asarray(name, value, kind, check):
-    want, what = (jnp.integer, "an integer") if kind == "ints" else (jnp.floating, "a floating-point")
-    if not isinstance(value, jax.Array):
-        try:
-            value = jnp.asarray(value)
-        except (TypeError, ValueError):  # strings, None in a list, ragged lists, ...
-            raise TypeError(f"{name} must be {what} array, got {type(value).__name__} {value!r:.60}.") from None
-    if check and not jnp.issubdtype(value.dtype, want):
-        raise TypeError(f"{name} must be {what} array, got dtype {value.dtype}.")
-    return value
+def _is(value, *types) -> bool:
+    """isinstance for Python or NumPy scalars, bools excluded (True is not the int 1 here)."""
+    numpy = {int: np.integer, float: np.floating}
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, types + tuple(numpy[t] for t in types
+                                                                                     if t in numpy))
 
 
-def _check_shapes(a, given):
-    ref = given["arrays"][0] if given["arrays"] else None
-    if ref is None:  # no array to broadcast against: the per-example values need only broadcast together
-        return
-    if a[ref].ndim < 1:
-        raise ValueError(f"{ref} must have shape [B, ...] with a leading batch axis, got shape {a[ref].shape}.")
-    for n in given["arrays"][1:]:
-        if a[n].shape != a[ref].shape:
-            raise ValueError(f"{n} must have {ref}'s shape {a[ref].shape}, got {a[n].shape}.")
-    for kind in _VECTORS:
-        also = f" or {ref}'s shape {a[ref].shape}" if kind == "per_element" else ""
-        for n in given[kind]:
-            if not (a[n].ndim == 0 or a[n].shape == a[ref].shape[:1] or (also and a[n].shape == a[ref].shape)):
-                raise ValueError(f"{n} must be a scalar or [B] = [{a[ref].shape[0]}] ({ref}'s batch axis){also}, "
-                                 f"got shape {a[n].shape}.")
+def _dtype_is(value, kind) -> bool:
+    return jnp.issubdtype(value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype, kind)
+
+
+def _decreasing(value) -> bool:
+    v = host_value(value)
+    return v is None or bool(np.all(np.diff(v) < 0))
+
+
+def _within(value, lo, hi) -> bool:
+    """Host values in [lo, hi] (a jax.Array passes: it is not read back)."""
+    v = host_value(value)
+    return v is None or not v.size or bool(np.all((v >= lo) & (v <= hi)))
 
 
 def host_value(value) -> np.ndarray | None:
@@ -119,59 +98,31 @@ def host_value(value) -> np.ndarray | None:
     return np.asarray(value)
 
 
-def one_of(*choices):
-    """Rule: one of the given strings."""
-    def rule(name, value, args):
-        if not isinstance(value, str) or value not in choices:
-            listed = ", ".join(map(repr, choices[:-1])) + f" or {choices[-1]!r}"
-            raise ValueError(f"{name} must be one of {listed}, got {value!r}.")
-    return rule
-
-
-def int_at_least(minimum: int):
-    """Rule: a Python or NumPy int >= minimum."""
-    return lambda name, value, args: check_int(name, value, minimum)
-
-
-def in_range(lo, hi, what: str = "[{lo:g}, {hi:g}]"):
-    """Rule: host values in [lo, hi]; `hi` may be a function of the arguments (e.g. a schedule's T)."""
-    def rule(name, value, args):
-        v = host_value(value)
-        top = hi(args) if callable(hi) else hi
-        if v is not None and v.size and (np.any(np.isnan(v)) or np.min(v) < lo or np.max(v) > top):
-            raise ValueError(f"{name} must lie in {what.format(lo=lo, hi=top)}; got values in "
-                             f"[{np.min(v)}, {np.max(v)}].")
-    return rule
-
-
-def below(other: str):
-    """Rule: host values below those of the argument `other` (elementwise, broadcast), e.g. γ_s < γ_t."""
-    def rule(name, value, args):
-        s, t = host_value(value), host_value(args[other])
-        s, t = (None, None) if s is None or t is None else np.broadcast_arrays(s, t)
-        if s is not None and np.any(bad := ~(s < t)):
-            i = np.unravel_index(np.argmax(bad), bad.shape)
-            where = f" at index {tuple(int(k) for k in i)}" if bad.ndim else ""
-            raise ValueError(f"{name} must be < {other} (s < t: the noise level grows with time); got "
-                             f"{name}={s[i]} and {other}={t[i]}{where}.")
-    return rule
-
-
-def instance(cls: type, hint: str = ""):
-    """Rule: an instance of `cls`; `hint` (e.g. what to use instead) ends the message."""
-    def rule(name, value, args):
-        if not isinstance(value, cls):
-            raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}{hint}.")
-    return rule
-
-
 def check_int(name: str, value, minimum: int) -> int:
     """Checks that `value` is a Python or NumPy int (not a bool) >= `minimum`; returns it as an int."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    if not _is(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
     return int(value)
+
+
+def one_of(name: str, value, choices) -> None:
+    if not _is(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {_listed(choices)}, got {value!r}.")
+
+
+def _listed(choices) -> str:
+    return ", ".join(map(repr, choices[:-1])) + f" or {choices[-1]!r}"
+
+
+def on_grid(owner: str, x, grid: str) -> None:
+    """Host data x lies on the grid's pixel values (to 1e-3 of a bin; docs/math.md §5.9)."""
+    v = host_value(x)
+    scale, shift = (127.5, 0.0) if grid == "ddpm" else (128.0, 0.5)  # pixel k = (x + 1) scale - shift
+    k = None if v is None else (v.astype(np.float64) + 1.0) * scale - shift
+    if k is not None and np.any(bad := ~((np.abs(k - np.round(k)) < 1e-3) & (k > -0.5) & (k < 255.5))):
+        i = tuple(int(j) for j in np.unravel_index(np.argmax(bad), bad.shape))
+        raise ValueError(f"{owner}: x must be data on the {grid!r} pixel grid (pixels_to_data(pixels, grid={grid!r})), "
+                         f"got x[{', '.join(map(str, i))}] = {v[i]}.")
 
 
 def split_prediction(out, z_t, learned: bool):

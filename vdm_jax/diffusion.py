@@ -2,7 +2,9 @@
 
 docs/math.md §2 (forward), §3 (posterior), §4 (the equivalent predictions). Every function takes
 γ values (γ = -log SNR) rather than a schedule, so it works for discrete and continuous time alike.
-`x`, `z_t`, `eps` are [B, ...]; `gamma_*` is a scalar or [B] and is broadcast per example.
+`x`, `z_t`, `eps` are [B, ...]; `gamma_*` is a scalar or [B], broadcast over each example's axes by
+`per_example`. These are formulas: they check nothing (the entry points that call them do, see
+`vdm_jax._checks`).
 """
 from __future__ import annotations
 
@@ -11,17 +13,31 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import _checks
 from vdm_jax.schedules import alpha_sigma
 
 Prediction = Literal["eps", "x", "score", "v"]
 PREDICTIONS = ("eps", "x", "score", "v")
 
+
+
+def per_example(value, x) -> jax.Array:
+    """A scalar or per-example value [B] shaped to broadcast over x [B, ...]: [B] -> [B, 1, ..., 1].
+
+    Any other shape (e.g. x's own) is returned as it is.
+    """
+    value = jnp.asarray(value)
+    if value.ndim != 1:
+        return value
+    if value.shape[0] not in (1, jnp.shape(x)[0]):
+        raise ValueError(f"a per-example value must be a scalar or [B] = [{jnp.shape(x)[0]}] (the data's batch "
+                         f"axis), got shape {value.shape}.")
+    return value.reshape(value.shape + (1,) * (jnp.ndim(x) - 1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward process (docs/math.md §2)
 
 
-@_checks.boundary(arrays=("x", "eps"), per_example=("gamma_t",))
 def q_sample(x, eps, gamma_t) -> jax.Array:
     """Draws z_t ~ q(z_t | x) = N(α_t x, σ_t² I) as z_t = α_t x + σ_t ε (docs/math.md §2.1).
 
@@ -32,11 +48,10 @@ def q_sample(x, eps, gamma_t) -> jax.Array:
     Returns:
       z_t, x's shape.
     """
-    alpha, sigma = alpha_sigma(gamma_t)
+    alpha, sigma = alpha_sigma(per_example(gamma_t, x))
     return alpha * x + sigma * eps
 
 
-@_checks.boundary(arrays=("z_prev", "eps"), per_example=("beta_t",), beta_t=_checks.in_range(0.0, 1.0))
 def q_step(z_prev, eps, beta_t) -> jax.Array:
     """One DDPM forward step, z_t = sqrt(1 - β_t) z_{t-1} + sqrt(β_t) ε (docs/math.md §2.2).
 
@@ -47,6 +62,7 @@ def q_step(z_prev, eps, beta_t) -> jax.Array:
     Returns:
       z_t, z_prev's shape.
     """
+    beta_t = per_example(beta_t, z_prev)
     return jnp.sqrt(1.0 - beta_t) * z_prev + jnp.sqrt(beta_t) * eps
 
 
@@ -65,7 +81,6 @@ def _posterior_coefficients(gamma_s, gamma_t):
     return coef_z, coef_x, r * jnp.square(sigma_s)
 
 
-@_checks.boundary(arrays=("x", "z_t"), per_example=("gamma_s", "gamma_t"), gamma_s=_checks.below("gamma_t"))
 def q_posterior(x, z_t, gamma_s, gamma_t) -> tuple[jax.Array, jax.Array]:
     """Mean and variance of q(z_s | z_t, x) for s < t (docs/math.md §3.1; DDPM's form §3.2).
 
@@ -82,7 +97,7 @@ def q_posterior(x, z_t, gamma_s, gamma_t) -> tuple[jax.Array, jax.Array]:
       (mean, variance): mean of x's shape; the variance is a scalar, or [B, 1, ..., 1] for [B]
       γ's (the posterior is isotropic), so that `mean + sqrt(variance) * noise` is a draw.
     """
-    coef_z, coef_x, var = _posterior_coefficients(gamma_s, gamma_t)
+    coef_z, coef_x, var = _posterior_coefficients(per_example(gamma_s, x), per_example(gamma_t, x))
     return coef_z * z_t + coef_x * x, var
 
 
@@ -90,54 +105,46 @@ def q_posterior(x, z_t, gamma_s, gamma_t) -> tuple[jax.Array, jax.Array]:
 # Conversions between predictions (docs/math.md §4)
 
 
-@_checks.boundary(arrays=("z_t", "eps"), per_example=("gamma_t",))
 def x_from_eps(z_t, eps, gamma_t) -> jax.Array:
     """x̂ = (z_t - σ_t ε̂) / α_t (docs/math.md §4). z_t, eps: [B, ...]; gamma_t: scalar or [B]."""
-    alpha, sigma = alpha_sigma(gamma_t)
+    alpha, sigma = alpha_sigma(per_example(gamma_t, z_t))
     return (z_t - sigma * eps) / alpha
 
 
-@_checks.boundary(arrays=("z_t", "x"), per_example=("gamma_t",))
 def eps_from_x(z_t, x, gamma_t) -> jax.Array:
     """ε̂ = (z_t - α_t x̂) / σ_t (docs/math.md §4)."""
-    alpha, sigma = alpha_sigma(gamma_t)
+    alpha, sigma = alpha_sigma(per_example(gamma_t, z_t))
     return (z_t - alpha * x) / sigma
 
 
-@_checks.boundary(arrays=("eps",), per_example=("gamma_t",))
 def score_from_eps(eps, gamma_t) -> jax.Array:
     """ŝ = -ε̂ / σ_t, the score ∇ log p(z_t) (docs/math.md §4)."""
-    return -eps / alpha_sigma(gamma_t)[1]
+    return -eps / alpha_sigma(per_example(gamma_t, eps))[1]
 
 
-@_checks.boundary(arrays=("score",), per_example=("gamma_t",))
 def eps_from_score(score, gamma_t) -> jax.Array:
     """ε̂ = -σ_t ŝ (docs/math.md §4)."""
-    return -alpha_sigma(gamma_t)[1] * score
+    return -alpha_sigma(per_example(gamma_t, score))[1] * score
 
 
-@_checks.boundary(arrays=("z_t", "eps"), per_example=("gamma_t",))
 def v_from_eps(z_t, eps, gamma_t) -> jax.Array:
     """v̂ = α_t ε̂ - σ_t x̂ = (ε̂ - σ_t z_t) / α_t (docs/math.md §4; Salimans & Ho 2022)."""
-    alpha, sigma = alpha_sigma(gamma_t)
+    alpha, sigma = alpha_sigma(per_example(gamma_t, z_t))
     return (eps - sigma * z_t) / alpha
 
 
-@_checks.boundary(arrays=("z_t", "v"), per_example=("gamma_t",))
 def eps_from_v(z_t, v, gamma_t) -> jax.Array:
     """ε̂ = σ_t z_t + α_t v̂ (docs/math.md §4; uses α² + σ² = 1)."""
-    alpha, sigma = alpha_sigma(gamma_t)
+    alpha, sigma = alpha_sigma(per_example(gamma_t, z_t))
     return sigma * z_t + alpha * v
 
 
-@_checks.boundary(arrays=("z_t", "v"), per_example=("gamma_t",))
 def x_from_v(z_t, v, gamma_t) -> jax.Array:
     """x̂ = α_t z_t - σ_t v̂ (docs/math.md §4)."""
-    alpha, sigma = alpha_sigma(gamma_t)
+    alpha, sigma = alpha_sigma(per_example(gamma_t, z_t))
     return alpha * z_t - sigma * v
 
 
-@_checks.boundary(arrays=("z_t", "prediction"), per_example=("gamma_t",), kind=_checks.one_of(*PREDICTIONS))
 def eps_and_x(prediction, z_t, gamma_t, *, kind: Prediction) -> tuple[jax.Array, jax.Array]:
     """Converts a network's prediction of any kind into (ε̂, x̂) (docs/math.md §4.1).
 
@@ -153,11 +160,12 @@ def eps_and_x(prediction, z_t, gamma_t, *, kind: Prediction) -> tuple[jax.Array,
         return eps_from_x(z_t, prediction, gamma_t), prediction
     if kind == "v":
         return eps_from_v(z_t, prediction, gamma_t), x_from_v(z_t, prediction, gamma_t)
+    if kind not in ("eps", "score"):
+        raise ValueError(f"eps_and_x: kind must be one of 'eps', 'x', 'score' or 'v', got {kind!r}.")
     eps = prediction if kind == "eps" else eps_from_score(prediction, gamma_t)
     return eps, x_from_eps(z_t, eps, gamma_t)
 
 
-@_checks.boundary(arrays=("x", "eps"), per_example=("gamma_t",), kind=_checks.one_of(*PREDICTIONS))
 def prediction_target(x, eps, gamma_t, *, kind: Prediction) -> jax.Array:
     """What a network of the given kind is trained to output for z_t = α_t x + σ_t ε (docs/math.md §4.2).
 
@@ -175,5 +183,7 @@ def prediction_target(x, eps, gamma_t, *, kind: Prediction) -> jax.Array:
         return eps
     if kind == "x":
         return x
-    alpha, sigma = alpha_sigma(gamma_t)
+    if kind not in ("v", "score"):
+        raise ValueError(f"prediction_target: kind must be one of 'eps', 'x', 'score' or 'v', got {kind!r}.")
+    alpha, sigma = alpha_sigma(per_example(gamma_t, x))
     return alpha * eps - sigma * x if kind == "v" else -eps / sigma

@@ -14,16 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from vdm_jax import _checks
-from vdm_jax.diffusion import PREDICTIONS, Prediction, eps_and_x, q_sample
-from vdm_jax.losses import (VARIANCES, ReverseVariance, _v_needed, diffusion_loss, gaussian_decoder_nll,
-                            prior_loss, reverse_log_variance, sample_times, vdm_decoder_nll, vlb_term)
-from vdm_jax.pixels import on_grid
+from vdm_jax.diffusion import Prediction, eps_and_x, q_sample
+from vdm_jax.losses import (ReverseVariance, diffusion_loss, gaussian_decoder_nll, prior_loss, reverse_log_variance,
+                            sample_times, vdm_decoder_nll, vlb_term)
 from vdm_jax.schedules import DiscreteSchedule
 
-_DISCRETE = _checks.instance(DiscreteSchedule, "; for a continuous schedule use vdm_elbo")
 
-
-@_checks.boundary(floats=("nats",), dims=_checks.int_at_least(1))
 def bits_per_dim(nats, dims: int) -> jax.Array:
     """bpd = NLL_nats / (D ln 2) (docs/math.md §5.10). `dims` is D, the dimensions of one example."""
     return nats / (dims * math.log(2.0))
@@ -44,9 +40,6 @@ def _decoder_log_variance(schedule: DiscreteSchedule, variance, v):
     return v * log_beta_1 + (1.0 - v) * log_tilde
 
 
-@_checks.boundary(ints=("step",), arrays=("v",), schedule=_DISCRETE, variance=_checks.one_of(*VARIANCES),
-                  step=_checks.in_range(1, lambda args: args["schedule"].T, "1..T = {lo}..{hi}"),
-                  v=_v_needed("variance"))
 def ddpm_log_variance(schedule: DiscreteSchedule, step, *, variance: ReverseVariance = "posterior",
                       v=None) -> jax.Array:
     """log σ² of DDPM's reverse step p_θ(z_{i-1} | z_i) for integer steps i in 1..T (docs/math.md §5.7).
@@ -63,6 +56,8 @@ def ddpm_log_variance(schedule: DiscreteSchedule, step, *, variance: ReverseVari
     Returns:
       log σ² of step's shape, or v's shape when v is given.
     """
+    _checks.arguments("ddpm_log_variance", schedule=schedule, variance=variance)
+    step = jnp.asarray(step)
     rev = reverse_log_variance(schedule.gamma_step(step - 1), schedule.gamma_step(step), kind=variance, v=v)
     first = step == 1
     if jnp.ndim(rev) > first.ndim:
@@ -70,8 +65,6 @@ def ddpm_log_variance(schedule: DiscreteSchedule, step, *, variance: ReverseVari
     return jnp.where(first, _decoder_log_variance(schedule, variance, v), rev)
 
 
-@_checks.boundary(arrays=("x",), x=on_grid("ddpm"), schedule=_DISCRETE, kind=_checks.one_of(*PREDICTIONS),
-                  variance=_checks.one_of(*VARIANCES))
 def ddpm_vlb(pred_fn: Callable, x, schedule: DiscreteSchedule, *, key, kind: Prediction = "eps",
              variance: ReverseVariance = "posterior") -> dict[str, jax.Array]:
     """DDPM's whole variational bound of a batch, every term (docs/math.md §5.7).
@@ -93,6 +86,10 @@ def ddpm_vlb(pred_fn: Callable, x, schedule: DiscreteSchedule, *, key, kind: Pre
       dict with 'prior' [B], 'denoising' [B, T-1] (i = 2..T), 'reconstruction' [B] and
       'total' [B], all nats.
     """
+    _checks.arguments("ddpm_vlb", x=x, schedule=schedule, kind=kind, variance=variance)
+    _checks.on_grid("ddpm_vlb", x, "ddpm")
+    x = jnp.asarray(x)
+
     def term(_, step):
         gamma_s, gamma_t = schedule.gamma_step(step - 1), schedule.gamma_step(step)
         z_t = q_sample(x, jax.random.normal(jax.random.fold_in(key, step), x.shape, x.dtype), gamma_t)
@@ -109,13 +106,6 @@ def ddpm_vlb(pred_fn: Callable, x, schedule: DiscreteSchedule, *, key, kind: Pre
     return out
 
 
-def _on_decoder_grid(name, x, args):
-    if args["decoder"] == "vdm":
-        on_grid("vdm")(name, x, args)
-
-
-@_checks.boundary(arrays=("x",), x=_on_decoder_grid, T=_checks.int_at_least(0),
-                  kind=_checks.one_of(*PREDICTIONS), decoder=_checks.one_of("vdm", "gaussian"))
 def vdm_elbo(pred_fn: Callable, x, gamma_fn: Callable, *, key, T: int = 0, kind: Prediction = "eps",
              decoder: str = "vdm", low_discrepancy: bool = True) -> dict[str, jax.Array]:
     """VDM's ELBO of a batch, one draw of t and ε per example (Kingma et al. 2021; docs/math.md §5.13).
@@ -136,6 +126,10 @@ def vdm_elbo(pred_fn: Callable, x, gamma_fn: Callable, *, key, T: int = 0, kind:
     Returns:
       dict of [B] nats: 'prior', 'diffusion', 'reconstruction', 'total'.
     """
+    _checks.arguments("vdm_elbo", x=x, T=T, kind=kind, decoder=decoder)
+    if decoder == "vdm":
+        _checks.on_grid("vdm_elbo", x, "vdm")
+    x = jnp.asarray(x)
     key_t, key_eps, key_0 = jax.random.split(key, 3)
     t = sample_times(x.shape[0], key=key_t, T=T, low_discrepancy=low_discrepancy, dtype=x.dtype)
     eps = jax.random.normal(key_eps, x.shape, x.dtype)

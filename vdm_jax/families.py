@@ -18,44 +18,19 @@ evaluations). Every tool and flag reads its names from it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import elbo, losses, sampling
-from vdm_jax.diffusion import PREDICTIONS, eps_and_x, prediction_target, q_sample
+from vdm_jax import _checks, elbo, losses, sampling
+from vdm_jax.diffusion import eps_and_x, prediction_target, q_sample
 from vdm_jax.schedules import CosineSchedule, DiscreteSchedule, LinearSchedule, cosine_betas, linear_betas
 
 __all__ = ["DDPM", "VDM", "Sampler", "SAMPLERS"]
 
 Terms = dict[str, jax.Array]
 _CLIP = (-1.0, 1.0)  # DDPM's samplers clip x̂ to the data's range
-
-
-def _one_of(owner: str, name: str, value, options) -> None:
-    if value not in options:
-        raise ValueError(f"{owner}: {name} must be one of {options}, got {value!r}.")
-
-
-def _int_at_least(owner: str, name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}.")
-
-
-def _shape(owner: str, shape) -> tuple[int, ...]:
-    if (not isinstance(shape, (tuple, list)) or not shape
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
-        raise ValueError(f"{owner}: shape must be a non-empty tuple of positive ints [B, ...], got {shape!r}.")
-    return tuple(shape)
-
-
-def _data(owner: str, x) -> jax.Array:
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1:
-        raise ValueError(f"{owner}: x must be floating data [B, ...] (pixels_to_data), got {x.dtype} {x.shape}.")
-    return x
 
 
 # --- the samplers ---------------------------------------------------------------------------------
@@ -129,7 +104,7 @@ class _Family:
     def check_sampling(self, sampler: str, sample_steps: int, name: str = "sample_steps") -> int:
         """The steps `sampler` takes for `sample_steps` (0: the family's `default_steps`); raises
         ValueError naming `name` (and the sampler) if it cannot take them."""
-        _one_of(type(self).__name__, "sampler", sampler, tuple(SAMPLERS))
+        _checks.one_of(f"{type(self).__name__}: sampler", sampler, tuple(SAMPLERS))
         if isinstance(sample_steps, bool) or not isinstance(sample_steps, int) or sample_steps < 0:
             raise ValueError(f"{name} must be an int >= 0 (0: {self.default_steps}), got {sample_steps!r}.")
         steps = sample_steps or self.default_steps
@@ -144,7 +119,7 @@ class _Family:
         """Data samples of `shape` [B, ...] by the registry's `sampler` (`SAMPLERS`) in
         `sample_steps` steps (0: the family's `default_steps`)."""
         steps = self.check_sampling(sampler, sample_steps)
-        shape = _shape(f"{type(self).__name__}.sample", shape)
+        _checks.arguments(f"{type(self).__name__}.sample", shape=shape)
         schedule = self.gamma_schedule(gamma_fn)
         run_fn = pred_fn if SAMPLERS[sampler].variance else self._prediction_only(pred_fn)
         return SAMPLERS[sampler].run(self, run_fn, schedule, shape, key=key, steps=steps)
@@ -189,14 +164,12 @@ class DDPM(_Family):
     clip_x = _CLIP  # (Ho et al.'s clip_denoised)
 
     def __post_init__(self):
-        _int_at_least("DDPM", "timesteps", self.timesteps, 1)
-        _one_of("DDPM", "schedule", self.schedule, ("linear", "cosine"))
-        _one_of("DDPM", "prediction", self.prediction, PREDICTIONS)
-        _one_of("DDPM", "loss_type", self.loss_type, ("simple", "vlb", "hybrid"))
-        _one_of("DDPM", "variance", self.variance, losses.VARIANCES)
-        if self.schedule == "linear" and not 0.0 < self.beta_start <= self.beta_end < 1.0:
-            raise ValueError("DDPM: beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1, got "
-                             f"{self.beta_start} and {self.beta_end}.")
+        _checks.check_int("DDPM: timesteps", self.timesteps, 1)
+        _checks.one_of("DDPM: schedule", self.schedule, ("linear", "cosine"))
+        _checks.arguments("DDPM", prediction=self.prediction, loss_type=self.loss_type, variance=self.variance,
+                          beta_start=self.beta_start, beta_end=self.beta_end)
+        if self.beta_start > self.beta_end:
+            raise ValueError(f"DDPM: beta_start must be <= beta_end, got {self.beta_start} and {self.beta_end}.")
         if not self.hybrid_lambda >= 0.0:
             raise ValueError(f"DDPM: hybrid_lambda must be >= 0, got {self.hybrid_lambda}.")
         if self.loss_type == "hybrid" and not self.learned_variance:
@@ -246,7 +219,8 @@ class DDPM(_Family):
     def loss(self, pred_fn: Callable, x, *, key) -> tuple[jax.Array, Terms]:
         """The training loss of each example ([B] nats) and its terms (`terms`), at one step
         i ~ U{1..T} per example: `loss_type`'s loss (the class docstring)."""
-        x = _data("DDPM.loss", x)
+        _checks.arguments("DDPM.loss", x=x)
+        x = jnp.asarray(x)
         key_step, key_eps = jax.random.split(key)
         step = jax.random.randint(key_step, x.shape[:1], 1, self.timesteps + 1)
         eps, z, pred, v = self._at(pred_fn, x, step, key_eps)
@@ -271,7 +245,8 @@ class DDPM(_Family):
         L_0 is always computed (two network calls per example): it is a large part of the bound,
         and drawing it with probability 1/T would multiply it by T and make the estimate noisy.
         """
-        x = _data("DDPM.bound", x)
+        _checks.arguments("DDPM.bound", x=x)
+        x = jnp.asarray(x)
         key_diffusion, key_recon = jax.random.split(key)
         ones = jnp.ones(x.shape[:1], jnp.int32)
         reconstruction = self._step_term(x, ones, *self._at(pred_fn, x, ones, key_recon)[1:])
@@ -288,7 +263,7 @@ class DDPM(_Family):
         """The whole discrete bound, every step i = 1..T (`vdm_jax.ddpm_vlb`): 'prior', 'diffusion'
         (Σ_{i=2..T} L_{i−1}), 'reconstruction', 'total' ([B] each) and 'per_t' [B, T] (L_{i−1} for
         i = 1..T, the reconstruction first)."""
-        out = elbo.ddpm_vlb(pred_fn, _data("DDPM.full_bound", x), self.gamma_schedule(), key=key, kind=self.prediction,
+        out = elbo.ddpm_vlb(pred_fn, x, self.gamma_schedule(), key=key, kind=self.prediction,
                             variance=self.variance)
         per_t = jnp.concatenate([out["reconstruction"][:, None], out["denoising"]], axis=1)
         return {"prior": out["prior"], "diffusion": out["denoising"].sum(axis=1),
@@ -339,13 +314,11 @@ class VDM(_Family):
     terms = ("diffusion", "prior", "reconstruction", "total")  # `loss`'s terms: the ELBO's
 
     def __post_init__(self):
-        _int_at_least("VDM", "timesteps", self.timesteps, 0)
-        _one_of("VDM", "schedule", self.schedule, ("linear", "cosine", "learned"))
-        _one_of("VDM", "prediction", self.prediction, PREDICTIONS)
+        _checks.check_int("VDM: timesteps", self.timesteps, 0)
+        _checks.one_of("VDM: schedule", self.schedule, ("linear", "cosine", "learned"))
+        _checks.arguments("VDM", prediction=self.prediction, gamma_min=self.gamma_min, gamma_max=self.gamma_max)
         if not self.gamma_min < self.gamma_max:
             raise ValueError(f"VDM: gamma_min must be < gamma_max, got {self.gamma_min} and {self.gamma_max}.")
-        if not (math.isfinite(self.gamma_min) and math.isfinite(self.gamma_max)):
-            raise ValueError(f"VDM: gamma_min and gamma_max must be finite, got {self.gamma_min}, {self.gamma_max}.")
 
     @property
     def default_steps(self) -> int:
@@ -366,7 +339,7 @@ class VDM(_Family):
     def bound(self, pred_fn: Callable, x, *, key, gamma_fn: Callable | None = None) -> Terms:
         """VDM's ELBO at one (t, ε) per example (`vdm_jax.vdm_elbo`): 'prior', 'diffusion',
         'reconstruction' and 'total' [B] nats."""
-        return elbo.vdm_elbo(pred_fn, _data("VDM.bound", x), self.gamma_schedule(gamma_fn), key=key, T=self.timesteps,
+        return elbo.vdm_elbo(pred_fn, x, self.gamma_schedule(gamma_fn), key=key, T=self.timesteps,
                              kind=self.prediction)
 
     def loss(self, pred_fn: Callable, x, *, key, gamma_fn: Callable | None = None) -> tuple[jax.Array, Terms]:

@@ -14,7 +14,6 @@ DiscreteSchedule's ODE is solved in γ rather than t (its γ'(t) jumps at every 
 """
 from __future__ import annotations
 
-import inspect
 from typing import Callable
 
 import numpy as np
@@ -22,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from vdm_jax import _checks
-from vdm_jax.diffusion import PREDICTIONS, Prediction
-from vdm_jax.pixels import GRIDS, Grid
+from vdm_jax.diffusion import Prediction
+from vdm_jax.pixels import Grid
 from vdm_jax.sampling import _prediction
 from vdm_jax.schedules import DiscreteSchedule, alpha_sigma
 
@@ -37,32 +36,17 @@ SOLVERS = ("tsit5", "dopri5")
 _NEW_STAGES = 6
 
 
-def _t_min(name, t_min, args):
+def _check_t_min(t_min, gamma_fn) -> None:
     if jnp.ndim(t_min) != 0:
-        raise TypeError(f"{name} must be a scalar time in [0, 1), got shape {jnp.shape(t_min)}.")
-    value = _checks.host_value(t_min)
-    if value is None:  # a jax.Array is not read back
-        return
-    if isinstance(t_min, (bool, np.bool_)) or not np.issubdtype(value.dtype, np.number):
-        raise TypeError(f"{name} must be a real number in [0, 1), got {t_min!r}.")
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {float(value)}.")
-    if float(value) == 0.0 and isinstance(args.get("gamma_fn"), DiscreteSchedule):
-        raise ValueError(f"{name} must be > 0 with a DiscreteSchedule: its γ(0) = -inf (σ = 0, the clean data), "
-                         f"where the ODE's velocity is not defined; pass t_min > 0, e.g. t_min=1e-3 (= 1/T for "
-                         f"T = 1000).")
-
-
-def _positive(name, value, args):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a positive real number, got {value!r} ({type(value).__name__}).")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}.")
-
-
-_ODE_RULES = dict(kind=_checks.one_of(*PREDICTIONS), t_min=_t_min, divergence=_checks.one_of(*DIVERGENCES),
-                  probe=_checks.one_of(*PROBES), num_probes=_checks.int_at_least(1), rtol=_positive,
-                  atol=_positive, max_steps=_checks.int_at_least(1), solver=_checks.one_of(*SOLVERS))
+        raise TypeError(f"ode_log_likelihood: t_min must be a scalar time in [0, 1), got shape {jnp.shape(t_min)}.")
+    value = _checks.host_value(t_min)  # a jax.Array is not read back
+    if value is not None and (isinstance(t_min, bool) or not np.issubdtype(value.dtype, np.number)
+                              or not 0.0 <= float(value) < 1.0):
+        raise ValueError(f"ode_log_likelihood: t_min must be a real number in [0, 1), got {t_min!r}.")
+    if value is not None and float(value) == 0.0 and isinstance(gamma_fn, DiscreteSchedule):
+        raise ValueError("ode_log_likelihood: t_min must be > 0 with a DiscreteSchedule: its γ(0) = -inf (σ = 0, "
+                         "the clean data), where the ODE's velocity is not defined; pass t_min > 0, e.g. "
+                         "t_min=1e-3 (= 1/T for T = 1000).")
 
 
 def _discrete_time_of_gamma(schedule: DiscreteSchedule, gamma):
@@ -106,7 +90,6 @@ def _field(pred_fn, gamma_fn, kind, divergence):
     return field
 
 
-@_checks.boundary(arrays=("x",), **_ODE_RULES)
 def ode_log_likelihood(pred_fn: Callable, gamma_fn: Callable, x, *, key, kind: Prediction = "eps",
                        t_min: float = 0.0, divergence: str = "hutchinson", probe: str = "rademacher",
                        num_probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096,
@@ -156,6 +139,10 @@ def ode_log_likelihood(pred_fn: Callable, gamma_fn: Callable, x, *, key, kind: P
     """
     import diffrax  # on first use: it adds about a second to `import vdm_jax`
 
+    _checks.arguments("ode_log_likelihood", x=x, kind=kind, divergence=divergence, probe=probe, num_probes=num_probes,
+                      rtol=rtol, atol=atol, max_steps=max_steps, solver=solver)
+    _check_t_min(t_min, gamma_fn)
+    x = jnp.asarray(x)
     dtype = x.dtype
     shape, dims = x.shape[1:], int(np.prod(x.shape[1:], dtype=np.int64))
     t_0 = jnp.asarray(t_min, dtype)
@@ -190,24 +177,6 @@ def ode_log_likelihood(pred_fn: Callable, gamma_fn: Callable, x, *, key, kind: P
             "num_steps": num_steps, "nfe": _NEW_STAGES * num_steps + 1}
 
 
-def _ode_options(name, options, args):
-    """Rule for `**ode_kwargs`: ode_log_likelihood's own keyword arguments (the given ones and the
-    defaults of the others, e.g. t_min = 0 with a DiscreteSchedule), checked by its rules."""
-    unknown = sorted(set(options) - set(_ODE_RULES))
-    if unknown:
-        raise TypeError(f"got an unexpected keyword argument {unknown[0]!r} (the ODE's options are "
-                        f"ode_log_likelihood's: {', '.join(_ODE_RULES)}).")
-    defaults = {n: p.default for n, p in inspect.signature(ode_log_likelihood).parameters.items() if n in _ODE_RULES}
-    merged = {**args, **defaults, **options}
-    for n in _ODE_RULES:
-        _ODE_RULES[n](n, merged[n], merged)
-
-
-def _batched(name, value, args):
-    if jnp.ndim(value) < 1:
-        raise ValueError(f"{name} must have shape [B, ...] with a leading batch axis, got shape {jnp.shape(value)}.")
-
-
 def _bins(pixels, grid: Grid, dtype):
     """(lower edge, width) of each pixel's bin in [-1, 1] (docs/math.md §6.8)."""
     k = pixels.astype(dtype)
@@ -218,8 +187,6 @@ def _bins(pixels, grid: Grid, dtype):
     return jnp.where(pixels == 0, -1.0, (2.0 * k - 1.0) / 255.0 - 1.0).astype(dtype), width
 
 
-@_checks.boundary(ints=("pixels",), pixels=(_batched, _checks.in_range(0, 255, "{lo}..{hi}")),
-                  grid=_checks.one_of(*GRIDS), num_draws=_checks.int_at_least(1), ode_kwargs=_ode_options)
 def dequantized_bits_per_dim(pred_fn: Callable, gamma_fn: Callable, pixels, *, key, grid: Grid = "ddpm",
                              num_draws: int = 1, **ode_kwargs) -> dict[str, jax.Array]:
     """Bits/dim of 8-bit pixels by uniform dequantisation and `ode_log_likelihood` (docs/math.md §6.8).
@@ -252,6 +219,8 @@ def dequantized_bits_per_dim(pred_fn: Callable, gamma_fn: Callable, pixels, *, k
       log N(z_1; 0, I)), 'flow_bpd' (of the divergence integral and D log α(t_min)) and
       'dequantization_bpd' (of log_jacobian), each averaged over the draws.
     """
+    _checks.arguments("dequantized_bits_per_dim", pixels=pixels, grid=grid, num_draws=num_draws)
+    pixels = jnp.asarray(pixels)
     dtype = jax.dtypes.canonicalize_dtype(float)
     lo, width = _bins(pixels, grid, dtype)
     batch = pixels.shape[0]

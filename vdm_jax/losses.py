@@ -2,7 +2,8 @@
 
 Every loss returns shape [B]: summed over all dimensions of an example, never averaged over the
 batch (the caller reduces and weights). Predictions come before targets; γ arguments are scalars
-or [B].
+or [B], broadcast per example by `per_example`. These are formulas: they check nothing (the
+families and the ELBOs that call them do).
 
 The three denoising-matching losses are the same KL, KL(q(z_s|z_t,x) ‖ p_θ(z_s|z_t)) with the
 reverse variance σ_q², written in each parameterisation (docs/math.md §5):
@@ -19,14 +20,12 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 
-from vdm_jax import _checks
-from vdm_jax.diffusion import _posterior_coefficients
-from vdm_jax.pixels import data_to_pixels, on_grid, pixels_to_data
+from vdm_jax.diffusion import _posterior_coefficients, per_example
+from vdm_jax.pixels import data_to_pixels, pixels_to_data
 from vdm_jax.schedules import alpha_sigma
 
 ReverseVariance = Literal["posterior", "beta", "learned"]
 VARIANCES = ("posterior", "beta", "learned")
-_S_BELOW_T = _checks.below("gamma_t")
 
 
 def _sum(x: jax.Array) -> jax.Array:
@@ -37,10 +36,6 @@ def _sum(x: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # Denoising matching: the three equivalent parameterisations (docs/math.md §5.2)
 
-_MATCHING = dict(per_example=("gamma_s", "gamma_t"), gamma_s=_S_BELOW_T)
-
-
-@_checks.boundary(arrays=("x", "x_hat"), **_MATCHING)
 def x0_matching(x_hat, x, gamma_s, gamma_t) -> jax.Array:
     """The denoising KL with p's variance σ_q², from a data prediction (docs/math.md §5.2).
 
@@ -53,10 +48,10 @@ def x0_matching(x_hat, x, gamma_s, gamma_t) -> jax.Array:
     Returns:
       [B] nats.
     """
+    gamma_s, gamma_t = per_example(gamma_s, x), per_example(gamma_t, x)
     return _sum(0.5 * jnp.exp(-gamma_s) * -jnp.expm1(gamma_s - gamma_t) * jnp.square(x_hat - x))
 
 
-@_checks.boundary(arrays=("eps", "eps_hat"), **_MATCHING)
 def eps_matching(eps_hat, eps, gamma_s, gamma_t) -> jax.Array:
     """The same KL from a noise prediction (docs/math.md §5.2).
 
@@ -65,10 +60,10 @@ def eps_matching(eps_hat, eps, gamma_s, gamma_t) -> jax.Array:
     In DDPM's terms (s = t-1) the weight is β_t² / (2 σ_q² (1-ᾱ_t) α_t).
     Args and returns as `x0_matching`, with eps_hat, eps [B, ...].
     """
+    gamma_s, gamma_t = per_example(gamma_s, eps), per_example(gamma_t, eps)
     return _sum(0.5 * jnp.expm1(gamma_t - gamma_s) * jnp.square(eps_hat - eps))
 
 
-@_checks.boundary(arrays=("eps", "score_hat"), **_MATCHING)
 def score_matching(score_hat, eps, gamma_s, gamma_t) -> jax.Array:
     """The same KL from a score prediction (docs/math.md §5.2).
 
@@ -82,6 +77,7 @@ def score_matching(score_hat, eps, gamma_s, gamma_t) -> jax.Array:
     Returns:
       [B] nats.
     """
+    gamma_s, gamma_t = per_example(gamma_s, eps), per_example(gamma_t, eps)
     sigma_t = alpha_sigma(gamma_t)[1]
     weight = 0.5 * jnp.expm1(gamma_t - gamma_s) * jax.nn.sigmoid(gamma_t)
     return _sum(weight * jnp.square(score_hat + eps / sigma_t))
@@ -95,16 +91,6 @@ def _log_floor(x):
     return jnp.maximum(x, jnp.log(jnp.finfo(jnp.result_type(x)).tiny))
 
 
-def _v_needed(kind_name: str):
-    """A rule: v is given where the argument `kind_name` is 'learned'."""
-    def rule(name, v, args):
-        if v is None and args[kind_name] == "learned":
-            raise ValueError(f"v is required for {kind_name}='learned'.")
-    return rule
-
-
-@_checks.boundary(arrays=("v",), per_example=("gamma_s", "gamma_t"), gamma_s=_S_BELOW_T,
-                  kind=_checks.one_of(*VARIANCES), v=_v_needed("kind"))
 def reverse_log_variance(gamma_s, gamma_t, *, kind: ReverseVariance = "posterior", v=None) -> jax.Array:
     """log σ² of the reverse step p_θ(z_s | z_t) (docs/math.md §5.3).
 
@@ -120,24 +106,19 @@ def reverse_log_variance(gamma_s, gamma_t, *, kind: ReverseVariance = "posterior
     Returns:
       log σ²: the γ's broadcast shape, or v's shape.
     """
+    if v is not None:
+        gamma_s, gamma_t = per_example(gamma_s, v), per_example(gamma_t, v)
     log_r = jnp.log(-jnp.expm1(gamma_s - gamma_t))
     if kind == "posterior":
         return log_r - jax.nn.softplus(-gamma_s)
     if kind == "beta":
         return log_r - jax.nn.softplus(-gamma_t)
+    if kind != "learned" or v is None:
+        raise ValueError(f"reverse_log_variance: kind must be 'posterior', 'beta' or 'learned' (with v), got {kind!r}"
+                         f"{' without v' if kind == 'learned' else ''}.")
     return v * (log_r - jax.nn.softplus(-gamma_t)) + (1.0 - v) * _log_floor(log_r - jax.nn.softplus(-gamma_s))
 
 
-def _broadcastable(name, value, args):
-    shapes = {n: jnp.shape(args[n]) for n in ("mean1", "log_var1", "mean2", "log_var2")}
-    try:
-        jnp.broadcast_shapes(*shapes.values())
-    except ValueError:
-        raise ValueError("the arguments must broadcast together, got " +
-                         ", ".join(f"{n} {s}" for n, s in shapes.items())) from None
-
-
-@_checks.boundary(floats=("mean1", "log_var1", "mean2", "log_var2"), mean1=_broadcastable)
 def normal_kl(mean1, log_var1, mean2, log_var2) -> jax.Array:
     """Elementwise KL(N(mean1, e^log_var1) ‖ N(mean2, e^log_var2)) (docs/math.md §5.3).
 
@@ -147,11 +128,6 @@ def normal_kl(mean1, log_var1, mean2, log_var2) -> jax.Array:
                   + jnp.square(mean1 - mean2) * jnp.exp(-log_var2) - 1.0)
 
 
-_KL = dict(arrays=("x", "x_hat", "z_t"), per_example=("gamma_s", "gamma_t"), per_element=("log_var",),
-           gamma_s=_S_BELOW_T)
-
-
-@_checks.boundary(**_KL)
 def denoising_kl(x_hat, x, z_t, gamma_s, gamma_t, log_var) -> jax.Array:
     """KL(q(z_s|z_t,x) ‖ N(μ̃(x̂, z_t), e^log_var)) for any reverse variance (docs/math.md §5.3).
 
@@ -164,11 +140,10 @@ def denoising_kl(x_hat, x, z_t, gamma_s, gamma_t, log_var) -> jax.Array:
     Returns:
       [B] nats.
     """
-    _, coef_x, var_q = _posterior_coefficients(gamma_s, gamma_t)
-    return _sum(normal_kl(coef_x * (x - x_hat), jnp.log(var_q), 0.0, log_var))
+    _, coef_x, var_q = _posterior_coefficients(per_example(gamma_s, x), per_example(gamma_t, x))
+    return _sum(normal_kl(coef_x * (x - x_hat), jnp.log(var_q), 0.0, per_example(log_var, x)))
 
 
-@_checks.boundary(**_KL)
 def vlb_term(x_hat, x, z_t, gamma_s, gamma_t, log_var) -> jax.Array:
     """One term of DDPM's VLB: L_{t-1} = KL for s > 0, the decoder -log p(x | z_1) for s = 0.
 
@@ -186,14 +161,13 @@ def vlb_term(x_hat, x, z_t, gamma_s, gamma_t, log_var) -> jax.Array:
     safe_gs = jnp.where(first, gamma_t - 1.0, gamma_s)  # any finite γ_s < γ_t: the KL is discarded there
     kl = denoising_kl(x_hat, x, z_t, safe_gs, gamma_t, log_var)
     nll = ddpm_decoder_nll(x_hat, x, log_var)
-    return jnp.where(first.reshape(first.shape[:1]), nll, kl)
+    return jnp.where(first, nll, kl)
 
 
 # ---------------------------------------------------------------------------------------------
 # Training objectives that are not bounds (docs/math.md §5)
 
 
-@_checks.boundary(arrays=("target", "prediction"))
 def simple_loss(prediction, target) -> jax.Array:
     """L_simple = ‖prediction - target‖² summed over an example's dimensions (Ho et al. 2020; docs/math.md §5.4).
 
@@ -209,8 +183,6 @@ def simple_loss(prediction, target) -> jax.Array:
     return _sum(jnp.square(prediction - target))
 
 
-@_checks.boundary(arrays=("eps", "eps_hat"), batch=("vlb",), T=_checks.int_at_least(1),
-                  lam=_checks.in_range(0.0, float("inf"), "[0, inf)"))
 def hybrid_loss(eps_hat, eps, vlb, *, T: int, lam: float = 0.001) -> jax.Array:
     """Improved DDPM's L_hybrid = L_simple + λ T L_{t-1} (Nichol & Dhariwal 2021; docs/math.md §5.4).
 
@@ -234,7 +206,6 @@ def hybrid_loss(eps_hat, eps, vlb, *, T: int, lam: float = 0.001) -> jax.Array:
 # Prior and reconstruction (docs/math.md §5)
 
 
-@_checks.boundary(arrays=("x",), per_example=("gamma_1",))
 def prior_loss(x, gamma_1) -> jax.Array:
     """L_prior = KL(q(z_1|x) ‖ N(0, I)) = ½ Σ (α_1² x² + σ_1² - 1 - log σ_1²) (docs/math.md §5.5).
 
@@ -246,7 +217,7 @@ def prior_loss(x, gamma_1) -> jax.Array:
     Returns:
       [B] nats.
     """
-    u = jax.nn.sigmoid(-gamma_1)
+    u = jax.nn.sigmoid(-per_example(gamma_1, x))
     return _sum(0.5 * (u * jnp.square(x) + _neg_log1m_minus_u(u)))
 
 
@@ -264,7 +235,6 @@ def _log_prob_between(lo, hi):
     return log_b + jnp.log1p(-jnp.exp(jnp.minimum(log_a - log_b, 0.0)))
 
 
-@_checks.boundary(arrays=("x", "mean"), per_element=("log_var",), x=on_grid("ddpm"))
 def ddpm_decoder_nll(mean, x, log_var) -> jax.Array:
     """-log p(x | z_1) for DDPM's discretised Gaussian decoder (Ho et al. 2020; docs/math.md §5.6).
 
@@ -282,13 +252,12 @@ def ddpm_decoder_nll(mean, x, log_var) -> jax.Array:
     """
     pixels = data_to_pixels(x, grid="ddpm")
     x = pixels_to_data(pixels, grid="ddpm", dtype=mean.dtype)  # the exact bin centre
-    inv_std = jnp.exp(-0.5 * log_var)
+    inv_std = jnp.exp(-0.5 * per_example(log_var, x))
     lo = jnp.where(pixels <= 0, -jnp.inf, (x - 1.0 / 255.0 - mean) * inv_std)
     hi = jnp.where(pixels >= 255, jnp.inf, (x + 1.0 / 255.0 - mean) * inv_std)
     return -_sum(_log_prob_between(lo, hi))
 
 
-@_checks.boundary(arrays=("x", "z_0"), per_example=("gamma_0",), x=on_grid("vdm"))
 def vdm_decoder_nll(z_0, x, gamma_0) -> jax.Array:
     """-log p(x | z_0) for VDM's factorised decoder over the 256 values (docs/math.md §5.8).
 
@@ -302,6 +271,7 @@ def vdm_decoder_nll(z_0, x, gamma_0) -> jax.Array:
       [B] nats.
     """
     pixels = data_to_pixels(x, grid="vdm")
+    gamma_0 = per_example(gamma_0, x)
     alpha_0, _ = alpha_sigma(gamma_0)
     grid = pixels_to_data(jnp.arange(256), grid="vdm", dtype=z_0.dtype).reshape((1,) * z_0.ndim + (256,))
     precision = jnp.exp(-gamma_0)[..., None] if gamma_0.ndim else jnp.exp(-gamma_0)
@@ -310,7 +280,6 @@ def vdm_decoder_nll(z_0, x, gamma_0) -> jax.Array:
     return -_sum(jnp.take_along_axis(log_probs, pixels[..., None], axis=-1)[..., 0])
 
 
-@_checks.boundary(arrays=("x", "z_0"), per_example=("gamma_0",))
 def gaussian_decoder_nll(z_0, x, gamma_0) -> jax.Array:
     """-log N(x; z_0/α_0, σ_0²/α_0²) for continuous data, σ_0²/α_0² = exp(γ_0) (docs/math.md §5.8).
 
@@ -321,6 +290,7 @@ def gaussian_decoder_nll(z_0, x, gamma_0) -> jax.Array:
     Returns:
       [B] nats.
     """
+    gamma_0 = per_example(gamma_0, x)
     alpha_0, _ = alpha_sigma(gamma_0)
     return _sum(0.5 * (jnp.log(2.0 * jnp.pi) + gamma_0 + jnp.square(x - z_0 / alpha_0) * jnp.exp(-gamma_0)))
 
@@ -329,8 +299,6 @@ def gaussian_decoder_nll(z_0, x, gamma_0) -> jax.Array:
 # VDM's diffusion loss and time sampling (docs/math.md §5.11, §5.12)
 
 
-@_checks.boundary(arrays=("eps", "eps_hat"), batch=("t",), t=_checks.in_range(0.0, 1.0),
-                  T=_checks.int_at_least(0))
 def diffusion_loss(eps_hat, eps, t, gamma_fn: Callable, *, T: int = 0) -> jax.Array:
     """VDM's diffusion loss for one draw of t per example (docs/math.md §5.11).
 
@@ -355,7 +323,6 @@ def diffusion_loss(eps_hat, eps, t, gamma_fn: Callable, *, T: int = 0) -> jax.Ar
     return 0.5 * T * jnp.expm1(gamma_t - gamma_s) * err
 
 
-@_checks.boundary(batch_size=_checks.int_at_least(1), T=_checks.int_at_least(0))
 def sample_times(batch_size: int, *, key, T: int = 0, low_discrepancy: bool = True, dtype=jnp.float32) -> jax.Array:
     """Draws t for a batch: U(0, 1), or U{1/T, ..., 1} for T > 0 (docs/math.md §5.12).
 

@@ -16,32 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from vdm_jax import _checks
-from vdm_jax.diffusion import PREDICTIONS, Prediction, eps_and_x, q_posterior
-from vdm_jax.losses import VARIANCES, ReverseVariance, reverse_log_variance
+from vdm_jax.diffusion import Prediction, eps_and_x, q_posterior
+from vdm_jax.losses import ReverseVariance, reverse_log_variance
 from vdm_jax.schedules import DiscreteSchedule, alpha_sigma
-
-
-def _sample_shape(name, shape, args):
-    if not isinstance(shape, (tuple, list)) or not all(
-            isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in shape):
-        raise TypeError(f"{name} must be a tuple of ints [B, ...], got {shape!r}.")
-    if len(shape) < 1 or any(s < 1 for s in shape):
-        raise ValueError(f"{name} must be a non-empty tuple of positive sizes [B, ...], got {tuple(shape)}.")
-
-
-def _clip(name, clip_x, args):
-    if clip_x is not None and not (isinstance(clip_x, (tuple, list)) and len(clip_x) == 2
-                                   and clip_x[0] < clip_x[1]):
-        raise ValueError(f"{name} must be None or a pair (lo, hi) with lo < hi, got {clip_x!r}.")
-
-
-def _scalar(name, step, args):
-    if jnp.ndim(step) != 0:
-        raise TypeError(f"{name} must be a scalar integer step in 1..T, got shape {jnp.shape(step)}.")
-
-
-_COMMON = dict(shape=_sample_shape, clip_x=_clip, kind=_checks.one_of(*PREDICTIONS))
-_DISCRETE = _checks.instance(DiscreteSchedule, "; for a continuous schedule use vdm_sample or ddim_sample")
 
 
 def _prediction(pred_fn, z, t, gamma_t, kind, clip_x, learned=False):
@@ -60,7 +37,6 @@ def _result(z_0, gamma_0, return_latent):
     return (x, z_0) if return_latent else x
 
 
-@_checks.boundary(schedule=_DISCRETE, variance=_checks.one_of(*VARIANCES), **_COMMON)
 def ddpm_sample(pred_fn: Callable, schedule: DiscreteSchedule, shape: Sequence[int], *, key,
                 kind: Prediction = "eps", variance: ReverseVariance = "posterior",
                 clip_x: tuple[float, float] | None = None, return_latent: bool = False, dtype=None):
@@ -84,20 +60,18 @@ def ddpm_sample(pred_fn: Callable, schedule: DiscreteSchedule, shape: Sequence[i
     Returns:
       x of `shape`, or (x, z_0).
     """
+    _checks.arguments("ddpm_sample", schedule=schedule, shape=shape, kind=kind, variance=variance, clip_x=clip_x)
     dtype = dtype or schedule.dtype
     key_init, key_steps = jax.random.split(key)
     z_T = jax.random.normal(key_init, tuple(shape), dtype)
 
     def step(z, i):
-        return ddpm_step(pred_fn, schedule, z, i, key=key_steps, kind=kind, variance=variance, clip_x=clip_x), None
+        return _ddpm_step(pred_fn, schedule, z, i, key_steps, kind, variance, clip_x), None
 
     z_0, _ = jax.lax.scan(step, z_T, jnp.arange(schedule.T, 0, -1))
     return (z_0, z_0) if return_latent else z_0
 
 
-@_checks.boundary(arrays=("z",), ints=("step",), schedule=_DISCRETE, variance=_checks.one_of(*VARIANCES),
-                  step=(_scalar, _checks.in_range(1, lambda args: args["schedule"].T, "1..T = {lo}..{hi}")),
-                  clip_x=_clip, kind=_checks.one_of(*PREDICTIONS))
 def ddpm_step(pred_fn: Callable, schedule: DiscreteSchedule, z, step, *, key, kind: Prediction = "eps",
               variance: ReverseVariance = "posterior", clip_x: tuple[float, float] | None = None) -> jax.Array:
     """One step z_i -> z_{i-1} of `ddpm_sample` (its scan body), for a scalar integer step i in 1..T.
@@ -114,6 +88,14 @@ def ddpm_step(pred_fn: Callable, schedule: DiscreteSchedule, z, step, *, key, ki
     Returns:
       z_{i-1}, z's shape and dtype.
     """
+    _checks.arguments("ddpm_step", schedule=schedule, z=z, kind=kind, variance=variance, clip_x=clip_x)
+    if jnp.ndim(step) != 0 or not jnp.issubdtype(jnp.result_type(step), jnp.integer):
+        raise ValueError(f"ddpm_step: step must be a scalar integer in 1..T, got {jnp.result_type(step)} of shape "
+                         f"{jnp.shape(step)}.")
+    return _ddpm_step(pred_fn, schedule, z, jnp.asarray(step), key, kind, variance, clip_x)
+
+
+def _ddpm_step(pred_fn, schedule, z, step, key, kind, variance, clip_x):
     gamma_s, gamma_t = schedule.gamma_step(step - 1), schedule.gamma_step(step)
     t = step.astype(z.dtype) / schedule.T
     _, x_hat, v = _prediction(pred_fn, z, t, gamma_t, kind, clip_x, variance == "learned")
@@ -123,7 +105,6 @@ def ddpm_step(pred_fn: Callable, schedule: DiscreteSchedule, z, step, *, key, ki
     return (mean + std * noise).astype(z.dtype)
 
 
-@_checks.boundary(sample_steps=_checks.int_at_least(1), **_COMMON)
 def vdm_sample(pred_fn: Callable, gamma_fn: Callable, shape: Sequence[int], *, key, sample_steps: int,
                kind: Prediction = "eps", clip_x: tuple[float, float] | None = None,
                return_latent: bool = False, dtype=jnp.float32):
@@ -143,6 +124,7 @@ def vdm_sample(pred_fn: Callable, gamma_fn: Callable, shape: Sequence[int], *, k
     Returns:
       x = z_0/α_0 of `shape`, or (x, z_0).
     """
+    _checks.arguments("vdm_sample", shape=shape, sample_steps=sample_steps, kind=kind, clip_x=clip_x)
     shape = tuple(shape)
     key_init, key_steps = jax.random.split(key)
     z_1 = jax.random.normal(key_init, shape, dtype)
@@ -168,24 +150,13 @@ def strided_times(T: int, sample_steps: int) -> np.ndarray:
     Returns:
       NumPy float32 [N + 1] times i/T, decreasing from 1 to 0.
     """
-    T, sample_steps = _checks.check_int("T", T, 1), _checks.check_int("sample_steps", sample_steps, 1)
-    if not sample_steps <= T:
-        raise ValueError(f"sample_steps must be in 1..T = 1..{T}, got {sample_steps}.")
+    _checks.arguments("strided_times", T=T, sample_steps=sample_steps)
+    if not 1 <= sample_steps <= T:
+        raise ValueError(f"strided_times: sample_steps must be in 1..T = 1..{T}, got {sample_steps}.")
     steps = np.round(np.linspace(T, 0, sample_steps + 1))
     return (steps / T).astype(np.float32)
 
 
-def _times(name, times, args):
-    if jnp.ndim(times) != 1 or jnp.shape(times)[0] < 2:
-        raise ValueError(f"{name} must be a 1-D array of at least 2 times (t_N > ... > t_0), got shape "
-                         f"{jnp.shape(times)}.")
-    value = _checks.host_value(times)
-    if value is not None and not np.all(np.diff(value) < 0):
-        raise ValueError(f"{name} must be strictly decreasing, got {value.tolist()}.")
-
-
-@_checks.boundary(floats=("times",), times=(_times, _checks.in_range(0.0, 1.0)), eta=_checks.in_range(0.0, 1.0),
-                  **_COMMON)
 def ddim_sample(pred_fn: Callable, gamma_fn: Callable, times, shape: Sequence[int], *, key,
                 kind: Prediction = "eps", eta: float = 0.0, clip_x: tuple[float, float] | None = None,
                 return_latent: bool = False, dtype=jnp.float32):
@@ -211,7 +182,8 @@ def ddim_sample(pred_fn: Callable, gamma_fn: Callable, times, shape: Sequence[in
     Returns:
       x = z_0/α(t_0) of `shape`, or (x, z_0).
     """
-    shape = tuple(shape)
+    _checks.arguments("ddim_sample", times=times, shape=shape, kind=kind, eta=eta, clip_x=clip_x)
+    shape, times = tuple(shape), jnp.asarray(times)
     key_init, key_steps = jax.random.split(key)
     z = jax.random.normal(key_init, shape, dtype)
 
@@ -248,7 +220,6 @@ def _time_of_gamma(gamma_fn, gamma, lo, hi, iterations: int = 64):
     return 0.5 * (lo + hi)
 
 
-@_checks.boundary(sample_steps=_checks.int_at_least(1), spacing=_checks.one_of(*SPACINGS))
 def solver_times(gamma_fn: Callable, sample_steps: int, *, spacing: str = "logsnr", rho: float = 7.0,
                  dtype=jnp.float32) -> jax.Array:
     """The N + 1 decreasing times 1 = t_N > ... > t_0 of an N-step ODE sampler (docs/math.md §6.5).
@@ -269,6 +240,7 @@ def solver_times(gamma_fn: Callable, sample_steps: int, *, spacing: str = "logsn
     Returns:
       [N + 1] times, t_N = 1 first, t_0 last.
     """
+    _checks.arguments("solver_times", sample_steps=sample_steps, spacing=spacing)
     discrete = isinstance(gamma_fn, DiscreteSchedule)
     t_min = 1.0 / gamma_fn.T if discrete else 0.0
     n = sample_steps - 1 if discrete else sample_steps  # intervals evenly spaced
@@ -295,12 +267,6 @@ def _ratios(gamma_t, gamma_s):
     return sigma_ratio, alpha_sigma(gamma_s)[0], -jnp.expm1(0.5 * (gamma_s - gamma_t))
 
 
-def _order(name, order, args):
-    if order not in (1, 2) or isinstance(order, bool):
-        raise ValueError(f"{name} must be 1 or 2, got {order!r}.")
-
-
-@_checks.boundary(floats=("times",), times=(_times, _checks.in_range(0.0, 1.0)), order=_order, **_COMMON)
 def dpm_solver_sample(pred_fn: Callable, gamma_fn: Callable, times, shape: Sequence[int], *, key,
                       kind: Prediction = "eps", order: int = 2, lower_order_final: bool = True,
                       clip_x: tuple[float, float] | None = None, return_latent: bool = False, dtype=jnp.float32):
@@ -330,7 +296,8 @@ def dpm_solver_sample(pred_fn: Callable, gamma_fn: Callable, times, shape: Seque
     Returns:
       x = z_0/α(t_0) of `shape`, or (x, z_0).
     """
-    shape = tuple(shape)
+    _checks.arguments("dpm_solver_sample", times=times, shape=shape, kind=kind, order=order, clip_x=clip_x)
+    shape, times = tuple(shape), jnp.asarray(times)
     z = jax.random.normal(jax.random.split(key)[0], shape, dtype)
     n = times.shape[0] - 1
     gammas = gamma_fn(times)
@@ -352,8 +319,6 @@ def dpm_solver_sample(pred_fn: Callable, gamma_fn: Callable, times, shape: Seque
     return _result(z_0, gammas[-1], return_latent)
 
 
-@_checks.boundary(floats=("times",), times=(_times, _checks.in_range(0.0, 1.0)),
-                  method=_checks.one_of("heun", "euler"), **_COMMON)
 def ode_sample(pred_fn: Callable, gamma_fn: Callable, times, shape: Sequence[int], *, key, method: str = "heun",
                kind: Prediction = "eps", clip_x: tuple[float, float] | None = None, return_latent: bool = False,
                dtype=jnp.float32):
@@ -376,7 +341,8 @@ def ode_sample(pred_fn: Callable, gamma_fn: Callable, times, shape: Sequence[int
     Returns:
       x = z_0/α(t_0) of `shape`, or (x, z_0).
     """
-    shape = tuple(shape)
+    _checks.arguments("ode_sample", times=times, shape=shape, kind=kind, method=method, clip_x=clip_x)
+    shape, times = tuple(shape), jnp.asarray(times)
     z = jax.random.normal(jax.random.split(key)[0], shape, dtype)
     gammas = gamma_fn(times)
 

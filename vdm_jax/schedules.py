@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import numpy as np
 import jax
@@ -23,7 +22,6 @@ from vdm_jax import _checks
 # γ ↔ (α, σ)
 
 
-@_checks.boundary(floats=("gamma",))
 def alpha_sigma(gamma) -> tuple[jax.Array, jax.Array]:
     """Signal and noise levels of a variance-preserving process (docs/math.md §1.1).
 
@@ -40,10 +38,15 @@ def alpha_sigma(gamma) -> tuple[jax.Array, jax.Array]:
     return jnp.exp(-0.5 * jax.nn.softplus(gamma)), jnp.exp(-0.5 * jax.nn.softplus(-gamma))
 
 
-@_checks.boundary(floats=("gamma",))
 def snr(gamma) -> jax.Array:
     """Signal-to-noise ratio α²/σ² = exp(-γ) (docs/math.md §1.1)."""
     return jnp.exp(-gamma)
+
+
+def _float(t) -> jax.Array:
+    """t as a floating array (integers promoted to the default float)."""
+    t = jnp.asarray(t)
+    return t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(jax.dtypes.canonicalize_dtype(float))
 
 
 def _inside_unit_interval(t, gamma):
@@ -51,15 +54,8 @@ def _inside_unit_interval(t, gamma):
     return jnp.where((t >= 0) & (t <= 1), gamma, jnp.nan)
 
 
-_UNIT = _checks.in_range(0.0, 1.0)
-
 # ---------------------------------------------------------------------------------------------
 # Discrete (DDPM) schedules: host factories, checked eagerly
-
-
-def _check_real(name: str, value) -> None:
-    if not isinstance(value, (numbers.Real, np.floating, np.integer)) or isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__}).")
 
 
 def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -71,13 +67,10 @@ def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np
     Returns:
       NumPy float64 [T] array of β (`DiscreteSchedule` casts it to its dtype).
     """
-    T = _checks.check_int("T", T, 1)
-    for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
-        _check_real(name, value)
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"{name} must be in (0, 1), got {value}.")
+    _checks.check_int("linear_betas: T", T, 1)
+    _checks.arguments("linear_betas", beta_start=beta_start, beta_end=beta_end)
     if beta_start > beta_end:
-        raise ValueError(f"beta_start must be <= beta_end, got beta_start={beta_start} > "
+        raise ValueError(f"linear_betas: beta_start must be <= beta_end, got beta_start={beta_start} > "
                          f"beta_end={beta_end}.")
     return np.linspace(beta_start, beta_end, T, dtype=np.float64)
 
@@ -94,13 +87,10 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarra
     Returns:
       NumPy float64 [T] array of β.
     """
-    T = _checks.check_int("T", T, 1)
-    _check_real("s", s)
-    _check_real("max_beta", max_beta)
-    if not s >= 0.0:
-        raise ValueError(f"s must be >= 0, got {s}.")
-    if not 0.0 < max_beta < 1.0:
-        raise ValueError(f"max_beta must be in (0, 1), got {max_beta}.")
+    _checks.check_int("cosine_betas: T", T, 1)
+    _checks.arguments("cosine_betas", max_beta=max_beta)
+    if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)) or not s >= 0.0:
+        raise ValueError(f"cosine_betas: s must be a real number >= 0, got {s!r}.")
     t = np.arange(T + 1, dtype=np.float64) / T
     log_f = 2.0 * np.log(np.cos((t + s) / (1.0 + s) * np.pi / 2.0).clip(min=0.0))
     # 1 - ᾱ_t/ᾱ_{t-1} = -expm1(log ᾱ_t - log ᾱ_{t-1}); the last f is exactly 0 (log = -inf) -> β = 1.
@@ -118,11 +108,12 @@ def _host_betas(betas) -> np.ndarray:
     """Checks host betas: 1-D, length T >= 1, every β in (0, 1); returns them in float64."""
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.shape[0] < 1:
-        raise ValueError(f"betas must be a 1-D array of length T >= 1, got shape {betas.shape}.")
+        raise ValueError(f"DiscreteSchedule: betas must be a 1-D array of length T >= 1, got shape {betas.shape}.")
     bad = ~((betas > 0.0) & (betas < 1.0))
     if np.any(bad):
         i = int(np.argmax(bad))
-        raise ValueError(f"betas must lie in the open interval (0, 1); betas[{i}] (step {i + 1}) is {betas[i]}.")
+        raise ValueError(f"DiscreteSchedule: betas must lie in the open interval (0, 1); betas[{i}] (step {i + 1}) "
+                         f"is {betas[i]}.")
     return betas
 
 
@@ -157,8 +148,8 @@ class DiscreteSchedule:
     def __init__(self, betas, *, dtype=None):
         if isinstance(betas, jax.Array):
             if betas.ndim != 1 or not jnp.issubdtype(betas.dtype, jnp.floating):
-                raise ValueError(f"betas must be a 1-D floating array, got shape {betas.shape} and dtype "
-                                 f"{betas.dtype}.")
+                raise ValueError(f"DiscreteSchedule: betas must be a 1-D floating array, got shape {betas.shape} and "
+                                 f"dtype {betas.dtype}.")
             betas = betas.astype(dtype or betas.dtype)
             self._betas = betas
             self._c = jnp.concatenate([jnp.zeros((1,), betas.dtype), -jnp.cumsum(jnp.log1p(-betas))])
@@ -179,13 +170,14 @@ class DiscreteSchedule:
             return cls(1.0 - alpha_bars / prev, dtype=dtype)
         a = np.asarray(alpha_bars, dtype=np.float64)
         if a.ndim != 1 or a.size == 0:
-            raise ValueError(f"alpha_bars must be a 1-D array of length T >= 1, got shape {a.shape}.")
+            raise ValueError("DiscreteSchedule.from_alpha_bars: alpha_bars must be a 1-D array of length T >= 1, got "
+                             f"shape {a.shape}.")
         prev = np.concatenate([[1.0], a[:-1]])
         bad = ~((a > 0.0) & (a < prev))
         if np.any(bad):
             i = int(np.argmax(bad))
-            raise ValueError(f"alpha_bars must be strictly decreasing in (0, 1) (below ᾱ_0 = 1); alpha_bars[{i}] "
-                             f"(step {i + 1}) is {a[i]}.")
+            raise ValueError("DiscreteSchedule.from_alpha_bars: alpha_bars must be strictly decreasing in (0, 1) "
+                             f"(below ᾱ_0 = 1); alpha_bars[{i}] (step {i + 1}) is {a[i]}.")
         return cls(1.0 - a / prev, dtype=dtype or _host_dtype(alpha_bars))
 
     # Pytree protocol: T comes from the leaves' shapes, so nothing static needs storing.
@@ -223,21 +215,16 @@ class DiscreteSchedule:
         """[T + 1] array γ_0..γ_T (γ_0 = -inf)."""
         return _log_expm1(self._c)
 
-    @_checks.boundary(ints=("i",), i=_checks.in_range(0, lambda args: args["self"].T, "0..T = {lo}..{hi}"))
     def gamma_step(self, i) -> jax.Array:
-        """γ_i for integer steps i in 0..T (any shape); γ_0 = -inf (docs/math.md §1.2).
-
-        Host steps outside 0..T raise ValueError; a jax.Array gives NaN there.
-        """
+        """γ_i for integer steps i in 0..T (any shape); γ_0 = -inf, NaN outside 0..T (docs/math.md §1.2)."""
+        i = jnp.asarray(i)
         valid = (i >= 0) & (i <= self.T)
         return jnp.where(valid, _log_expm1(self._c[jnp.clip(i, 0, self.T)]), jnp.nan)
 
-    @_checks.boundary(floats=("t",), t=_UNIT)
     def __call__(self, t) -> jax.Array:
-        """γ(t) for float t ∈ [0, 1] (any shape): γ(i/T) = γ_i, -log ᾱ linear in t in between (§1.4).
-
-        Host t outside [0, 1] raises ValueError; a jax.Array gives NaN there.
-        """
+        """γ(t) for float t ∈ [0, 1] (any shape): γ(i/T) = γ_i, -log ᾱ linear in t in between, NaN
+        outside [0, 1] (docs/math.md §1.4)."""
+        t = _float(t)
         pos = t.astype(self._c.dtype) * self.T
         # Snap to the grid within t's rounding error, so that γ(i/T) = γ_i exactly.
         nearest = jnp.round(pos)
@@ -257,31 +244,26 @@ class DiscreteSchedule:
 # Continuous (VDM) schedules
 
 
-def _check_endpoints(gamma_min, gamma_max):
-    for name, v in (("gamma_min", gamma_min), ("gamma_max", gamma_max)):
-        _check_real(name, v)
-        if not math.isfinite(v):
-            raise ValueError(f"{name} must be finite, got {v}.")
+def _check_endpoints(owner, gamma_min, gamma_max):
+    _checks.arguments(owner, gamma_min=gamma_min, gamma_max=gamma_max)
     if not gamma_min < gamma_max:
-        raise ValueError("the schedule must be increasing in γ (decreasing SNR): need gamma_min < gamma_max, "
-                         f"got gamma_min={gamma_min}, gamma_max={gamma_max}.")
+        raise ValueError(f"{owner}: the schedule must be increasing in γ (decreasing SNR): need gamma_min < "
+                         f"gamma_max, got gamma_min={gamma_min}, gamma_max={gamma_max}.")
 
 
 @dataclasses.dataclass(frozen=True)
 class _FixedSchedule:
-    """A fixed continuous schedule with end points γ(0) = gamma_min < γ(1) = gamma_max.
-
-    Host t outside [0, 1] raises ValueError; a jax.Array gives NaN there.
-    """
+    """A fixed continuous schedule with end points γ(0) = gamma_min < γ(1) = gamma_max; γ is NaN
+    outside t ∈ [0, 1]."""
 
     gamma_min: float = -13.3
     gamma_max: float = 5.0
 
     def __post_init__(self):
-        _check_endpoints(self.gamma_min, self.gamma_max)
+        _check_endpoints(type(self).__name__, self.gamma_min, self.gamma_max)
 
-    @_checks.boundary(floats=("t",), t=_UNIT)
     def __call__(self, t) -> jax.Array:
+        t = _float(t)
         return _inside_unit_interval(t, self._gamma(t))
 
     gamma = __call__
@@ -365,13 +347,13 @@ class LearnedSchedule(nnx.Module):
 
     def __init__(self, gamma_min: float = -13.3, gamma_max: float = 5.0, *, hidden: int = 1024,
                  rngs: nnx.Rngs):
-        _check_endpoints(gamma_min, gamma_max)
-        _checks.check_int("hidden", hidden, 1)
+        _check_endpoints("LearnedSchedule", gamma_min, gamma_max)
+        _checks.arguments("LearnedSchedule", hidden=hidden)
         self.endpoints = _Endpoints(gamma_min, gamma_max)
         self.shape = _MonotoneMLP(hidden, rngs=rngs)
 
-    @_checks.boundary(floats=("t",), t=_UNIT)
     def __call__(self, t) -> jax.Array:
+        t = _float(t)
         g0, g1 = self.endpoints()
         lo, hi = self.shape(jnp.zeros((), t.dtype)), self.shape(jnp.ones((), t.dtype))
         return _inside_unit_interval(t, g0 + (g1 - g0) * (self.shape(t) - lo) / (hi - lo))

@@ -51,8 +51,8 @@ def test_wrong_type():
     ({"diffusion.family": "vdm", "model.learned_variance": True}, "DDPM option"),
     ({"diffusion.family": "vdm", "diffusion.gamma_min": 5.0}, "diffusion.gamma_min must be < gamma_max, got 5.0"),
     ({"diffusion.family": "diffusion"}, "'diffusion.family' must be one of"),
-    ({"diffusion.schedule": "learned"}, r"diffusion.family='ddpm': diffusion.schedule must be one of \('linear', "
-                                        r"'cosine'\), got 'learned'"),
+    ({"diffusion.schedule": "learned"}, "diffusion.family='ddpm': diffusion.schedule must be one of 'linear' "
+                                        "or 'cosine', got 'learned'"),
     ({"training.batch_size": 0}, "'training.batch_size' must be > 0"),
     ({"optim.ema_decay": 1.0}, r"'optim.ema_decay' must be in \[0, 1\)"),
     ({"diffusion.timesteps": 0}, "diffusion.family='ddpm': diffusion.timesteps must be an int >= 1, got 0"),
