@@ -19,7 +19,6 @@ Never losing a run (docs/long_jobs.md lists the tests):
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -32,7 +31,6 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from vdm_jax.data import load_source, train_iterator
 from vdm_jax.training import faults, parallel, steps
@@ -51,7 +49,7 @@ log = logging.getLogger("vdm_jax")
 
 def _say(message: str) -> None:
     """A notice of the run's own, once, plainly, on standard error (process 0 only)."""
-    if jax.process_count() == 1 or jax.process_index() == 0:
+    if jax.process_index() == 0:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -62,9 +60,9 @@ class WorkdirError(OSError):
 def _prepare_workdir(workdir: str) -> tuple[str, bool]:
     """(the absolute work directory, created and test-written; whether this run created it)."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise WorkdirError(f"the work directory {workdir} is a file, not a directory.")
     created = not os.path.exists(workdir)
+    if not created and not os.path.isdir(workdir):
+        raise WorkdirError(f"the work directory {workdir} is a file, not a directory.")
     try:
         os.makedirs(workdir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir):
@@ -74,12 +72,11 @@ def _prepare_workdir(workdir: str) -> tuple[str, bool]:
     return workdir, created
 
 
-class _StopSignal(contextlib.AbstractContextManager):
+class _StopSignal:
     """Turns SIGTERM/SIGINT into a flag the loop checks, so it can save before exiting."""
 
     def __init__(self):
-        self.signum = None
-        self._old = {}
+        self.signum, self._old = None, {}
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -106,28 +103,29 @@ class _Run:
     """The pieces of one run, opened by `train_and_evaluate`; its methods do the run's work."""
 
     def __init__(self, config, model_config, *, workdir: str, mesh, train_iter, eval_source, ckpt: Checkpointer,
-                 stop: _StopSignal):
+                 stop: _StopSignal, fid):
         self.config, self.model_config, self.workdir, self.mesh = config, model_config, workdir, mesh
         self.train_iter, self.eval_source, self.ckpt, self.stop = train_iter, eval_source, ckpt, stop
+        self.fid_network, self.fid_reference = fid  # with training.fid_every (`_prepare_fid`)
         self.is_main = jax.process_index() == 0
         self.key_init, self.key_train, self.key_eval, self.key_sample = jax.random.split(jax.random.key(config.seed), 4)
         self.key_fid = jax.random.fold_in(jax.random.key(config.seed), 0xF1D)  # (leaves the other keys as they were)
-        self.fid_network = self.fid_reference = None  # with training.fid_every: `_prepare_fid`
-        self.writer: MetricWriter | None = None  # opened by `initial_state`, once the resume step is known
-        self.skipped_seen = 0
-        self.batches: DevicePrefetcher | None = None  # made once the state is restored
-        self.trained = False  # a training call has run (its logs stay, even with no checkpoint)
-        self.progress = None  # the progress bar (a disabled one where there is no terminal)
-        self.logged = (0, 0.0)  # (step, time) of the last log
+        # Made once the state is restored: the logs (`initial_state`), the batches and the progress bar
+        # (a disabled one where there is no terminal, `_train`).
+        self.writer: MetricWriter | None = None
+        self.batches: DevicePrefetcher | None = None
+        self.progress = None
+        # The skipped steps reported so far; whether a training call has run (its logs stay, even with
+        # no checkpoint); (step, time) of the last log.
+        self.skipped_seen, self.trained, self.logged = 0, False, (0, 0.0)
 
     # --- state and checkpoints ----------------------------------------------------------------
 
     def initial_state(self) -> TrainState:
         """A new state, or the newest intact checkpoint's (with the data iterator's position)."""
         state = create_train_state(self.config, self.model_config, key=self.key_init)
-        config_dict = self.config.to_dict()
         restored = self.ckpt.restore_latest(parallel.replicated_like(state.checkpoint_tree(), self.mesh))
-        resume_step = None
+        resume_step, changes = None, []
         if restored is not None:
             resume_step, tree, data = restored
             state = state.replace(**tree)
@@ -137,13 +135,12 @@ class _Run:
             _say(f"resuming from step {resume_step} in {self.workdir}")
         if self.is_main:  # (config.json is process 0's: the others neither read nor write it)
             try:
-                changes = config_changes(saved_config(self.workdir), config_dict) if restored is not None else []
+                changes = config_changes(saved_config(self.workdir), self.config.to_dict()) if restored else []
             except ValueError as e:  # a damaged config.json: the checkpoint is what counts
-                changes = []
                 _say(f"warning: {e}; it is rewritten from this run's config")
             if changes:
                 _say(f"the config differs from the one saved in {self.workdir}/config.json:\n  " + "\n  ".join(changes))
-            save_config(self.workdir, config_dict)
+            save_config(self.workdir, self.config.to_dict())
         self.writer = MetricWriter(os.path.join(self.workdir, "tensorboard"), enabled=self.is_main,
                                    jsonl_path=os.path.join(self.workdir, "metrics.jsonl"), resume_step=resume_step)
         return parallel.replicate(state, self.mesh)
@@ -151,11 +148,10 @@ class _Run:
     def check_faults(self, state: TrainState) -> None:
         """Reports newly skipped steps; raises NonFiniteError if training must stop (`faults.check`)."""
         record = jax.device_get(state.faults)
-        skipped = int(record["skipped"])
-        if skipped > self.skipped_seen:
-            log.warning("%d training steps with non-finite values skipped so far; the last: %s", skipped,
+        if int(record["skipped"]) > self.skipped_seen:
+            self.skipped_seen = int(record["skipped"])
+            log.warning("%d training steps with non-finite values skipped so far; the last: %s", self.skipped_seen,
                         faults.describe(record, state.params))
-            self.skipped_seen = skipped
         try:
             faults.check(record, state.params, state.on_nonfinite, self.config.training.max_consecutive_skips)
         except faults.NonFiniteError as e:
@@ -168,9 +164,8 @@ class _Run:
         """Saves `state` with the data iterator's `position` (default: after the last batches trained
         on, however far the prefetcher has read ahead)."""
         self.check_faults(state)  # never save a state that stopped on a non-finite step
-        position = self.batches.position if position is None else position
-        self.ckpt.save(int(state.step), state.checkpoint_tree(), {"iterator": position, "seed": self.config.seed},
-                       force=force)
+        data = {"iterator": self.batches.position if position is None else position, "seed": self.config.seed}
+        self.ckpt.save(int(state.step), state.checkpoint_tree(), data, force=force)
 
     def save_before_failing(self, state: TrainState, error: Exception) -> None:
         """After a data error: saves the (good) state with the iterator's position before the failed
@@ -213,7 +208,7 @@ class _Run:
         if t.progress_bar and self.progress.disable and self.is_main:
             left = (t.num_steps - step) / max(values["steps_per_sec"], 1e-9)
             print(f"step {step}/{t.num_steps}: loss {values['loss']:.4f}, {values['steps_per_sec']:.1f} steps/s, "
-                  f"about {tqdm.format_interval(left)} to go", flush=True)
+                  f"about {self.progress.format_interval(left)} to go", flush=True)
         return values
 
     def evaluate(self, state: TrainState, metrics=None) -> dict[str, float]:
@@ -222,18 +217,21 @@ class _Run:
         result = evaluate_bpd(state, self.eval_source, mesh=self.mesh,
                               batch_size=self.config.training.eval_batch_size, key=self.key_eval)
         out = {f"eval/{name}_bpd": r["mean"] for name, r in result["bpd"].items()}
-        out["eval/total_bpd_se"] = result["bpd"]["total"]["se"]
-        out["eval/examples"] = float(result["examples"])
+        out.update({"eval/total_bpd_se": result["bpd"]["total"]["se"], "eval/examples": float(result["examples"])})
         self.writer.scalars(int(state.step), out)
         return {**out, "step": int(state.step)}
+
+    def _samples(self, state: TrainState, num: int, batch: int, key):
+        """`num` samples by the sample grids' sampler, `batch` (rounded up to the devices) at a time."""
+        t, n = self.config.training, self.mesh.devices.size
+        return generate_samples(state, mesh=self.mesh, num=num, batch_size=-(-batch // n) * n, sampler=t.sampler,
+                                key=jax.random.fold_in(key, int(state.step)), sample_steps=t.sample_steps)
 
     def fid(self, state: TrainState, metrics=None) -> dict[str, float]:
         """FID and Inception Score of training.fid_samples samples (the sampler of the sample grids), logged."""
         t, n = self.config.training, self.mesh.devices.size
         batch = -(-min(t.fid_samples, t.eval_batch_size) // n) * n
-        images = generate_samples(state, mesh=self.mesh, num=t.fid_samples, batch_size=batch,
-                                  key=jax.random.fold_in(self.key_fid, int(state.step)), sampler=t.sampler,
-                                  sample_steps=t.sample_steps)
+        images = self._samples(state, t.fid_samples, batch, self.key_fid)
         features = inception_features(self.fid_network, images, mesh=self.mesh, batch_size=batch)
         result = sample_quality(features, self.fid_reference)
         out = {"fid/fid": result["fid"], "fid/inception_score": result["inception_score"]}
@@ -242,12 +240,8 @@ class _Run:
 
     def sample(self, state: TrainState, metrics=None) -> str:
         """A grid of training.num_samples samples, as a PNG in samples/ and in the logs; returns its path."""
-        t = self.config.training
-        n = self.mesh.devices.size
-        images = generate_samples(state, mesh=self.mesh, num=t.num_samples, batch_size=-(-t.num_samples // n) * n,
-                                  key=jax.random.fold_in(self.key_sample, int(state.step)), sampler=t.sampler,
-                                  sample_steps=t.sample_steps)
-        picture = image_grid(images)
+        picture = image_grid(self._samples(state, self.config.training.num_samples,
+                                           self.config.training.num_samples, self.key_sample))
         path = os.path.join(self.workdir, "samples", f"step_{int(state.step):08d}.png")
         if self.is_main:
             save_png(path, picture, scale=max(1, 512 // picture.shape[0]))
@@ -262,20 +256,16 @@ def compiled_steps(mesh):
     arguments only; the steps themselves take `key` keyword-only).
     """
     rep = parallel.replicated(mesh)
-    # Unrolled on CPU, where XLA's convolution gradients are slow inside a loop (`train_steps`).
-    unroll = mesh.devices.flat[0].platform == "cpu"
 
     def train_step(state, batch, key):
         return steps.train_step(state, batch, key=key)
 
-    def train_steps(state, batches, key):
-        return steps.train_steps(state, batches, key=key, unroll=unroll)
+    def train_steps(state, batches, key):  # (unrolled on a CPU backend: `steps.train_steps`)
+        return steps.train_steps(state, batches, key=key)
 
-    one = jax.jit(train_step, in_shardings=(rep, parallel.batch_sharding(mesh), rep),
-                  out_shardings=(rep, rep), donate_argnums=0)
-    many = jax.jit(train_steps, in_shardings=(rep, parallel.batch_sharding(mesh, 1), rep),
-                   out_shardings=(rep, rep), donate_argnums=0)
-    return one, many
+    return tuple(jax.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh, leading_axes), rep),
+                         out_shardings=(rep, rep), donate_argnums=0)
+                 for fn, leading_axes in ((train_step, 0), (train_steps, 1)))
 
 
 def _count_finished(progress, in_flight) -> None:
@@ -295,8 +285,7 @@ def _stop_requested(stop: _StopSignal, sync: bool) -> bool:
         return stop.signum is not None
     if not sync:
         return False
-    signums = multihost_utils.process_allgather(np.asarray(stop.signum or 0, np.int32))
-    signum = int(np.max(signums))
+    signum = int(np.max(multihost_utils.process_allgather(np.asarray(stop.signum or 0, np.int32))))
     if signum and stop.signum is None:
         log.warning("another process received %s: stopping too", signal.Signals(signum).name)
         stop.signum = signum
@@ -353,8 +342,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         workdir, created = _prepare_workdir(workdir)  # (after the data: a bad source leaves no directory)
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, keep_every=t.keep_every)
         run = _Run(config, model_config, workdir=workdir, mesh=mesh, train_iter=train_iter,
-                   eval_source=eval_source, ckpt=ckpt, stop=stop)
-        run.fid_network, run.fid_reference = fid
+                   eval_source=eval_source, ckpt=ckpt, stop=stop, fid=fid)
         try:
             return _train(run)
         finally:
@@ -430,12 +418,10 @@ def _train(run: _Run) -> dict[str, Any]:
         run.save(state, force=True)
     run.ckpt.wait()
     if interrupted:
-        name = signal.Signals(stop.signum).name
-        print(f"{name} received: checkpoint saved at step {int(state.step)}; rerun to resume.", flush=True)
+        print(f"{signal.Signals(stop.signum).name} received: checkpoint saved at step {int(state.step)}; rerun to "
+              "resume.", flush=True)
     else:
         summary.update({name: action(state, metrics) for name, (_, at_end, action) in work.items()
                         if at_end and name != "train"})
     run.progress.close()
-    summary["step"] = int(state.step)
-    summary["interrupted"] = interrupted
-    return summary
+    return {**summary, "step": int(state.step), "interrupted": interrupted}
