@@ -201,7 +201,8 @@ class Checkpointer:
 
 
 def _quiet_read_only(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(("CheckpointManagerOptions.read_only=True", "Given directory is read only"))
+    return not record.getMessage().startswith(("CheckpointManagerOptions.read_only=True",
+                                                "Given directory is read only"))
 
 
 def _one_line(e: Exception) -> str:

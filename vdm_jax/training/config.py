@@ -111,15 +111,11 @@ _RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= -1": lambda v: 
 def default_config() -> ml_collections.ConfigDict:
     """Every key a run can set (`SETTINGS` and the model's `UNetConfig` fields), with defaults for a
     small DDPM on 32×32×3 images, as a locked ConfigDict."""
-    c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict({**tiny(dtype="float32").to_dict(), "dtype": "auto"})
+    tree = {"model": {**tiny(dtype="float32").to_dict(), "dtype": "auto"}}
     for name, (value, *_) in SETTINGS.items():
         group, _, key = name.rpartition(".")
-        if group and group not in c:
-            c[group] = ml_collections.ConfigDict()
-        (c[group] if group else c)[key] = value
-    c.lock()
-    return c
+        (tree.setdefault(group, {}) if group else tree)[key] = value
+    return ml_collections.ConfigDict(tree).lock()
 
 
 def describe_config(config: ml_collections.ConfigDict | None = None) -> str:
@@ -156,13 +152,13 @@ def checked_config(values) -> ml_collections.ConfigDict:
     for name, value in _leaves(values):
         parent, key = _group_of(config, name)
         ref = parent[key]
-        want = ("a group of settings" if isinstance(ref, ml_collections.ConfigDict)
-                else f"of type {type(ref).__name__}")
         try:
             if isinstance(value, bool) is not isinstance(ref, bool) or isinstance(ref, ml_collections.ConfigDict):
                 raise TypeError  # (ConfigDict would cast a bool to a number)
             parent[key] = value
         except TypeError:
+            want = ("a group of settings" if isinstance(ref, ml_collections.ConfigDict)
+                    else f"of type {type(ref).__name__}")
             raise TypeError(f"config key {name!r} must be {want}, got {value!r} ({type(value).__name__}).") from None
         if isinstance(ref, float) and not math.isfinite(parent[key]):
             raise ValueError(f"config key {name!r} must be a finite number, got {value!r}.")

@@ -66,7 +66,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     second pass over every gradient array is saved. Without `grad_norm` it computes the norm itself."""
     def update(updates, state, params=None, *, grad_norm=None, **extra_args):
         norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
-        return jax.tree.map(lambda g: jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm), updates), state
+        clipped = jax.tree.map(lambda g: jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm), updates)
+        return clipped, state
 
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
