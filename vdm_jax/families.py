@@ -169,7 +169,8 @@ class DDPM(_Family):
         _checks.arguments("DDPM", prediction=self.prediction, loss_type=self.loss_type, variance=self.variance,
                           beta_start=self.beta_start, beta_end=self.beta_end)
         if self.beta_start > self.beta_end:
-            raise ValueError(f"DDPM: beta_start must be <= beta_end, got {self.beta_start} and {self.beta_end}.")
+            raise ValueError(f"DDPM: beta_start must be <= beta_end, got beta_start={self.beta_start} and "
+                             f"beta_end={self.beta_end}.")
         if not self.hybrid_lambda >= 0.0:
             raise ValueError(f"DDPM: hybrid_lambda must be >= 0, got {self.hybrid_lambda}.")
         if self.loss_type == "hybrid" and not self.learned_variance:
