@@ -26,8 +26,6 @@ and TPUs do not drop to TF32/bfloat16 passes and the features stay comparable ac
 """
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Mapping
 
 import jax
@@ -35,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vdm_jax import _checks
+from vdm_jax.models._init import OneDrawModule, constant, variance_scaling
 
 __all__ = ["FID_IMAGE_SIZE", "FIDInception", "to_unit_interval", "resize_bilinear",
            "fid_inception_from_weights"]
@@ -43,6 +41,8 @@ __all__ = ["FID_IMAGE_SIZE", "FIDInception", "to_unit_interval", "resize_bilinea
 FID_IMAGE_SIZE = 299  # the network's input size: every image is resized to 299×299
 _BN_EPSILON = 1e-3  # torchvision's BasicConv2d
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Random weights (tests, benchmarks): flax's He-normal kernels, zero biases, identity BatchNorm.
+_HE_NORMAL, _ZEROS, _ONES = variance_scaling(2.0), constant(0.0), constant(1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,16 +50,18 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # --------------------------------------------------------------------------------------------
 
 
-def _rgb_batch(name: str, value, args) -> None:
-    """Rule: images [B, H, W, 3], channels last."""
-    shape = jnp.shape(value)
+def _check_images(owner: str, images, kind, what: str) -> None:
+    """images are [B, H, W, 3] (channels last) of the given dtype kind (checked at trace time)."""
+    shape, dtype = jnp.shape(images), jnp.result_type(images)
     if len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"{name} must be RGB images [B, H, W, 3] (channels last), got shape {shape}.")
+        raise ValueError(f"{owner}: images must be RGB images [B, H, W, 3] (channels last), got shape {shape}.")
+    if not jnp.issubdtype(dtype, kind):
+        raise TypeError(f"{owner}: images must be {what} array, got dtype {dtype}.")
 
 
-@_checks.boundary(ints=("images",), images=_rgb_batch)
 def to_unit_interval(images) -> jax.Array:
     """uint8 images [B, H, W, 3] in [0, 255] -> float32 in [0, 1] (x / 255), FIDInception's input."""
+    _check_images("to_unit_interval", images, jnp.integer, "an integer")
     return jnp.asarray(images, jnp.float32) / 255.0
 
 
@@ -72,18 +74,14 @@ def resize_bilinear(images: jax.Array, size: int = FID_IMAGE_SIZE) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------------
-# Layers. They are built with placeholder parameters (shapes only): `FIDInception` then draws
-# them all at once, or `fid_inception_from_weights` fills them from a state dict.
+# Layers: flax's, named as torchvision's. `FIDInception(rngs=...)` draws random weights (flax's
+# He-normal kernels, zero biases, identity BatchNorm); `fid_inception_from_weights` fills the same
+# tree from a state dict.
 # --------------------------------------------------------------------------------------------
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def _placeholder(*shape: int) -> jax.ShapeDtypeStruct:
-    """A parameter's shape before `FIDInception` draws or loads its value."""
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 def _avg_pool_3x3(x: jax.Array) -> jax.Array:
@@ -99,35 +97,6 @@ def _max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
     return nnx.max_pool(x, (3, 3), strides=(stride, stride), padding=padding)
 
 
-class Conv2d(nnx.Module):
-    """A conv without bias, NHWC with an HWIO `kernel`; torch's symmetric `padding` (h, w)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], *,
-                 stride: int, padding: tuple[int, int]):
-        self.kernel = nnx.Param(_placeholder(*kernel_size, in_channels, out_channels))
-        self.stride, self.padding = stride, padding
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        (ph, pw), s = self.padding, self.stride
-        return jax.lax.conv_general_dilated(x, self.kernel[...], (s, s), ((ph, ph), (pw, pw)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_HIGHEST)
-
-
-class BatchNormInference(nnx.Module):
-    """BatchNorm with stored statistics only: (x - mean) / sqrt(var + eps) * scale + bias."""
-
-    def __init__(self, features: int, *, epsilon: float = _BN_EPSILON):
-        self.scale, self.bias = nnx.Param(_placeholder(features)), nnx.Param(_placeholder(features))
-        self.mean, self.var = nnx.BatchStat(_placeholder(features)), nnx.BatchStat(_placeholder(features))
-        self.epsilon = epsilon
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        def per_channel(v: nnx.Variable) -> jax.Array:  # [C] -> [1, ..., 1, C] (explicit rank)
-            return v[...].reshape((1,) * (x.ndim - 1) + (-1,))
-        inv_std = jax.lax.rsqrt(per_channel(self.var) + self.epsilon)
-        return (x - per_channel(self.mean)) * inv_std * per_channel(self.scale) + per_channel(self.bias)
-
-
 class BasicConv2d(nnx.Module):
     """torchvision's BasicConv2d at inference: conv without bias, BatchNorm (eps 0.001), ReLU.
 
@@ -135,22 +104,16 @@ class BasicConv2d(nnx.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
-                 stride: int = 1, padding: int | tuple[int, int] = 0):
-        self.conv = Conv2d(in_channels, out_channels, _pair(kernel_size), stride=stride,
-                           padding=_pair(padding))
-        self.bn = BatchNormInference(out_channels)
+                 stride: int = 1, padding: int | tuple[int, int] = 0, rngs: nnx.Rngs):
+        ph, pw = _pair(padding)
+        self.conv = nnx.Conv(in_channels, out_channels, _pair(kernel_size), strides=stride,
+                             padding=((ph, ph), (pw, pw)), use_bias=False, precision=_HIGHEST,
+                             kernel_init=_HE_NORMAL, rngs=rngs)
+        self.bn = nnx.BatchNorm(out_channels, use_running_average=True, epsilon=_BN_EPSILON,
+                               scale_init=_ONES, bias_init=_ZEROS, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.relu(self.bn(self.conv(x)))
-
-
-class Linear(nnx.Module):
-    """The fc layer's parameters, kernel [in, out] and bias; `FIDInception` applies them (with and
-    without the bias)."""
-
-    def __init__(self, in_features: int, out_features: int):
-        self.kernel = nnx.Param(_placeholder(in_features, out_features))
-        self.bias = nnx.Param(_placeholder(out_features))
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,14 +124,14 @@ class Linear(nnx.Module):
 class InceptionA(nnx.Module):
     """Mixed_5b-d (pytorch-fid's FIDInceptionA): 1×1 | 1×1, 5×5 | 1×1, 3×3, 3×3 | avg pool, 1×1."""
 
-    def __init__(self, in_channels: int, pool_features: int):
-        self.branch1x1 = BasicConv2d(in_channels, 64, 1)
-        self.branch5x5_1 = BasicConv2d(in_channels, 48, 1)
-        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(in_channels, pool_features, 1)
+    def __init__(self, in_channels: int, pool_features: int, *, rngs: nnx.Rngs):
+        self.branch1x1 = BasicConv2d(in_channels, 64, 1, rngs=rngs)
+        self.branch5x5_1 = BasicConv2d(in_channels, 48, 1, rngs=rngs)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2, rngs=rngs)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, 1, rngs=rngs)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1, rngs=rngs)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1, rngs=rngs)
+        self.branch_pool = BasicConv2d(in_channels, pool_features, 1, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.concatenate([
@@ -182,11 +145,11 @@ class InceptionA(nnx.Module):
 class InceptionB(nnx.Module):
     """Mixed_6a, a reduction (35 -> 17): 3×3 /2 | 1×1, 3×3, 3×3 /2 | max pool /2."""
 
-    def __init__(self, in_channels: int):
-        self.branch3x3 = BasicConv2d(in_channels, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+    def __init__(self, in_channels: int, *, rngs: nnx.Rngs):
+        self.branch3x3 = BasicConv2d(in_channels, 384, 3, stride=2, rngs=rngs)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, 1, rngs=rngs)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1, rngs=rngs)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.concatenate([
@@ -200,18 +163,18 @@ class InceptionC(nnx.Module):
     """Mixed_6b-e (pytorch-fid's FIDInceptionC), factorised 7×7s: 1×1 | 1×1, 1×7, 7×1 |
     1×1, 7×1, 1×7, 7×1, 1×7 | avg pool, 1×1."""
 
-    def __init__(self, in_channels: int, channels_7x7: int):
+    def __init__(self, in_channels: int, channels_7x7: int, *, rngs: nnx.Rngs):
         c7 = channels_7x7
-        self.branch1x1 = BasicConv2d(in_channels, 192, 1)
-        self.branch7x7_1 = BasicConv2d(in_channels, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(in_channels, 192, 1)
+        self.branch1x1 = BasicConv2d(in_channels, 192, 1, rngs=rngs)
+        self.branch7x7_1 = BasicConv2d(in_channels, c7, 1, rngs=rngs)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3), rngs=rngs)
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0), rngs=rngs)
+        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, 1, rngs=rngs)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0), rngs=rngs)
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3), rngs=rngs)
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0), rngs=rngs)
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3), rngs=rngs)
+        self.branch_pool = BasicConv2d(in_channels, 192, 1, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
@@ -224,13 +187,13 @@ class InceptionC(nnx.Module):
 class InceptionD(nnx.Module):
     """Mixed_7a, a reduction (17 -> 8): 1×1, 3×3 /2 | 1×1, 1×7, 7×1, 3×3 /2 | max pool /2."""
 
-    def __init__(self, in_channels: int):
-        self.branch3x3_1 = BasicConv2d(in_channels, 192, 1)
-        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+    def __init__(self, in_channels: int, *, rngs: nnx.Rngs):
+        self.branch3x3_1 = BasicConv2d(in_channels, 192, 1, rngs=rngs)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2, rngs=rngs)
+        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, 1, rngs=rngs)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3), rngs=rngs)
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0), rngs=rngs)
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b7x7x3 = self.branch7x7x3_1(x)
@@ -245,18 +208,18 @@ class InceptionE(nnx.Module):
     3×1) | 1×1, 3×3, (1×3 and 3×1) | pool, 1×1. The pool is 'avg' (7b) or 'max' (7c: pytorch-fid
     reproduces the TensorFlow FID graph, which max-pools there)."""
 
-    def __init__(self, in_channels: int, *, pool: str):
+    def __init__(self, in_channels: int, *, pool: str, rngs: nnx.Rngs):
         if pool not in ("avg", "max"):
             raise ValueError(f"InceptionE: pool must be 'avg' or 'max', got {pool!r}.")
-        self.branch1x1 = BasicConv2d(in_channels, 320, 1)
-        self.branch3x3_1 = BasicConv2d(in_channels, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(in_channels, 192, 1)
+        self.branch1x1 = BasicConv2d(in_channels, 320, 1, rngs=rngs)
+        self.branch3x3_1 = BasicConv2d(in_channels, 384, 1, rngs=rngs)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1), rngs=rngs)
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0), rngs=rngs)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, 1, rngs=rngs)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1, rngs=rngs)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1), rngs=rngs)
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0), rngs=rngs)
+        self.branch_pool = BasicConv2d(in_channels, 192, 1, rngs=rngs)
         self.pool = pool
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -276,37 +239,36 @@ class InceptionE(nnx.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class FIDInception(nnx.Module):
+class FIDInception(OneDrawModule):
     """pytorch-fid's FID Inception-v3 with its 1008-way `fc` (see the module docstring).
 
-    `FIDInception(rngs=nnx.Rngs(0))` has random weights (He-normal kernels, zero biases, identity
-    BatchNorm), drawn by one compiled program: the structure, for tests or `nnx.eval_shape`. For
+    `FIDInception(rngs=nnx.Rngs(0))` has random weights (He-normal kernels cut from one draw, zero
+    biases, identity BatchNorm): the structure, for tests or `nnx.eval_shape`. For
     features comparable with published FIDs build it with `fid_inception()` (the published
     weights) or `fid_inception_from_weights`. Eager calls run one compiled program per input
-    shape; inside `jax.jit`, `jax.vmap` or other transforms the network traces into the caller's.
+    shape (`nnx.jit`); inside `jax.jit`, `jax.vmap` or other transforms the network traces into
+    the caller's.
     """
 
     def __init__(self, *, rngs: nnx.Rngs):
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)  # 299 -> 149
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)  # -> 147
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)  # then max pool -> 73
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)  # -> 71, then max pool -> 35
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)  # -> 17
-        self.Mixed_6b = InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = InceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)  # -> 8
-        self.Mixed_7b = InceptionE(1280, pool="avg")
-        self.Mixed_7c = InceptionE(2048, pool="max")
-        self.fc = Linear(2048, 1008)
-        _initialise(self, rngs.params())
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2, rngs=rngs)  # 299 -> 149
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3, rngs=rngs)  # -> 147
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1, rngs=rngs)  # then max pool -> 73
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1, rngs=rngs)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3, rngs=rngs)  # -> 71, then max pool -> 35
+        self.Mixed_5b = InceptionA(192, pool_features=32, rngs=rngs)
+        self.Mixed_5c = InceptionA(256, pool_features=64, rngs=rngs)
+        self.Mixed_5d = InceptionA(288, pool_features=64, rngs=rngs)
+        self.Mixed_6a = InceptionB(288, rngs=rngs)  # -> 17
+        self.Mixed_6b = InceptionC(768, channels_7x7=128, rngs=rngs)
+        self.Mixed_6c = InceptionC(768, channels_7x7=160, rngs=rngs)
+        self.Mixed_6d = InceptionC(768, channels_7x7=160, rngs=rngs)
+        self.Mixed_6e = InceptionC(768, channels_7x7=192, rngs=rngs)
+        self.Mixed_7a = InceptionD(768, rngs=rngs)  # -> 8
+        self.Mixed_7b = InceptionE(1280, pool="avg", rngs=rngs)
+        self.Mixed_7c = InceptionE(2048, pool="max", rngs=rngs)
+        self.fc = nnx.Linear(2048, 1008, kernel_init=_HE_NORMAL, bias_init=_ZEROS, rngs=rngs)
 
-    @_checks.boundary(floats=("images",), images=_rgb_batch)
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
         """Inception features of RGB images.
 
@@ -322,8 +284,10 @@ class FIDInception(nnx.Module):
           ValueError / TypeError (at trace time) for images not of shape [B, H, W, 3] or not
           floating.
         """
-        return _apply(*nnx.split(self), images)
+        _check_images("FIDInception", images, jnp.floating, "a floating-point")
+        return self._forward(images)
 
+    @nnx.jit(graph=False)
     def _forward(self, images: jax.Array) -> dict[str, jax.Array]:
         x = 2.0 * resize_bilinear(images.astype(jnp.float32)) - 1.0  # [0, 1] -> [-1, 1]
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
@@ -337,36 +301,6 @@ class FIDInception(nnx.Module):
         pool = jnp.mean(x, axis=(1, 2))  # adaptive average pool to 1×1
         unbiased = jnp.dot(pool, self.fc.kernel[...], precision=_HIGHEST)
         return {"pool": pool, "logits": unbiased + self.fc.bias[...][None], "logits_unbiased": unbiased}
-
-
-def _initialise(model: nnx.Module, key: jax.Array) -> None:
-    """Replaces the placeholder parameters of `model` by random values, in one compiled program."""
-    flat = nnx.to_flat_state(nnx.state(model))
-    specs = tuple((path[-1], variable.shape) for path, variable in flat)
-    values = _draw(key, specs)
-    nnx.update(model, nnx.from_flat_state([(path, variable.replace(value))
-                                           for (path, variable), value in zip(flat, values)]))
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _draw(key: jax.Array, specs: tuple[tuple[str, tuple[int, ...]], ...]) -> list[jax.Array]:
-    """He-normal kernels (std sqrt(2 / fan_in)), zero biases and means, unit scales and variances.
-    One normal vector is drawn for all kernels and cut into them."""
-    sizes = [math.prod(shape) for name, shape in specs if name == "kernel"]
-    normal = iter(jnp.split(jax.random.normal(key, (sum(sizes),), jnp.float32), np.cumsum(sizes)[:-1]))
-    values = []
-    for name, shape in specs:
-        if name == "kernel":
-            values.append(next(normal).reshape(shape) * np.float32(math.sqrt(2.0 / math.prod(shape[:-1]))))
-        else:
-            values.append(jnp.full(shape, 1.0 if name in ("scale", "var") else 0.0, jnp.float32))
-    return values
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> dict[str, jax.Array]:
-    """`FIDInception.__call__` as one compiled function (nested calls inline into the caller's)."""
-    return nnx.merge(graphdef, state)._forward(images)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ training steps stay pure functions of pytrees::
     graphdef, params = nnx.split(model)          # params: nnx.Param leaves only
     eps_hat = nnx.merge(graphdef, params)(z_t, t, key=dropout_key)
 
-Building a `UNet` and calling it eagerly each cost one compiled program (the parameters are drawn
-by one random-number program, the forward pass is one `jax.jit`), not one per operation.
+The layers are flax's (`nnx.Conv`, `nnx.Linear`, `nnx.GroupNorm`) with flax's initialisers; every
+kernel of a `UNet` is cut from one random draw (`vdm_jax.models._init`), and an eager call is one
+compiled program (`nnx.jit`), not one per operation.
 
 Two layouts are covered by one `UNetConfig`:
 
@@ -26,7 +27,6 @@ Two layouts are covered by one `UNetConfig`:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,10 +34,11 @@ from typing import Any, NamedTuple, NoReturn
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from vdm_jax.diffusion import PREDICTIONS
+from vdm_jax.models._init import OneDrawModule, constant, variance_scaling
+
 _TUPLE_FIELDS = ("channel_mult", "attn_resolutions", "fourier_features")
 _TIME_SCALE = 1000.0  # cond in [0, 1] is embedded as cond * 1000, like DDPM's integer steps.
 
@@ -381,108 +382,38 @@ def _key_stream(key: jax.Array | None) -> Iterator[jax.Array | None]:
 
 
 # --------------------------------------------------------------------------------------------
-# Parameter initialisation: the layers are built with placeholders (`_Deferred`), then `_draw`
-# gives every parameter its value from one random-number program. Initialising layer by layer
-# would run (and, eagerly, compile) one random-number program per parameter shape.
-# --------------------------------------------------------------------------------------------
-
-# The standard deviation of a standard normal truncated to [-2, 2], as in flax's lecun_normal.
-_TRUNCATED_STD = 0.87962566103423978
-
-
-@dataclasses.dataclass(frozen=True)
-class _Deferred:
-    """A parameter not drawn yet: its initialiser ('lecun_normal', 'zeros' or 'ones'), shape, dtype."""
-    init: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def _deferred(init: str):
-    """A flax initializer that records what to draw instead of drawing (its key is unused)."""
-    return lambda key, shape, dtype: _Deferred(init, tuple(shape), jnp.dtype(dtype).name)
-
-
-class _NoRngs:
-    """Stands in for `nnx.Rngs` while the layers are built: `_deferred` initialisers take no key."""
-
-    def params(self) -> None:
-        return None
-
-
-def _draw(specs: Sequence[_Deferred], key: jax.Array) -> list[jax.Array]:
-    """The values of the parameters `specs`, drawn from `key` with flax's default initialisers.
-
-    Lecun-normal kernels (a normal truncated to ±2 standard deviations, scaled to variance
-    1 / fan_in), zero biases, unit GroupNorm scales. One truncated-normal vector is drawn for all
-    kernels and cut into them: one compiled random-number program whatever the layout. Eagerly
-    the vector is cut on the host (one XLA kernel per parameter would take longer to compile than
-    the network's forward pass); under a trace, by the same operations in jnp. The values are the
-    same either way.
-    """
-    sizes = [math.prod(s.shape) for s in specs if s.init == "lecun_normal"]
-    normal = _truncated_normal(key, sum(sizes))
-    try:
-        normal, xp = np.asarray(normal), np
-    except jax.errors.TracerArrayConversionError:
-        xp = jnp
-    draws = iter(xp.split(normal, np.cumsum(sizes)[:-1]))
-    values = []
-    for s in specs:
-        dtype = jnp.dtype(s.dtype)  # also a NumPy dtype, bfloat16 included
-        if s.init == "lecun_normal":
-            fan_in = math.prod(s.shape[:-1])  # all but the output axis, as flax's lecun_normal
-            std = np.float32(fan_in**-0.5 / _TRUNCATED_STD)
-            values.append((next(draws).reshape(s.shape) * std).astype(dtype))
-        else:
-            values.append((xp.zeros if s.init == "zeros" else xp.ones)(s.shape, dtype))
-    return values if xp is jnp else jax.device_put(values)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _truncated_normal(key: jax.Array, n: int) -> jax.Array:
-    return jax.random.truncated_normal(key, -2.0, 2.0, (n,), jnp.float32)
-
-
-def _initialise(module: nnx.Module, rngs: nnx.Rngs | _NoRngs) -> None:
-    """Replaces every `_Deferred` parameter of `module` by its value, drawn from `rngs.params()`.
-
-    Does nothing under `_NoRngs`: a block built inside a `UNet` is drawn with the whole network.
-    """
-    if isinstance(rngs, _NoRngs):
-        return
-    specs, treedef = jax.tree.flatten(nnx.state(module, nnx.Param))
-    nnx.update(module, jax.tree.unflatten(treedef, _draw(specs, rngs.params())))
-
-
-# --------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------
 
 
 def _conv(c: UNetConfig, cin: int, cout: int, *, rngs: nnx.Rngs, stride: int = 1,
           zero: bool = False) -> nnx.Conv:
-    """3×3 'SAME' conv in the config's dtypes, optionally zero-initialised."""
+    """3×3 'SAME' conv in the config's dtypes (flax's lecun-normal kernel), optionally zero-initialised."""
     return nnx.Conv(cin, cout, (3, 3), (stride, stride), padding="SAME", dtype=c.dtype,
-                    param_dtype=c.param_dtype, kernel_init=_deferred("zeros" if zero else "lecun_normal"),
-                    bias_init=_deferred("zeros"), rngs=rngs)
+                    param_dtype=c.param_dtype, rngs=rngs, **_inits(zero))
 
 
 def _dense(c: UNetConfig, cin: int, cout: int, *, rngs: nnx.Rngs, zero: bool = False,
            bias: bool = True) -> nnx.Linear:
     """Dense layer (a 1×1 conv on [B, H, W, C]) in the config's dtypes."""
-    return nnx.Linear(cin, cout, use_bias=bias, dtype=c.dtype, param_dtype=c.param_dtype,
-                      kernel_init=_deferred("zeros" if zero else "lecun_normal"),
-                      bias_init=_deferred("zeros"), rngs=rngs)
+    return nnx.Linear(cin, cout, use_bias=bias, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs,
+                      **_inits(zero))
+
+
+_LECUN_NORMAL, _ZEROS, _ONES = variance_scaling(1.0), constant(0.0), constant(1.0)
+
+
+def _inits(zero_kernel: bool) -> dict[str, Any]:
+    """Lecun-normal or zero kernel, zero bias."""
+    return {"kernel_init": _ZEROS if zero_kernel else _LECUN_NORMAL, "bias_init": _ZEROS}
 
 
 def _norm(c: UNetConfig, ch: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
     return nnx.GroupNorm(ch, num_groups=c.num_groups, epsilon=1e-6, dtype=c.dtype,
-                         param_dtype=c.param_dtype, scale_init=_deferred("ones"),
-                         bias_init=_deferred("zeros"), rngs=rngs)
+                         param_dtype=c.param_dtype, scale_init=_ONES, bias_init=_ZEROS, rngs=rngs)
 
 
-class ResBlock(nnx.Module):
+class ResBlock(OneDrawModule):
     """Residual block conditioned on an embedding (DDPM `resnet_block`).
 
     out = skip(x) + conv2(dropout(swish(GN(conv1(swish(GN(x))) + Dense(emb)))))
@@ -497,7 +428,6 @@ class ResBlock(nnx.Module):
         self.conv2 = _conv(c, out_ch, out_ch, zero=c.zero_init_residual, rngs=rngs)
         self.skip = _dense(c, in_ch, out_ch, rngs=rngs) if in_ch != out_ch else None
         self.rate = float(c.dropout)
-        _initialise(self, rngs)
 
     def __call__(self, x: jax.Array, emb: jax.Array, key: jax.Array | None) -> jax.Array:
         """x: [B, H, W, in_ch]; emb: [B, 4 * embedding_dim]; returns [B, H, W, out_ch]."""
@@ -507,7 +437,7 @@ class ResBlock(nnx.Module):
         return (x if self.skip is None else self.skip(x)) + h
 
 
-class AttnBlock(nnx.Module):
+class AttnBlock(OneDrawModule):
     """Single-head self-attention over the H·W positions, with a residual connection.
 
     out = x + proj_out(softmax(q kᵀ / √C) v), with q, k, v 1×1 projections of GN(x).
@@ -519,7 +449,6 @@ class AttnBlock(nnx.Module):
         self.k = _dense(c, ch, ch, rngs=rngs)
         self.v = _dense(c, ch, ch, rngs=rngs)
         self.proj_out = _dense(c, ch, ch, zero=c.zero_init_residual, rngs=rngs)
-        _initialise(self, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C] -> [B, H, W, C]."""
@@ -542,24 +471,22 @@ class _Stage(nnx.Module):
         return h if self.attn is None else self.attn(h)
 
 
-class Downsample(nnx.Module):
+class Downsample(OneDrawModule):
     """Halves H and W with a stride-2 3×3 conv ('SAME' padding, as in DDPM's TF code)."""
 
     def __init__(self, ch: int, c: UNetConfig, *, rngs: nnx.Rngs):
         self.conv = _conv(c, ch, ch, stride=2, rngs=rngs)
-        _initialise(self, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C] -> [B, H/2, W/2, C]."""
         return self.conv(x)
 
 
-class Upsample(nnx.Module):
+class Upsample(OneDrawModule):
     """Doubles H and W: nearest-neighbour repeat, then a 3×3 conv."""
 
     def __init__(self, ch: int, c: UNetConfig, *, rngs: nnx.Rngs):
         self.conv = _conv(c, ch, ch, rngs=rngs)
-        _initialise(self, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C] -> [B, 2H, 2W, C]."""
@@ -622,34 +549,34 @@ def _check_extra_cond(c: UNetConfig, extra: jax.Array | None, batch: int) -> jax
 # --------------------------------------------------------------------------------------------
 
 
-class UNet(nnx.Module):
+class UNet(OneDrawModule):
     """U-Net ε/x/v/score predictor (see the module docstring and `UNetConfig`).
 
     Construct with `UNet(config, rngs=nnx.Rngs(seed))` (or `nnx.Rngs(params=key)`); the module
-    keeps no RNG state. Eagerly, both construction and calls run one compiled program each;
-    inside `jax.jit`, `nnx.eval_shape` or other transforms they trace into the caller's program.
+    keeps no RNG state. Eagerly, construction compiles one random draw for all kernels and a call
+    is one compiled program (`nnx.jit`); inside `jax.jit`, `nnx.eval_shape` or other transforms
+    both trace into the caller's program.
     """
 
     def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
         c = self.config = config
-        build = _NoRngs()  # The layers get placeholders; `_initialise` draws them all at once.
         width = 4 * c.embedding_dim
-        self.emb_dense0 = _dense(c, c.embedding_dim + c.extra_cond_dim, width, rngs=build)
-        self.emb_dense1 = _dense(c, width, width, rngs=build)
-        self.conv_in = _conv(c, _input_channels(c), c.base_channels, rngs=build)
+        self.emb_dense0 = _dense(c, c.embedding_dim + c.extra_cond_dim, width, rngs=rngs)
+        self.emb_dense1 = _dense(c, width, width, rngs=rngs)
+        self.conv_in = _conv(c, _input_channels(c), c.base_channels, rngs=rngs)
         down, skips = _down_layout(c)
-        self.down = nnx.List([_build(s, c, Downsample, build) for s in down])
+        self.down = nnx.List([_build(s, c, Downsample, rngs) for s in down])
         mid = skips[-1]
-        self.mid_res1 = ResBlock(mid, mid, c, rngs=build)
-        self.mid_attn = AttnBlock(mid, c, rngs=build) if c.mid_attention else None
-        self.mid_res2 = ResBlock(mid, mid, c, rngs=build)
-        self.up = nnx.List([_build(s, c, Upsample, build) for s in _up_layout(c, skips)])
+        self.mid_res1 = ResBlock(mid, mid, c, rngs=rngs)
+        self.mid_attn = AttnBlock(mid, c, rngs=rngs) if c.mid_attention else None
+        self.mid_res2 = ResBlock(mid, mid, c, rngs=rngs)
+        self.up = nnx.List([_build(s, c, Upsample, rngs) for s in _up_layout(c, skips)])
         out_ch = c.base_channels * c.channel_mult[0]
-        self.norm_out = _norm(c, out_ch, rngs=build)
+        self.norm_out = _norm(c, out_ch, rngs=rngs)
         self.conv_out = _conv(c, out_ch, c.in_channels * (1 + c.learned_variance),
-                              zero=c.zero_init_output, rngs=build)
-        _initialise(self, rngs)
+                              zero=c.zero_init_output, rngs=rngs)
 
+    @nnx.jit(graph=False)
     def __call__(self, z: jax.Array, cond: jax.Array, *, extra_cond: jax.Array | None = None,
                  key: jax.Array | None = None) -> jax.Array:
         """Predicts from a noisy image.
@@ -669,10 +596,6 @@ class UNet(nnx.Module):
         Raises:
           ValueError / TypeError at trace time for inputs of the wrong shape or dtype.
         """
-        return _apply(*nnx.split(self), z, cond, extra_cond, key)
-
-    def _forward(self, z: jax.Array, cond: jax.Array, extra_cond: jax.Array | None,
-                 key: jax.Array | None) -> jax.Array:
         _check_z(self.config, z)
         cond = _check_cond(cond, z.shape[0])
         extra_cond = _check_extra_cond(self.config, extra_cond, z.shape[0])
@@ -737,13 +660,6 @@ def _call(layer: nnx.Module, *args) -> jax.Array:
 
 
 _call_remat = nnx.remat(_call)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef: nnx.GraphDef, params: nnx.State, z: jax.Array, cond: jax.Array,
-           extra_cond: jax.Array | None, key: jax.Array | None) -> jax.Array:
-    """`UNet.__call__` as one pure compiled function (nested calls inline into the caller's)."""
-    return nnx.merge(graphdef, params)._forward(z, cond, extra_cond, key)
 
 
 # --------------------------------------------------------------------------------------------
