@@ -79,3 +79,12 @@ def test_eager_construction_compiles_one_random_draw():
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert len(compiles) <= 3, compiles  # the key's fold_in and count, the draw
+
+
+def test_a_parameter_with_another_initialiser_is_refused():
+    class _Plain(OneDrawModule):  # nnx.Linear's default kernel_init would draw from a throw-away key
+        def __init__(self, *, rngs: nnx.Rngs):
+            self.dense = nnx.Linear(4, 2, bias_init=constant(0.0), rngs=rngs)
+
+    with pytest.raises(TypeError, match=r"_Plain: parameter dense\.kernel is not initialised by"):
+        _Plain(rngs=nnx.Rngs(0))

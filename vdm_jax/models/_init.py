@@ -88,6 +88,10 @@ class _OneDrawMeta(type(nnx.Module)):
                 module = super().__call__(*args, **{**kwargs, "rngs": nnx.Rngs(0)})
         finally:
             _BUILDING.reset(token)
+        for path, param in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+            if not isinstance(param.get_value(), _Pending):  # drawn from the throw-away Rngs(0)
+                raise TypeError(f"{cls.__name__}: parameter {'.'.join(map(str, path))} is not initialised "
+                                f"by vdm_jax.models._init's variance_scaling or constant")
         graphdef, state = nnx.split(module)
         return nnx.merge(graphdef, _made(state, rngs.params()))
 
