@@ -10,12 +10,10 @@ parameters are filled. Eagerly this is one compiled random draw, cut and filled 
 under `jax.jit`, `nnx.eval_shape` or another trace, the same operations in the caller's program
 (the values are the same).
 
-Why not flax's usual per-layer drawing: on XLA:CPU every random draw compiles a kernel of its own
-(0.1-0.3 s on two cores), eagerly or inside one `nnx.jit`-ed construction, and every update of
-an `nnx.Rngs` under a trace costs time proportional to the program traced so far. Measured for
-issue 31 on two cores (fresh processes, median of 3): the tiny U-Net built and called once in
-3.0 s this way, 8.1 s as an `nnx.jit`-ed construction with flax's per-layer draws; `nnx.eval_shape`
-of the Inception network with its layers drawing from the traced `rngs` took 10 times as long.
+Why not flax's usual per-layer drawing: on XLA:CPU every random draw compiles a kernel of its own,
+eagerly or inside one `nnx.jit`-ed construction, and every update of an `nnx.Rngs` under a trace
+costs time proportional to the program traced so far (docs/benchmarks.md, "Building a U-Net and
+its first call", has the figures).
 """
 from __future__ import annotations
 
