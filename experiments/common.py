@@ -57,38 +57,105 @@ def exit_with_flag_error(e: Exception):
 HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--help=true")
 
 
-def print_help(config_keys: bool = False) -> None:
+def print_help(argv: list[str], config_keys: bool = False) -> None:
     """The entry point's docstring, its flags, and with `config_keys` every `--config.` key with its
-    default and meaning (`vdm_jax.training.describe_config`, from the schema itself)."""
+    value in the config that `--config=FILE[:VARIANT]` in `argv` (or the flag's default) names, and
+    its meaning (`vdm_jax.training.describe_config`, from the schema itself)."""
     from absl import flags
 
     main = sys.modules["__main__"]
     text = [(main.__doc__ or "").strip(), "", "flags:"]
-    text += [line for line in flags.FLAGS.main_module_help().splitlines()[1:]
-             if line.strip() and not line.startswith("Try --helpfull")]
+    for help_text in (flags.FLAGS.main_module_help(), flags.FLAGS.module_help(__name__)):  # (this module's: shared)
+        text += [line for line in help_text.splitlines() if line.startswith(" ")]  # (not the modules' names)
     if config_keys:
         from vdm_jax.training.config import describe_config
 
-        text += ["", "config keys (the schema's defaults; the config file's variant changes some):", describe_config()]
+        spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")),
+                    flags.FLAGS["config"].default_as_str.strip("'"))
+        try:
+            config, where = _config_file(spec), f"{spec}'s values"
+        except Exception as e:  # noqa: BLE001 - the help still shows the schema
+            config, where = None, f"the schema's defaults: {spec} did not load ({_one_line(e)})"
+        text += ["", f"config keys ({where}; --config.KEY=VALUE overrides one):", describe_config(config)]
     print("\n".join(text))
 
 
+def _config_file(spec: str):
+    """get_config(VARIANT) of a config file named as `--config=FILE[:VARIANT]` names it."""
+    import importlib.util
+
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_help_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
 def parse_flags(argv: list[str], *, config_keys: bool = False) -> list[str]:
-    """absl's parser (for `app.run(main, flags_parser=parse_flags)`): a bad or unknown flag, or an
-    argument that is not a flag, exits with one line `error: ...`; `--help` (or -h, --helpfull)
-    prints the help (`print_help`) and exits 0."""
+    """absl's parser (for `app.run(main, flags_parser=parse_flags)`): a bad or unknown flag, an
+    argument that is not a flag, or (with `config_keys`) a mistyped `--config.key` override exits
+    with one line `error: ...`; `--help` (or -h, --helpfull) prints the help (`print_help`) and exits 0."""
     from absl import flags
 
     if any(arg in HELP_FLAGS for arg in argv[1:]):
-        print_help(config_keys)
+        print_help(argv, config_keys)
         sys.exit(0)
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
         exit_with_flag_error(e)
+    except (AttributeError, KeyError) as e:  # an error inside the config file, or an unknown --config.key
+        if not config_keys:
+            raise
+        unknown_config_key(e)
     if len(rest) > 1:
         sys.exit(f"error: unexpected arguments (not --flags): {' '.join(rest[1:])}")
     return rest
+
+
+def parse_config_flags(argv: list[str]) -> list[str]:
+    """`parse_flags` of a training entry point (its `--config.key` overrides checked and listed in --help)."""
+    return parse_flags(argv, config_keys=True)
+
+
+def define_config_flags(config_file: str, workdir: str | None = None) -> None:
+    """`--config=FILE[:VARIANT]` (default `config_file`) with its `--config.key=value` overrides, and
+    `--workdir` (required unless given a default): the flags of the training entry points."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    try:  # ml_collections reads --config.x overrides from sys.argv already here
+        config_flags.DEFINE_config_file("config", config_file, "Config file and variant (FILE:VARIANT).",
+                                        lock_config=True)
+    except (AttributeError, KeyError) as e:
+        unknown_config_key(e)
+    flags.DEFINE_string("workdir", workdir, "Where checkpoints, TensorBoard logs and samples go.")
+    if workdir is None:
+        flags.mark_flags_as_required(["workdir"])
+
+
+def config_from_flags():
+    """The config `--config` names, with its overrides applied; bad input exits with one line."""
+    from absl import flags
+
+    try:
+        return run_or_explain(lambda: flags.FLAGS.config)  # overrides are applied here
+    except (AttributeError, KeyError) as e:
+        unknown_config_key(e)
+
+
+def unknown_config_key(e):
+    """Exits with one line naming a mistyped --config.key override: its dotted key and the closest."""
+    from vdm_jax.training.config import check_key
+
+    for arg in sys.argv[1:]:
+        if arg.startswith("--config."):
+            try:
+                check_key(arg[len("--config."):].split("=", 1)[0])
+            except (ValueError, TypeError) as err:
+                sys.exit(f"error: {err}")
+    text = str(e.args[0] if e.args else e).replace("\\'", "").replace("'", "")  # (not an override: as it came)
+    sys.exit(f"error: unknown config key {' '.join(text.split())}")
 
 
 class _HeldSignal:

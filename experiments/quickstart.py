@@ -1,6 +1,11 @@
 """Train a small diffusion model offline in a few minutes on a CPU, then sample and evaluate it.
 
-    python -m experiments.quickstart [--workdir=runs/quickstart] [--steps=N]
+    python -m experiments.quickstart [--workdir=runs/quickstart] [--steps=N] [--config.x=y]
+
+`experiments.cifar10` with the quickstart's config (experiments/configs/quickstart.py) and a
+default work directory: every `--config.key=value` override works here too (`--help` lists them
+with the quickstart's values), e.g. `--config.training.batch_size=32`; `--steps=N` is short for
+`--config.training.num_steps=N`.
 
 Data: scikit-learn's 8×8 handwritten digits (1,797 images that ship inside scikit-learn, so
 nothing is downloaded), scaled to 0..255, at their native 8×8×1: the U-Net has two resolution
@@ -21,20 +26,26 @@ import os
 
 from absl import flags, logging
 
-from experiments.common import parse_flags, run_or_explain, start_jax
-from experiments.configs.quickstart import get_config
+from experiments.common import define_config_flags
 
-flags.DEFINE_string("workdir", os.path.join("runs", "quickstart"), "Where checkpoints, logs and samples go.")
-flags.DEFINE_integer("steps", 2500, "Training steps.", lower_bound=1)
+define_config_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.py"),
+                    workdir=os.path.join("runs", "quickstart"))
+flags.DEFINE_integer("steps", None, "Training steps (short for --config.training.num_steps; default 2500).",
+                     lower_bound=1)
 
 
 def main(argv):
     del argv  # parse_flags has rejected anything but flags
-    logging.set_verbosity(logging.WARNING)
+    from experiments.common import config_from_flags, run_or_explain, start_jax
+
     start_jax()
+    logging.set_verbosity(logging.WARNING)
     from vdm_jax.training import train_and_evaluate
 
-    summary = run_or_explain(train_and_evaluate, get_config(flags.FLAGS.steps), flags.FLAGS.workdir)
+    config = config_from_flags()
+    if flags.FLAGS.steps is not None:
+        config.training.num_steps = flags.FLAGS.steps
+    summary = run_or_explain(train_and_evaluate, config, flags.FLAGS.workdir)
     if "eval" in summary:
         ev = summary["eval"]
         print(f"quickstart: {summary['step']} steps; test bits/dim {ev['eval/total_bpd']:.3f} over "
@@ -42,6 +53,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from experiments.common import run_app
+    from experiments.common import parse_config_flags, run_app
 
-    run_app(main, parse_flags)
+    run_app(main, parse_config_flags)

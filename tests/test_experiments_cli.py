@@ -27,7 +27,7 @@ out = []
 for argv in {argvs!r}:
     flags.FLAGS.unparse_flags()
     try:
-        parse_flags(["prog", *argv])
+        parse_flags(["prog", *argv], config_keys="config" in flags.FLAGS)  # (as the training entry points do)
         out.append(None)
     except SystemExit as e:
         out.append(str(e.code))
@@ -102,6 +102,27 @@ def test_quickstart_and_cifar10_flags():
         "error: flag --config=experiments/configs/cifar10.py:big: Error whilst parsing config file: ValueError: "
         "unknown CIFAR-10 config variant 'big'; choose one of ('ddpm', 'vdm', 'small').",
     ]
+
+
+def test_quickstart_takes_config_overrides_and_help_lists_the_chosen_configs_values():
+    """The quickstart is experiments.cifar10 with its own config: its overrides reach the config; --help
+    after --config=FILE:VARIANT lists that variant's values, not the schema's defaults."""
+    def config(*argv):  # (ml_collections defines the override flags from sys.argv as the module is imported)
+        return _python("-c", f"import sys; sys.argv = ['prog', *{list(argv)!r}]; from experiments import quickstart, "
+                       "common; common.parse_config_flags(sys.argv); c = common.config_from_flags(); "
+                       "print(c.training.batch_size, c.data.source)")
+
+    run = config("--steps=7", "--config.training.batch_size=32")
+    assert run.returncode == 0 and run.stdout.split() == ["32", "digits"], run.stderr[-2000:]
+    run = config("--config.training.bach_size=32")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'training.bach_size'"), run.stderr
+    vdm = _python("-m", "experiments.cifar10", "--config=experiments/configs/cifar10.py:vdm", "--help")
+    assert vdm.returncode == 0 and "config keys (experiments/configs/cifar10.py:vdm's values" in vdm.stdout
+    assert "--config.diffusion.family='vdm'" in vdm.stdout
+    quick = _python("-m", "experiments.quickstart", "--help")
+    assert quick.returncode == 0 and "--config.data.source='digits'" in quick.stdout
+    assert "--config.diffusion.family='ddpm'" in _python("-m", "experiments.cifar10", "--help").stdout  # :small
 
 
 def test_fid_and_fid_stats_flags():

@@ -22,8 +22,8 @@ import sys
 import tensorflow_datasets as tfds
 from absl import app
 with tfds.testing.mock_data(num_examples=40):
-    from experiments import cifar10
-    app.run(cifar10.main, flags_parser=cifar10.parse_flags)
+    from experiments import cifar10, common
+    app.run(cifar10.main, flags_parser=common.parse_config_flags)
 """
 
 
@@ -131,14 +131,18 @@ def test_unknown_config_key_on_the_command_line(tmp_path):
 
 @pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
 def test_help_lists_every_config_key_and_exits_0(tmp_path, flag):
-    """`--help` prints the flags and every config key with its default and meaning, from the schema."""
+    """`--help` prints the flags and every config key with its value in the chosen config (the `small`
+    variant here) and its meaning, from the schema."""
+    from experiments.configs.cifar10 import get_config
     from vdm_jax.training import default_config
     from vdm_jax.training.config import _leaves
 
     out = _cli(tmp_path, flag, mock=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--workdir: Where checkpoints" in out.stdout
-    assert "  --config.training.num_steps=10000" in out.stdout and "training steps" in out.stdout
+    small = get_config("small").training.num_steps
+    assert small != default_config().training.num_steps  # (so that this tells the variant's value from the schema's)
+    assert f"  --config.training.num_steps={small} " in out.stdout and "training steps" in out.stdout
     listed = [line.split("=")[0].strip() for line in out.stdout.splitlines() if line.startswith("  --config.")]
     assert listed == [f"--config.{name}" for name, _ in _leaves(default_config())]
     assert not os.path.exists(tmp_path / "config.json")  # nothing was run
