@@ -224,3 +224,40 @@ def test_the_colab_notebook_runs_quick_and_a_second_run_resumes(tmp_path, monkey
     assert "samples at step 4" in second
     steps = _train_steps(workdir)
     assert steps == sorted(set(steps)) and steps[-1] == 4, steps  # steps 3 and 4 continued the run, none was redone
+
+
+def _cell_defining(name: str) -> str:
+    return next(s for s in _cells(COLAB) if re.search(rf"^def {name}\b", s, re.M))
+
+
+def test_the_colab_settings_table_sizes_the_batch_for_each_runtime():
+    """The full (not QUICK) settings, which only a Colab runtime runs: the table's rows and the rule for
+    other devices give a global batch that divides over the devices, and every `--config.` key the notebook
+    passes is one the schema has."""
+    from vdm_jax.training.config import check_key
+
+    namespace = {}
+    exec(_cell_defining("runtime_settings"), namespace)  # (defines SETTINGS and runtime_settings only)
+    settings = namespace["runtime_settings"]
+    assert settings("ddpm", "TPU v2", 8, 7.5)[:3] == (128, False, "auto")  # 16 per core × 8 cores
+    assert settings("vdm", "TPU v5 lite", 1, 15.7)[:3] == (128, True, "auto")
+    assert settings("vdm", "Tesla T4", 1, 14.7)[:3] == (64, True, "float32")
+    assert settings("ddpm", "NVIDIA A100-SXM4-40GB", 1, 39.4)[:3] == (128, False, "auto")
+    assert settings("vdm", "NVIDIA H100 80GB HBM3", 1, 79.1)[:3] == (128, False, "auto")  # by the rule
+    assert settings("ddpm", "some 8 GiB device", 2, 8.0)[:3] == (32, False, "auto")
+    assert settings("small", "TPU v2", 8, 7.5)[:3] == (32, False, "auto")
+    for kind, (_, rows, _) in namespace["SETTINGS"].items():
+        for variant in ("ddpm", "vdm"):
+            batch = settings(variant, kind, 8, 8.0)[0]
+            assert batch % 8 == 0 and batch >= 8, (kind, variant, batch)
+
+    keys = set()
+    for source in _cells(COLAB):
+        for node in ast.walk(_python(source)):
+            if isinstance(node, ast.Dict) and any(_text(k) and "." in _text(k) for k in node.keys):
+                keys |= {_text(k) for k in node.keys}
+            elif isinstance(node, ast.Subscript) and getattr(node.value, "id", None) == "OVERRIDES":
+                keys.add(_text(node.slice))
+    assert {"data.source", "training.batch_size", "model.remat", "model.dtype", "training.num_steps"} <= keys
+    for key in sorted(keys):
+        check_key(key)
