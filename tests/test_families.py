@@ -46,14 +46,14 @@ def test_families_are_static_under_jit():
 
 
 @pytest.mark.parametrize("cls, kwargs, match", [
-    (DDPM, dict(timesteps=0), "DDPM: timesteps must be an int >= 1, got 0"),
+    (DDPM, dict(timesteps=0), "DDPM: timesteps must be >= 1, got 0"),
     (DDPM, dict(schedule="sigmoid"), "DDPM: schedule must be one of 'linear' or 'cosine', got 'sigmoid'"),
     (DDPM, dict(beta_start=0.1, beta_end=0.01), "DDPM: beta_start must be <= beta_end"),
     (DDPM, dict(prediction="noise"), "DDPM: prediction must be one of"),
     (DDPM, dict(loss_type="hybrid"), "loss_type='hybrid' trains the learned variance: it needs variance='learned'"),
     (DDPM, dict(variance="learned"), "loss_type='simple' cannot train a learned variance"),
     (DDPM, dict(hybrid_lambda=-1.0, loss_type="vlb"), "DDPM: hybrid_lambda must be >= 0"),
-    (VDM, dict(timesteps=-1), "VDM: timesteps must be an int >= 0"),
+    (VDM, dict(timesteps=-1), "VDM: timesteps must be >= 0"),
     (VDM, dict(gamma_min=5.0, gamma_max=-13.3), "VDM: gamma_min must be < gamma_max"),
     (VDM, dict(schedule="quadratic"), "VDM: schedule must be one of"),
 ])

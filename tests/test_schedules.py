@@ -172,10 +172,10 @@ SCHED = vj.DiscreteSchedule(vj.linear_betas(10))
 
 ERRORS = {
     vj.linear_betas: [
-        ((0,), {}, ValueError, "linear_betas: T must be an int >= 1, got 0"),
-        ((-5,), {}, ValueError, "T must be an int >= 1"),
-        ((10.5,), {}, ValueError, r"T must be an int >= 1, got 10.5"),
-        ((True,), {}, ValueError, "T must be an int >= 1, got True"),
+        ((0,), {}, ValueError, "linear_betas: T must be >= 1, got 0"),
+        ((-5,), {}, ValueError, "T must be >= 1"),
+        ((10.5,), {}, TypeError, r"T must be an int, got 10.5 \(float\)"),
+        ((True,), {}, TypeError, "T must be an int, got True"),
         ((10, 0.02, 1e-4), {}, ValueError, "linear_betas: beta_start must be <= beta_end"),
         ((10, 0.0, 0.02), {}, ValueError, r"linear_betas: beta_start must be a real number in \(0, 1\), got 0.0"),
         ((10, -0.1, 0.02), {}, ValueError, r"beta_start must be a real number in \(0, 1\)"),
@@ -185,8 +185,8 @@ ERRORS = {
         ((10, jnp.float32(1e-4)), {}, ValueError, r"beta_start must be a real number .*got float32 of shape \(\)"),
     ],
     vj.cosine_betas: [
-        ((0,), {}, ValueError, "cosine_betas: T must be an int >= 1"),
-        ((True,), {}, ValueError, "T must be an int >= 1, got True"),
+        ((0,), {}, ValueError, "cosine_betas: T must be >= 1"),
+        ((True,), {}, TypeError, "T must be an int, got True"),
         ((10,), {"max_beta": 1.0}, ValueError, r"cosine_betas: max_beta must be a real number in \(0, 1\), got 1.0"),
         ((10,), {"s": -0.1}, ValueError, "cosine_betas: s must be a real number >= 0, got -0.1"),
     ],

@@ -68,6 +68,7 @@ def _core_calls():
         ("LinearSchedule", lambda: cont(t)),
         ("CosineSchedule", lambda: vj.CosineSchedule().gamma(t)),
         ("LearnedSchedule", lambda: vj.LearnedSchedule(hidden=4, rngs=nnx.Rngs(0))(t)),
+        ("per_example", lambda: vj.per_example(gt, x)),
         ("q_sample", lambda: vj.q_sample(x, eps, gt)),
         ("q_step", lambda: vj.q_step(x, eps, _put(jnp.array([0.1, 0.2])))),
         ("q_posterior", lambda: vj.q_posterior(x, z, gs, gt)),

@@ -100,8 +100,10 @@ def host_value(value) -> np.ndarray | None:
 
 def check_int(name: str, value, minimum: int) -> int:
     """Checks that `value` is a Python or NumPy int (not a bool) >= `minimum`; returns it as an int."""
-    if not _is(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+    if not _is(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
     return int(value)
 
 

@@ -55,7 +55,7 @@ def test_wrong_type():
                                         "or 'cosine', got 'learned'"),
     ({"training.batch_size": 0}, "'training.batch_size' must be > 0"),
     ({"optim.ema_decay": 1.0}, r"'optim.ema_decay' must be in \[0, 1\)"),
-    ({"diffusion.timesteps": 0}, "diffusion.family='ddpm': diffusion.timesteps must be an int >= 1, got 0"),
+    ({"diffusion.timesteps": 0}, "diffusion.family='ddpm': diffusion.timesteps must be >= 1, got 0"),
     ({"model.image_size": 30}, "config.model"),
     ({"model.channel_mult": ()}, r"config.model: UNetConfig.channel_mult: expected a non-empty tuple"),
     ({"model.num_groups": 5}, r"config.model: UNetConfig.num_groups: expected a divisor of every channel count"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -75,6 +76,12 @@ class _OneDrawMeta(type(nnx.Module)):
     """The metaclass of `OneDrawModule`: builds the module with its parameters pending, then makes
     them (`_made`). The layers get a throw-away `nnx.Rngs` outside any trace (their initialisers
     take no key here); the caller's `rngs` gives the one key of the draw."""
+
+    def __init__(cls, name, bases, namespace, **kwargs):
+        super().__init__(name, bases, namespace, **kwargs)
+        # inspect.signature(cls) would otherwise read this metaclass's __call__: (*args, **kwargs).
+        cls.__signature__ = inspect.signature(cls.__init__).replace(
+            parameters=list(inspect.signature(cls.__init__).parameters.values())[1:])
 
     def __call__(cls, *args, **kwargs):
         rngs = kwargs.get("rngs")
