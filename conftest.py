@@ -37,7 +37,8 @@ set_cpu_xla_flags()
 
 
 # The notebooks' expected seconds (as `slow(seconds)` marks say for tests): see the hook below.
-NOTEBOOK_SECONDS = {"train_and_sample.ipynb": 65, "three_objectives.ipynb": 25, "forward_and_posterior.ipynb": 22}
+NOTEBOOK_SECONDS = {"train_and_sample.ipynb": 65, "three_objectives.ipynb": 25, "forward_and_posterior.ipynb": 22,
+                    "colab_cifar10.ipynb": 12}
 
 
 def pytest_collection_modifyitems(config, items):
