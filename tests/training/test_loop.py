@@ -84,6 +84,9 @@ def test_bad_workdir(tmp_path, micro):
         train_and_evaluate(config, str(blocker / "run"))
     with pytest.raises(WorkdirError, match=f"the work directory {blocker} is a file, not a directory"):
         train_and_evaluate(config, str(blocker))
+    with pytest.raises(WorkdirError, match="the work directory gs://bucket/run is a URL: .* mount the bucket"):
+        train_and_evaluate(config, "gs://bucket/run")
+    assert not os.path.exists("gs:")  # (not made as a local folder)
 
 
 def test_a_failed_start_leaves_no_work_directory(tmp_path, micro):

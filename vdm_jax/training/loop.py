@@ -59,6 +59,9 @@ class WorkdirError(OSError):
 
 def _prepare_workdir(workdir: str) -> tuple[str, bool]:
     """(the absolute work directory, created and test-written; whether this run created it)."""
+    if "://" in workdir:  # os.path.abspath would make gs://b/run a local folder ./gs:/b/run
+        raise WorkdirError(f"the work directory {workdir} is a URL: the run writes through the file system; mount "
+                           "the bucket (e.g. gcsfuse BUCKET /mnt/BUCKET) and give its path.")
     workdir = os.path.abspath(os.path.expanduser(workdir))
     created = not os.path.exists(workdir)
     if not created and not os.path.isdir(workdir):
