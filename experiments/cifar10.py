@@ -34,7 +34,8 @@ def main(argv):
                   checkpoints=os.path.join(os.path.abspath(flags.FLAGS.workdir), "checkpoints"))
     summary = run_or_explain(train_and_evaluate, config, flags.FLAGS.workdir)
     if "eval" in summary:
-        print(f"step {summary['eval']['step']}: test bpd {summary['eval']['eval/total_bpd']:.4f} "
+        print(f"step {summary['eval']['step']}: test bpd {summary['eval']['eval/total_bpd']:.4f} ± "
+              f"{summary['eval']['eval/total_bpd_se']:.4f} "
               f"over {int(summary['eval']['eval/examples'])} images"
               + (f"; samples: {summary['samples']}" if "samples" in summary else ""))
 

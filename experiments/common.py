@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import zipfile
 
 # absl is imported inside the functions: the training entry points import this module first thing
 # for `hold_signals`, and until it is installed a Ctrl-C is Python's default (a traceback).
@@ -169,6 +170,9 @@ class _HeldSignal:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        name = signal.Signals(signum).name  # (vdm_jax.training.loop.stopping_notice's line: not imported yet)
+        print(f"{name}: stopping after the current step and saving a checkpoint; a second Ctrl-C quits at once, "
+              "without saving.", file=sys.stderr, flush=True)
 
 
 def hold_signals() -> None:
@@ -201,14 +205,19 @@ def read_images_or_statistics(path: str, name: str):
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}={path} does not exist.")
-    with np.load(path, allow_pickle=False) as f:
-        keys = sorted(f)
-        if "images" in keys:
-            images = f["images"]
-            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-                raise ValueError(f"{name}={path}: 'images' must be uint8 [N, H, W, 1 or 3], "
-                                 f"got {images.dtype} {images.shape}.")
-            return "images", images
+    try:
+        with np.load(path, allow_pickle=False) as f:  # (never unpickles)
+            keys = sorted(f)
+            images = f["images"] if "images" in keys else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        why = "it holds pickled Python objects, which are never loaded" if "pickle" in str(e) else _one_line(e)
+        raise ValueError(f"{name}={path} is not a readable .npz ({why}): expected uint8 'images' or statistics "
+                         "'mu' and 'sigma'.") from None
+    if images is not None:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"{name}={path}: 'images' must be uint8 [N, H, W, 1 or 3], "
+                             f"got {images.dtype} {images.shape}.")
+        return "images", images
     if "mu" in keys and "sigma" in keys:
         return "statistics", load_statistics(path)
     raise ValueError(f"{name}={path} holds {keys}: expected uint8 'images' or statistics 'mu' and 'sigma'.")

@@ -56,7 +56,8 @@ flags.DEFINE_integer("num_samples", 0, "Images to sample (0: none).", lower_boun
 flags.DEFINE_enum("sampler", None, ["ancestral", "ddim", "dpm_solver", "heun", "euler"],
                   "Sampler (default: config.training.sampler); the last three solve the probability-flow ODE.")
 flags.DEFINE_integer("sample_steps", None, "Reverse steps (default: config.training.sample_steps with its "
-                     "sampler, else 0; 0 = T).", lower_bound=0)
+                     "sampler, else 0). 0: the sampler's default: ancestral T (a VDM: 1000), ddim 50, dpm_solver "
+                     "20, heun 20, euler 50; a DDPM at most T.", lower_bound=0)
 flags.DEFINE_integer("sample_batch_size", 256, "Images per compiled sampling call (a multiple of the devices).",
                      lower_bound=1)
 flags.DEFINE_boolean("fid", False, "The samples' FID (and Inception Score) against --reference (needs --num_samples).")
@@ -93,7 +94,8 @@ def _devices() -> str:
 
 
 def _sampling(FLAGS, config, objective) -> tuple[str, int]:
-    """The sampler and its number of steps: the flags', else the run's (its steps only with its sampler)."""
+    """The sampler and its number of steps: the flags', else the run's (its steps only with its sampler);
+    with --num_samples, the steps it will take (0 resolved to the sampler's default)."""
     sampler = FLAGS.sampler or config.training.sampler
     if FLAGS.sample_steps is not None:
         sample_steps, name = FLAGS.sample_steps, "--sample_steps"
@@ -102,7 +104,7 @@ def _sampling(FLAGS, config, objective) -> tuple[str, int]:
     else:
         sample_steps, name = 0, "--sample_steps"
     if FLAGS.num_samples:
-        objective.check_sample_steps(sample_steps, sampler, name=name)
+        sample_steps = objective.check_sample_steps(sample_steps, sampler, name=name)
     return sampler, sample_steps
 
 
@@ -138,17 +140,15 @@ def _ode_bpd(FLAGS, config, state, mesh, source, spec: str, split: str, out_dir:
     return record
 
 
-def _fid(FLAGS, mesh, images, stem: str, summary: dict) -> dict:
+def _fid(FLAGS, mesh, network, images, stem: str, summary: dict) -> dict:
     """--fid: the samples' FID and Inception Score (and KID against images), printed and written."""
     import jax
 
     from experiments.common import format_quality, read_images_or_statistics
     from vdm_jax.fid import sample_quality
-    from vdm_jax.models import fid_inception
     from vdm_jax.training.evaluation import inception_features
 
     kind, reference = read_images_or_statistics(FLAGS.reference, "--reference")
-    network = fid_inception(FLAGS.inception_weights)
     start = time.perf_counter()
 
     def features(x):
@@ -187,6 +187,11 @@ def evaluate(FLAGS) -> dict:
         check_batch_size(FLAGS.batch_size, mesh, "--batch_size")
     if FLAGS.num_samples:
         check_batch_size(FLAGS.sample_batch_size, mesh, "--sample_batch_size")
+    elif FLAGS.sampler is not None or FLAGS.sample_steps is not None:
+        raise ValueError("--sampler and --sample_steps choose how samples are drawn, and none are asked for: give "
+                         "--num_samples=N too.")
+    if FLAGS.out is not None and os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
+        raise ValueError(f"--out={FLAGS.out} is a file; --out names the directory the outputs go to.")
     if FLAGS.fid:
         if not FLAGS.num_samples or not FLAGS.reference:
             raise ValueError("--fid needs samples and a reference: give --num_samples=N and --reference=stats.npz "
@@ -194,6 +199,9 @@ def evaluate(FLAGS) -> dict:
         check_batch_size(FLAGS.fid_batch_size, mesh, "--fid_batch_size")
         if not os.path.isfile(os.path.expanduser(FLAGS.reference)):  # before any work
             raise FileNotFoundError(f"--reference={FLAGS.reference} does not exist.")
+        from vdm_jax.models import fid_inception
+
+        inception = fid_inception(FLAGS.inception_weights)  # (its weights found, or downloaded, before any work)
     config, state = load_checkpoint(FLAGS.workdir, step=FLAGS.step, mesh=mesh, dtype=FLAGS.dtype)
     step = int(state.step)
     sampler, sample_steps = _sampling(FLAGS, config, state.objective)
@@ -236,17 +244,18 @@ def evaluate(FLAGS) -> dict:
                                   batch_size=FLAGS.sample_batch_size, sampler=sampler, sample_steps=sample_steps,
                                   progress=FLAGS.progress_bar)
         seconds = time.perf_counter() - start
-        stem = os.path.join(out_dir, f"samples_{sampler}{sample_steps or ''}_seed{FLAGS.seed}")
+        stem = os.path.join(out_dir, f"samples_{sampler}{sample_steps}_seed{FLAGS.seed}")
         if main:
             save_samples(stem + ".npz", images)
             picture = image_grid(images[:100])
             save_png(stem + ".png", picture, scale=max(1, 512 // picture.shape[0]))
-        print(f"sampled {images.shape[0]} images ({sampler}, {sample_steps or 'all'} steps, {summary['dtype']} "
+        print(f"sampled {images.shape[0]} images ({sampler}, {sample_steps} steps, {summary['dtype']} "
               f"activations) in {seconds:.1f} s: "
               f"{stem}.npz, {stem}.png")
         summary["samples"] = {"path": stem + ".npz", "seconds": seconds, "num": int(images.shape[0])}
         if FLAGS.fid:
-            summary["fid"] = _fid(FLAGS, mesh, images, stem, {k: summary[k] for k in ("workdir", "step", "devices")})
+            summary["fid"] = _fid(FLAGS, mesh, inception, images, stem,
+                                  {k: summary[k] for k in ("workdir", "step", "devices")})
     return summary
 
 

@@ -48,7 +48,8 @@ def main(argv):
     summary = run_or_explain(train_and_evaluate, config, flags.FLAGS.workdir)
     if "eval" in summary:
         ev = summary["eval"]
-        print(f"quickstart: {summary['step']} steps; test bits/dim {ev['eval/total_bpd']:.3f} over "
+        print(f"quickstart: {summary['step']} steps; test bits/dim {ev['eval/total_bpd']:.3f} ± "
+              f"{ev['eval/total_bpd_se']:.3f} (standard error) over "
               f"{int(ev['eval/examples'])} test images; samples: {summary['samples']}")
 
 

@@ -74,15 +74,18 @@ for sampler, steps in [(None, None), ("ancestral", None), ("ddim", 20), ("ancest
     except ValueError as e:
         sampled.append(str(e))
 out.append(sampled)
+out.append(flags.FLAGS["sample_steps"].help)
 """
 
 
 def test_evaluate_flags():
     argvs = [["--workdir=w", *argv.split()] for argv in EVALUATE] + [[], ["--workdir=w", "--draws=3"]]
-    *exits, sampling = _exits("evaluate", argvs, extra=_SAMPLING)
+    *exits, sampling, steps_help = _exits("evaluate", argvs, extra=_SAMPLING)
     assert exits == [*EVALUATE.values(), "error: flag --workdir=None: Flag --workdir must have a value other "
                      "than None.", None]
-    assert sampling[:3] == [["ddim", 100], ["ancestral", 0], ["ddim", 20]]
+    assert sampling[:3] == [["ddim", 100], ["ancestral", 1000], ["ddim", 20]]  # (the steps each will take)
+    from vdm_jax import SAMPLERS
+    assert ", ".join(f"{n} {s.default_steps}" for n, s in SAMPLERS.items() if s.default_steps) in steps_help
     assert sampling[3].startswith("--sample_steps=50: DDPM's ancestral sampler runs all T = 1000 steps")
     assert sampling[4] == "--sample_steps=5000: ddim on a DDPM with T = 1000 takes at most T steps."
 
@@ -143,6 +146,11 @@ def test_fid_and_fid_stats_flags():
     (["-m", "experiments.evaluate", "--workdir=nowhere", "--fid"],
      "error: --fid needs samples and a reference: give --num_samples=N and --reference=stats.npz "
      "(experiments.fid_stats writes one)."),
+    (["-m", "experiments.evaluate", "--workdir=nowhere", "--sampler=dpm_solver", "--sample_steps=20"],
+     "error: --sampler and --sample_steps choose how samples are drawn, and none are asked for: give "
+     "--num_samples=N too."),
+    (["-m", "experiments.evaluate", "--workdir=nowhere", "--out=README.md"],
+     "error: --out=README.md is a file; --out names the directory the outputs go to."),
     (["-m", "experiments.evaluate", "--workdir=nowhere", "--num_samples=5", "--sample_batch_size=7"],
      "error: --sample_batch_size=7 must be divisible by the number of devices (8) so that every device gets "
      "the same share."),
@@ -152,6 +160,24 @@ def test_entry_points_exit_with_one_line(argv, message):
     assert run.returncode != 0
     assert "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == message
+
+
+def test_unreadable_npz_inputs_are_one_line_naming_the_file(tmp_path):
+    """experiments.fid's and evaluate's --images/--reference: a corrupt or pickled .npz is named, never
+    with NumPy's suggestion to load it unsafely."""
+    import numpy as np
+
+    np.save(tmp_path / "objects.npy", np.array([None, 1]))  # a pickled .npy, not an .npz
+    (tmp_path / "junk.npz").write_bytes(b"junk" * 100)
+    np.savez(tmp_path / "objects.npz", images=np.array([None, 1]))
+    for name, why in (("objects.npy", "it holds pickled Python objects, which are never loaded"),
+                      ("junk.npz", ""), ("objects.npz", "it holds pickled Python objects, which are never loaded")):
+        with pytest.raises(ValueError) as e:
+            common.read_images_or_statistics(str(tmp_path / name), "--images")
+        message = str(e.value)
+        assert message.startswith(f"--images={tmp_path / name} is not a readable .npz ({why}") and "\n" not in message
+        assert message.endswith("expected uint8 'images' or statistics 'mu' and 'sigma'.")
+        assert "allow_pickle" not in message
 
 
 def test_run_or_explain_exits_with_one_line(monkeypatch):

@@ -200,6 +200,11 @@ def test_the_docs_list_the_registry():
     rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
     assert [re.fullmatch(r" `(\w+)` ", row[0]).group(1) for row in rows] == list(SAMPLERS)
     evaluations = {name: row[2].strip() for name, row in zip(SAMPLERS, rows)}
+    defaults = {name: row[3].strip() for name, row in zip(SAMPLERS, rows)}  # the registry's default_steps
+    assert defaults == {name: str(s.default_steps) if s.default_steps else "T (a VDM: 1000)"
+                        for name, s in SAMPLERS.items()}
+    assert [VDM().sampler_default_steps(n) for n in SAMPLERS] == [s.default_steps or 1000 for s in SAMPLERS.values()]
+    assert [DDPM(timesteps=30).sampler_default_steps(n) for n in SAMPLERS] == [30, 30, 20, 20, 30]  # (at most T)
     ddpm = DDPM(timesteps=1000)
     for name in SAMPLERS:  # 'N' steps of a VDM, of a DDPM; the ancestral DDPM chain: T
         n = 1000 if name == "ancestral" else 8

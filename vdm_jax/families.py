@@ -45,12 +45,15 @@ class Sampler:
     evaluations(family, steps): the network evaluations it makes.
     variance: it takes the reverse variance (pred_fn returns (prediction, v) with a learned one).
     summary: what it is, and its section of docs/math.md.
+    default_steps: its steps when none are asked for (`sample_steps=0`); 0: the family's own count
+      (all T steps of a DDPM, 1000 for a continuous-time VDM). A DDPM takes at most T.
     """
 
     run: Callable
     evaluations: Callable[[object, int], int]
     variance: bool
     summary: str
+    default_steps: int = 0
 
 
 def _ancestral(family, pred_fn, gamma_fn, shape, *, key, steps):
@@ -84,11 +87,12 @@ def _heun_evaluations(family, steps: int) -> int:
 
 SAMPLERS: dict[str, Sampler] = {
     "ancestral": Sampler(_ancestral, _steps, True, "DDPM's or VDM's ancestral sampler (docs/math.md §6.2, §6.3)"),
-    "ddim": Sampler(_ddim, _steps, False, "DDIM with η = 0 (docs/math.md §6.4)"),
-    "dpm_solver": Sampler(_dpm_solver, _steps, False, "DPM-Solver++(2M) (docs/math.md §6.6)"),
+    "ddim": Sampler(_ddim, _steps, False, "DDIM with η = 0 (docs/math.md §6.4)", default_steps=50),
+    "dpm_solver": Sampler(_dpm_solver, _steps, False, "DPM-Solver++(2M) (docs/math.md §6.6)", default_steps=20),
     "heun": Sampler(_ode("heun"), _heun_evaluations, False,
-                    "the probability-flow ODE by Heun's method (docs/math.md §6.7)"),
-    "euler": Sampler(_ode("euler"), _steps, False, "the probability-flow ODE by Euler's method (docs/math.md §6.7)"),
+                    "the probability-flow ODE by Heun's method (docs/math.md §6.7)", default_steps=20),
+    "euler": Sampler(_ode("euler"), _steps, False, "the probability-flow ODE by Euler's method (docs/math.md §6.7)",
+                     default_steps=50),
 }
 """Every sampler, by name. Adding one: its function in `vdm_jax.sampling`, an entry here, its
 section in docs/math.md; the flags, the config's check and the docs' sampler table read this."""
@@ -102,22 +106,29 @@ class _Family:
     clip_x = None  # (lo, hi): the samplers clip x̂ to it at every step
 
     def check_sampling(self, sampler: str, sample_steps: int, name: str = "sample_steps") -> int:
-        """The steps `sampler` takes for `sample_steps` (0: the family's `default_steps`); raises
+        """The steps `sampler` takes for `sample_steps` (0: `sampler_default_steps(sampler)`); raises
         ValueError naming `name` (and the sampler) if it cannot take them."""
         _checks.one_of(f"{type(self).__name__}: sampler", sampler, tuple(SAMPLERS))
         if isinstance(sample_steps, bool) or not isinstance(sample_steps, int) or sample_steps < 0:
-            raise ValueError(f"{name} must be an int >= 0 (0: {self.default_steps}), got {sample_steps!r}.")
-        steps = sample_steps or self.default_steps
+            raise ValueError(f"{name} must be an int >= 0 (0: {self.sampler_default_steps(sampler)} for {sampler}), "
+                             f"got {sample_steps!r}.")
+        steps = sample_steps or self.sampler_default_steps(sampler)
         self._check_steps(sampler, steps, name)
         return steps
 
     def _check_steps(self, sampler: str, steps: int, name: str) -> None:
         pass
 
+    def sampler_default_steps(self, sampler: str) -> int:
+        """The steps `sampler` takes here when none are asked for: the registry's `default_steps`, or
+        the family's own `default_steps` (0 there), at most a DDPM's T."""
+        steps = SAMPLERS[sampler].default_steps or self.default_steps
+        return min(steps, self.timesteps) if isinstance(self, DDPM) else steps
+
     def sample(self, pred_fn: Callable, shape, *, key, sampler: str = "ancestral", sample_steps: int = 0,
                gamma_fn: Callable | None = None) -> jax.Array:
         """Data samples of `shape` [B, ...] by the registry's `sampler` (`SAMPLERS`) in
-        `sample_steps` steps (0: the family's `default_steps`)."""
+        `sample_steps` steps (0: the sampler's default, `sampler_default_steps`)."""
         steps = self.check_sampling(sampler, sample_steps)
         _checks.arguments(f"{type(self).__name__}.sample", shape=shape)
         schedule = self.gamma_schedule(gamma_fn)

@@ -25,12 +25,24 @@ def test_other_key_styles(tmp_path):
 
 
 def test_missing_keys_are_named(npz_file, tmp_path):
-    with pytest.raises(ValueError, match=r"'x_valid'\+'y_valid'.*has \['x_test', 'x_train', "
+    with pytest.raises(ValueError, match=r"'x_valid' \(with 'y_valid', or alone\).*has \['x_test', 'x_train', "
                                          r"'y_test', 'y_train'\].*splits \['test', 'train'\]"):
         read_npz(npz_file[0], "valid")
-    np.savez(tmp_path / "no_labels.npz", x_train=np.zeros((3, 4, 4, 1), np.uint8))
-    with pytest.raises(ValueError, match=r"'y_train'.*the file has \['x_train'\]"):
-        read_npz(tmp_path / "no_labels.npz", "train")
+
+
+def test_labels_are_optional(tmp_path):
+    """Unlabelled images (e.g. the samples experiments.evaluate writes as 'images') are a source: each
+    label is -1, which an unconditional model never reads."""
+    images = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4, 1)
+    np.savez(tmp_path / "x_only.npz", x_train=images)
+    np.savez(tmp_path / "samples.npz", images=images)
+    for path, split in ((tmp_path / "x_only.npz", "train"), (tmp_path / "samples.npz", "all")):
+        source = read_npz(path, split)
+        assert len(source) == 3 and [source[i]["label"] for i in range(3)] == [-1, -1, -1]
+        np.testing.assert_array_equal(source[2]["image"], images[2])
+    with pytest.raises(ValueError, match=r"split 'train' needs keys 'x_train' \(with 'y_train', or alone\) or "
+                                         r".*splits \['all'\]"):
+        read_npz(tmp_path / "samples.npz", "train")
 
 
 def test_bad_files(tmp_path):
@@ -70,11 +82,14 @@ def test_corrupt_truncated_and_misplaced_files(tmp_path):
     corrupt = bytearray(data)
     corrupt[200:260] = b"x" * 60  # inside x_train.npy's bytes: the zip's CRC no longer matches
     (tmp_path / "corrupt.npz").write_bytes(bytes(corrupt))
-    with pytest.raises(ValueError, match="cannot read npz file .*corrupt.npz: Bad CRC-32 for file 'x_train.npy'"):
+    with pytest.raises(ValueError, match="cannot read npz file .*corrupt.npz: Bad CRC-32 for file 'x_train.npy'; "
+                                         "expected uint8 image arrays"):
         read_npz(tmp_path / "corrupt.npz", "train")
     (tmp_path / "folder.npz").mkdir()
     with pytest.raises(ValueError, match="folder.npz is a directory, expected a .npz file"):
         read_npz(tmp_path / "folder.npz", "train")
     np.savez(tmp_path / "objects.npz", x_train=np.array([None, 1]), y_train=np.arange(2))
-    with pytest.raises(ValueError, match="cannot read npz file .*objects.npz: Object arrays cannot be loaded"):
+    with pytest.raises(ValueError, match="cannot read npz file .*objects.npz: it holds pickled Python objects, "
+                                         "which are never loaded; expected uint8 image arrays") as e:
         read_npz(tmp_path / "objects.npz", "train")
+    assert "allow_pickle" not in str(e.value)  # (NumPy's own message suggests loading it unsafely)

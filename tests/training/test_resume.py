@@ -119,6 +119,8 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_p
     assert code == 0, err[-3000:]
     saved = int(re.search(r"SIGTERM received: checkpoint saved at step (\d+); rerun to resume\.", out).group(1))
     assert 2 <= saved < 12 and str(saved) in os.listdir(workdir / "checkpoints")
+    assert ("SIGTERM: stopping after the current step and saving a checkpoint; a second Ctrl-C quits at once, "
+            "without saving.") in err  # (printed as the signal came, before the step ended)
 
     # 2. Resume, then SIGKILL a few steps later: whatever it was doing (a step, a save) is lost.
     run = launch(workdir)
@@ -167,6 +169,7 @@ def test_a_signal_during_start_up_stops_cleanly(tmp_path, delay):
     code, out, err = _finish(run)
     assert code == 0, err[-3000:]
     assert "Traceback" not in err and "Fatal" not in err, err[-3000:]
+    assert err.count("SIGINT: stopping after the current step and saving a checkpoint") == 1, err[-3000:]
     if "SIGINT received before training started: stopped at step 0; nothing new was saved." in out:
         assert not os.path.exists(workdir)
     else:  # the first call had finished (a warm compilation cache): its steps are saved

@@ -5,13 +5,14 @@ from vdm_jax.data.validation import uint8_hint
 
 
 class ArraySource:
-    """Random access to `images` uint8 [N, H, W, C] and integer `labels` [N] (kept as int64).
+    """Random access to `images` uint8 [N, H, W, C] and integer `labels` [N] (kept as int64; None:
+    unlabelled images, each labelled -1, which an unconditional model never reads).
 
     `source[i]` is `{'image': uint8 [H, W, C], 'label': int}`; the image is a view, not a copy.
     Backs the npz, cifar-10-python and digits sources.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, *, name: str = "arrays"):
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None, *, name: str = "arrays"):
         """Checks the arrays eagerly (dtype, rank, matching lengths, not empty).
 
         Raises:
@@ -26,7 +27,7 @@ class ArraySource:
                 f"({uint8_hint(images)})")
         if images.ndim != 4:
             raise ValueError(f"{name}: images must have shape [N, H, W, C], got {images.shape}")
-        labels = np.asarray(labels)
+        labels = np.full(images.shape[:1], -1) if labels is None else np.asarray(labels)
         if not np.issubdtype(labels.dtype, np.integer):
             raise TypeError(f"{name}: labels must be integers, got {labels.dtype}")
         if labels.shape != images.shape[:1]:

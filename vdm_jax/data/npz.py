@@ -9,7 +9,8 @@ from vdm_jax.data.validation import DataNotFoundError
 
 
 def _key_pairs(split: str) -> list[tuple[str, str]]:
-    """The (images, labels) key pairs that hold `split`, in the order they are tried."""
+    """The (images, labels) key pairs that hold `split`, in the order they are tried (the labels may
+    be missing: unlabelled images)."""
     pairs = [(f"x_{split}", f"y_{split}"), (f"{split}_images", f"{split}_labels")]
     if split == "all":
         pairs.append(("images", "labels"))
@@ -31,8 +32,10 @@ def read_npz(path: str | os.PathLike, split: str) -> ArraySource:
     Keys, tried in order for split `s`:
         - `x_s` and `y_s` (e.g. `x_train`, `y_train`, `x_test`, `y_test`, Keras-style);
         - `s_images` and `s_labels`;
-        - `images` and `labels`, a file holding one split, served as split `'all'`.
-    Images must be uint8 [N, H, W, C]; labels integers [N].
+        - `images` and `labels`, a file holding one split, served as split `'all'` (e.g. the
+          samples `experiments.evaluate` writes: `--config.data.train_split=all`).
+    Images must be uint8 [N, H, W, C]; labels integers [N], or absent (unlabelled images: each
+    label is -1, which an unconditional model never reads).
 
     Raises:
         DataNotFoundError: no such file.
@@ -49,13 +52,14 @@ def read_npz(path: str | os.PathLike, split: str) -> ArraySource:
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys = sorted(npz.keys())
-            pair = next((p for p in _key_pairs(split) if set(p) <= set(keys)), None)
+            pair = next((p for p in _key_pairs(split) if p[0] in keys), None)
             if pair is not None:
-                images, labels = npz[pair[0]], npz[pair[1]]
+                images, labels = npz[pair[0]], (npz[pair[1]] if pair[1] in keys else None)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"cannot read npz file {path}: {e}") from None
+        why = "it holds pickled Python objects, which are never loaded" if "pickle" in str(e) else str(e)
+        raise ValueError(f"cannot read npz file {path}: {why}; expected uint8 image arrays") from None
     if pair is None:
-        wanted = " or ".join(f"{i!r}+{l!r}" for i, l in _key_pairs(split))
+        wanted = " or ".join(f"{i!r} (with {l!r}, or alone)" for i, l in _key_pairs(split))
         raise ValueError(
             f"{path}: split {split!r} needs keys {wanted}; the file has {keys} "
             f"(splits {_splits_in(keys)})"

@@ -80,7 +80,8 @@ SETTINGS = {
     "training.num_samples": (64, "images in each sample grid", "> 0"),
     "training.sampler": ("ancestral", "'ancestral' (DDPM's or VDM's), 'ddim', or an ODE solver: 'dpm_solver' "
                                       "(DPM-Solver++(2M)), 'heun', 'euler' (docs/math.md §6)", SAMPLERS),
-    "training.sample_steps": (0, "the sampler's steps (0: T, or 1000 for a continuous-time VDM)"),
+    "training.sample_steps": (0, "the sampler's steps (0: its default: " + ", ".join(
+        f"{n} {s.default_steps or 'T (VDM: 1000)'}" for n, s in _SAMPLER_REGISTRY.items()) + "; a DDPM at most T)"),
     "training.fid_every": (0, "the samples' FID and Inception Score every this many steps and at the end (0: "
                               "never; needs training.fid_reference)", ">= 0"),
     "training.fid_samples": (1000, "samples for each FID during training (the papers' protocol, 50,000: "

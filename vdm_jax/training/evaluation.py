@@ -239,12 +239,12 @@ def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int 
       batch_size: images per compiled call (a multiple of the device count); the last batch is
         drawn whole and trimmed, so every call has the same shape and nothing recompiles.
       sampler: one of `SAMPLERS`: 'ancestral' (DDPM or VDM), 'ddim', 'dpm_solver', 'heun', 'euler'.
-      sample_steps: the sampler's steps (0: T, or 1000 for a continuous-time VDM).
+      sample_steps: the sampler's steps (0: its default, `family.sampler_default_steps`).
       progress: show a progress bar.
     """
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}.")
-    state.objective.check_sample_steps(sample_steps, sampler, name="sample_steps")  # (and the sampler's name)
+    sample_steps = state.objective.check_sample_steps(sample_steps, sampler, name="sample_steps")  # (0 resolved)
     parallel.check_batch_size(batch_size, mesh, name="batch_size")
     fn = _sample_fn(mesh, int(batch_size), sampler, int(sample_steps))
     bar = progress_bar(progress, total=num, desc="samples", unit="image")

@@ -75,6 +75,12 @@ def _prepare_workdir(workdir: str) -> tuple[str, bool]:
     return workdir, created
 
 
+def stopping_notice(signum: int) -> str:
+    """The line a first SIGINT/SIGTERM prints at once (the loop then stops at the next step it can)."""
+    return (f"{signal.Signals(signum).name}: stopping after the current step and saving a checkpoint; a second "
+            "Ctrl-C quits at once, without saving.")
+
+
 class _StopSignal:
     """Turns SIGTERM/SIGINT into a flag the loop checks, so it can save before exiting."""
 
@@ -96,6 +102,7 @@ class _StopSignal:
         if self.signum is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signum = signum
+        print(stopping_notice(signum), file=sys.stderr, flush=True)  # at once: the step may take a while
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -209,9 +216,11 @@ class _Run:
         self.writer.scalars(step, values)
         self.progress.set_postfix(loss=f"{values['loss']:.4f}")
         if t.progress_bar and self.progress.disable and self.is_main:
-            left = (t.num_steps - step) / max(values["steps_per_sec"], 1e-9)
-            print(f"step {step}/{t.num_steps}: loss {values['loss']:.4f}, {values['steps_per_sec']:.1f} steps/s, "
-                  f"about {self.progress.format_interval(left)} to go", flush=True)
+            left = (t.num_steps - step) / max(values["steps_per_sec"], 1e-9)  # (the first log's time holds the
+            eta = f", about {self.progress.format_interval(left)} to go" if self.timed else ""  # compilation)
+            print(f"step {step}/{t.num_steps}: loss {values['loss']:.4f}, {values['steps_per_sec']:.1f} steps/s{eta}",
+                  flush=True)
+        self.timed = True
         return values
 
     def evaluate(self, state: TrainState, metrics=None) -> dict[str, float]:
@@ -390,7 +399,9 @@ def _train(run: _Run) -> dict[str, Any]:
     in_flight = None  # (steps, metrics) of the call before, counted once its results are ready
     if t.eval_at_start and start == 0:
         run.evaluate(state)
-    run.logged = (start, time.perf_counter())
+    run.logged, run.timed = (start, time.perf_counter()), False
+    if sizes and not interactive:  # (a terminal has the bar)
+        _say("compiling the train step (its first call takes a while) ...")
     for k in sizes:
         prev = step
         try:

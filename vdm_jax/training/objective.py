@@ -106,9 +106,9 @@ class Objective:
         """What the probability-flow ODE takes: (pred_fn, the schedule, t_min), the family's `flow`."""
         return self.family.flow(self.pred_fn(model, schedule_model), **self._learned(schedule_model))
 
-    def check_sample_steps(self, sample_steps: int, sampler: str, name: str = "training.sample_steps") -> None:
-        """Raises ValueError naming `name` unless `sampler` can take `sample_steps` steps (0: the default)."""
-        self.family.check_sampling(sampler, sample_steps, name)
+    def check_sample_steps(self, sample_steps: int, sampler: str, name: str = "training.sample_steps") -> int:
+        """The steps `sampler` will take (0: its default); raises ValueError naming `name` if it can't."""
+        return self.family.check_sampling(sampler, sample_steps, name)
 
 
 def make_objective(config, model_config: UNetConfig) -> Objective:

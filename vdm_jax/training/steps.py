@@ -151,7 +151,7 @@ def sample_step(state: TrainState, *, key, num: int, sampler: str = "ancestral",
     """`num` samples as uint8 [num, H, W, C] from the EMA parameters.
 
     sampler: 'ancestral' (DDPM or VDM), 'ddim', 'dpm_solver', 'heun' or 'euler'; sample_steps: its
-    steps (0: T, or 1000 for a continuous-time VDM).
+    steps (0: the sampler's default, `family.sampler_default_steps`).
     """
     model, schedule_model = _modules(state, state.ema_params)  # evaluation and sampling use the EMA
     return state.objective.sample(model, schedule_model, key=key, num=num, sampler=sampler,
