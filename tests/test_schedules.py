@@ -245,6 +245,11 @@ def test_device_values_out_of_range_are_nan_not_errors(no_host_reads):
         assert np.isnan(out[0]) and np.isfinite(out[1]) and np.isnan(out[2])
     betas = vj.DiscreteSchedule(jax.device_put(jnp.array([0.1, 1.5])))  # not read back: no error
     assert np.isnan(betas.gammas[2])
+    # Host times and steps alike: NaN outside [0, 1] (or 0..T), the same values inside.
+    for s in (vj.LinearSchedule(), vj.CosineSchedule(), SCHED):
+        out = s(np.array([-0.5, 0.5, 1.5]))
+        assert np.isnan(out[0]) and out[1] == s(0.5) and np.isnan(out[2])
+    assert np.isnan(SCHED.gamma_step(11)) and np.isnan(SCHED(1.5))
 
 
 def test_schedule_jit_traces_once():
