@@ -3,8 +3,8 @@
 docs/math.md §2 (forward), §3 (posterior), §4 (the equivalent predictions). Every function takes
 γ values (γ = -log SNR) rather than a schedule, so it works for discrete and continuous time alike.
 `x`, `z_t`, `eps` are [B, ...]; `gamma_*` is a scalar or [B], broadcast over each example's axes by
-`per_example`. These are formulas: they check nothing (the entry points that call them do, see
-`vdm_jax._checks`).
+`per_example`. These are formulas: they check nothing but a `kind` they would otherwise read as
+another (the entry points that call them check the rest, see `vdm_jax._checks`).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from vdm_jax import _checks
 from vdm_jax.schedules import alpha_sigma
 
 Prediction = Literal["eps", "x", "score", "v"]
@@ -156,12 +157,11 @@ def eps_and_x(prediction, z_t, gamma_t, *, kind: Prediction) -> tuple[jax.Array,
     Returns:
       (eps_hat, x_hat), z_t's shape.
     """
+    _checks.arguments("eps_and_x", kind=kind)  # (an unknown kind would be read as another)
     if kind == "x":
         return eps_from_x(z_t, prediction, gamma_t), prediction
     if kind == "v":
         return eps_from_v(z_t, prediction, gamma_t), x_from_v(z_t, prediction, gamma_t)
-    if kind not in ("eps", "score"):
-        raise ValueError(f"eps_and_x: kind must be one of 'eps', 'x', 'score' or 'v', got {kind!r}.")
     eps = prediction if kind == "eps" else eps_from_score(prediction, gamma_t)
     return eps, x_from_eps(z_t, eps, gamma_t)
 
@@ -179,11 +179,10 @@ def prediction_target(x, eps, gamma_t, *, kind: Prediction) -> jax.Array:
     Returns:
       the target, x's shape.
     """
+    _checks.arguments("prediction_target", kind=kind)
     if kind == "eps":
         return eps
     if kind == "x":
         return x
-    if kind not in ("v", "score"):
-        raise ValueError(f"prediction_target: kind must be one of 'eps', 'x', 'score' or 'v', got {kind!r}.")
     alpha, sigma = alpha_sigma(per_example(gamma_t, x))
     return alpha * eps - sigma * x if kind == "v" else -eps / sigma

@@ -121,9 +121,8 @@ class _Family:
 
     def sampler_default_steps(self, sampler: str) -> int:
         """The steps `sampler` takes here when none are asked for: the registry's `default_steps`, or
-        the family's own `default_steps` (0 there), at most a DDPM's T."""
-        steps = SAMPLERS[sampler].default_steps or self.default_steps
-        return min(steps, self.timesteps) if isinstance(self, DDPM) else steps
+        the family's own `default_steps` (0 there); a DDPM's at most T."""
+        return SAMPLERS[sampler].default_steps or self.default_steps
 
     def sample(self, pred_fn: Callable, shape, *, key, sampler: str = "ancestral", sample_steps: int = 0,
                gamma_fn: Callable | None = None) -> jax.Array:
@@ -295,6 +294,9 @@ class DDPM(_Family):
                              "(= T), or 'ddim', 'dpm_solver', 'heun' or 'euler' for fewer steps.")
         if steps > self.timesteps:
             raise ValueError(f"{name}={steps}: {sampler} on a DDPM with T = {self.timesteps} takes at most T steps.")
+
+    def sampler_default_steps(self, sampler: str) -> int:
+        return min(super().sampler_default_steps(sampler), self.timesteps)  # (a DDPM takes at most T steps)
 
     def ancestral(self, pred_fn, gamma_fn, shape, *, key, steps):
         return sampling.ddpm_sample(pred_fn, gamma_fn, shape, key=key, kind=self.prediction, variance=self.variance,
