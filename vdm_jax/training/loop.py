@@ -126,8 +126,9 @@ class _Run:
         self.batches: DevicePrefetcher | None = None
         self.progress = None
         # The skipped steps reported so far; whether a training call has run (its logs stay, even with
-        # no checkpoint); (step, time) of the last log.
-        self.skipped_seen, self.trained, self.logged = 0, False, (0, 0.0)
+        # no checkpoint); (step, time) of the last log; whether there was one (the first one's time holds
+        # the compilation: no estimate of the time left from it).
+        self.skipped_seen, self.trained, self.logged, self.timed = 0, False, (0, 0.0), False
 
     # --- state and checkpoints ----------------------------------------------------------------
 
@@ -216,8 +217,8 @@ class _Run:
         self.writer.scalars(step, values)
         self.progress.set_postfix(loss=f"{values['loss']:.4f}")
         if t.progress_bar and self.progress.disable and self.is_main:
-            left = (t.num_steps - step) / max(values["steps_per_sec"], 1e-9)  # (the first log's time holds the
-            eta = f", about {self.progress.format_interval(left)} to go" if self.timed else ""  # compilation)
+            left = (t.num_steps - step) / max(values["steps_per_sec"], 1e-9)
+            eta = f", about {self.progress.format_interval(left)} to go" if self.timed else ""
             print(f"step {step}/{t.num_steps}: loss {values['loss']:.4f}, {values['steps_per_sec']:.1f} steps/s{eta}",
                   flush=True)
         self.timed = True
@@ -399,7 +400,7 @@ def _train(run: _Run) -> dict[str, Any]:
     in_flight = None  # (steps, metrics) of the call before, counted once its results are ready
     if t.eval_at_start and start == 0:
         run.evaluate(state)
-    run.logged, run.timed = (start, time.perf_counter()), False
+    run.logged = (start, time.perf_counter())
     if sizes and not interactive:  # (a terminal has the bar)
         _say("compiling the train step (its first call takes a while) ...")
     for k in sizes:
