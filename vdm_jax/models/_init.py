@@ -80,8 +80,8 @@ class _OneDrawMeta(type(nnx.Module)):
     def __init__(cls, name, bases, namespace, **kwargs):
         super().__init__(name, bases, namespace, **kwargs)
         # inspect.signature(cls) would otherwise read this metaclass's __call__: (*args, **kwargs).
-        cls.__signature__ = inspect.signature(cls.__init__).replace(
-            parameters=list(inspect.signature(cls.__init__).parameters.values())[1:])
+        init = inspect.signature(cls.__init__)
+        cls.__signature__ = init.replace(parameters=list(init.parameters.values())[1:])  # (without self)
 
     def __call__(cls, *args, **kwargs):
         rngs = kwargs.get("rngs")
