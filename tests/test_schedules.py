@@ -154,6 +154,79 @@ def test_learned_schedule_endpoints_are_learnable():
     np.testing.assert_allclose(g0["endpoints"]["gamma_0"][...], 1.0, rtol=1e-6)
 
 
+def _linear(w, b):
+    """A LearnedLinearSchedule with these parameters."""
+    sched = vj.LearnedLinearSchedule()
+    sched.w[...], sched.b[...] = jnp.float32(w), jnp.float32(b)
+    return sched
+
+
+def test_learned_linear_schedule_is_the_official_line():
+    """google-research/vdm `NoiseSchedule_Scalar`: γ(t) = b + |w| t, b = γ_min, w = γ_max - γ_min."""
+    sched = vj.LearnedLinearSchedule(-13.3, 5.0)
+    state = nnx.state(sched, nnx.Param)
+    assert sorted(state.keys()) == ["b", "w"]  # (the names the checkpoint importer maps onto)
+    for name, init in (("w", 18.3), ("b", -13.3)):
+        value = state[name][...]
+        assert value.shape == () and value.dtype == jnp.float32
+        assert float(value) == np.float32(init)
+    t = jnp.linspace(0.0, 1.0, 10001)
+    g = np.asarray(jax.jit(sched)(t))
+    np.testing.assert_allclose(g[[0, -1]], [-13.3, 5.0], rtol=1e-6)  # the end points are the initial ones
+    np.testing.assert_allclose(g, np.float32(-13.3) + np.float32(18.3) * np.asarray(t, np.float64), rtol=1e-6,
+                               atol=1e-5)
+    assert np.all(np.diff(g) > 0)
+    np.testing.assert_array_equal(sched.gamma(t), sched(t))
+    np.testing.assert_allclose(vj.LearnedLinearSchedule(-10.0, 8.0)(jnp.array([0.0, 1.0])), [-10.0, 8.0])
+
+
+@pytest.mark.parametrize("w, b", [(18.3, -13.3), (-4.0, 2.0), (0.5, -30.0), (-25.0, -1.0)])
+def test_learned_linear_schedule_monotone_for_any_params(w, b):
+    """γ' = |w| >= 0 whatever the sign of w: strictly increasing for w != 0, end points b and b + |w|."""
+    sched = _linear(w, b)
+    t = jnp.linspace(0.0, 1.0, 20001)
+    g = np.asarray(jax.jit(sched)(t))
+    assert np.all(np.diff(g) > 0)
+    np.testing.assert_allclose(g[[0, -1]], [b, b + abs(w)], rtol=1e-6)
+    _, d = jax.jvp(sched, (t,), (jnp.ones_like(t),))
+    np.testing.assert_allclose(d, abs(np.float32(w)), rtol=1e-6)
+    flat = np.asarray(_linear(0.0, b)(t))  # w = 0: constant (non-decreasing, not strictly)
+    np.testing.assert_array_equal(flat, np.float32(b))
+
+
+@pytest.mark.parametrize("w", [18.3, -3.5])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_learned_linear_schedule_gradients_closed_form(w, dtype):
+    """∂γ(t)/∂b = 1, ∂γ(t)/∂w = sign(w) t; for γ'(t) = |w|: sign(w) and 0 (jax.grad under jit).
+    The parameters stay float32 under x64; γ(t) takes t's dtype."""
+    with jax.enable_x64(dtype == "float64"):
+        sched = _linear(w, -13.3)
+        graphdef, state = nnx.split(sched)
+        t = jnp.asarray([0.0, 0.1, 0.5, 0.73, 1.0], dtype)
+        assert sched(t).dtype == dtype
+
+        def gamma_at(state, u):
+            return nnx.merge(graphdef, state)(u)
+
+        for u in np.asarray(t):
+            g = jax.jit(jax.grad(gamma_at))(state, jnp.asarray(u, dtype))
+            np.testing.assert_allclose(g["b"][...], 1.0, rtol=1e-7)
+            np.testing.assert_allclose(g["w"][...], np.sign(w) * u, rtol=1e-6, atol=1e-7)
+            assert g["w"][...].dtype == g["b"][...].dtype == jnp.float32
+
+        def slope(state):  # γ'(t) by jvp, at a batch of t
+            _, d = jax.jvp(lambda u: gamma_at(state, u), (t,), (jnp.ones_like(t),))
+            return d.sum()
+
+        g = jax.jit(jax.grad(slope))(state)
+        np.testing.assert_allclose(g["w"][...], np.sign(w) * t.shape[0], rtol=1e-7)
+        np.testing.assert_allclose(g["b"][...], 0.0, atol=0.0)
+        # Both through a batch: ∇ Σ_i γ(t_i) = (Σ sign(w) t_i, B).
+        g = jax.jit(jax.grad(lambda s: gamma_at(s, t).sum()))(state)
+        np.testing.assert_allclose(g["w"][...], np.sign(w) * np.asarray(t).sum(), rtol=1e-6)
+        np.testing.assert_allclose(g["b"][...], t.shape[0], rtol=1e-7)
+
+
 def test_alpha_sigma_stable_at_extremes():
     gamma = jnp.array([-jnp.inf, -30.0, -15.0, 0.0, 15.0, 30.0, jnp.inf], jnp.float32)
     alpha, sigma = jax.jit(vj.alpha_sigma)(gamma)
@@ -220,6 +293,13 @@ ERRORS = {
         ((5.0, -1.0), {"rngs": nnx.Rngs(0)}, ValueError, "LearnedSchedule: the schedule must be increasing"),
         ((), {"hidden": 0, "rngs": nnx.Rngs(0)}, ValueError, "LearnedSchedule: hidden must be an int >= 1, got 0"),
     ],
+    vj.LearnedLinearSchedule: [
+        ((5.0, -13.3), {}, ValueError, "LearnedLinearSchedule: the schedule must be increasing .*gamma_min < gamma_max"),
+        ((1.0, 1.0), {}, ValueError, "LearnedLinearSchedule: the schedule must be increasing"),
+        (("-13", 5.0), {}, ValueError, "LearnedLinearSchedule: gamma_min must be a real number in .*, got '-13'"),
+        ((-13.3, float("nan")), {}, ValueError, r"LearnedLinearSchedule: gamma_max must be a real number in \(-inf, inf\)"),
+        ((None,), {}, ValueError, "LearnedLinearSchedule: gamma_min must be a real number .*, got None"),
+    ],
 }
 CASES = [(fn, *row) for fn, rows in ERRORS.items() for row in rows]
 
@@ -239,14 +319,14 @@ def test_device_values_out_of_range_are_nan_not_errors(no_host_reads):
     t = jax.device_put(jnp.array([-0.5, 0.5, 1.5]))
     with no_host_reads():
         outs = [s(t) for s in (vj.LinearSchedule(), vj.CosineSchedule(), SCHED,
-                               vj.LearnedSchedule(hidden=4, rngs=nnx.Rngs(0)))]
+                               vj.LearnedSchedule(hidden=4, rngs=nnx.Rngs(0)), vj.LearnedLinearSchedule())]
         outs.append(SCHED.gamma_step(jax.device_put(jnp.array([-1, 5, 11]))))
     for out in outs:
         assert np.isnan(out[0]) and np.isfinite(out[1]) and np.isnan(out[2])
     betas = vj.DiscreteSchedule(jax.device_put(jnp.array([0.1, 1.5])))  # not read back: no error
     assert np.isnan(betas.gammas[2])
     # Host times and steps alike: NaN outside [0, 1] (or 0..T), the same values inside.
-    for s in (vj.LinearSchedule(), vj.CosineSchedule(), SCHED):
+    for s in (vj.LinearSchedule(), vj.CosineSchedule(), SCHED, vj.LearnedLinearSchedule()):
         out = s(np.array([-0.5, 0.5, 1.5]))
         assert np.isnan(out[0]) and out[1] == s(0.5) and np.isnan(out[2])
     assert np.isnan(SCHED.gamma_step(11)) and np.isnan(SCHED(1.5))

@@ -7,6 +7,7 @@ t ∈ [0, 1]; samplers return the data estimate) is written once in the README.
 from vdm_jax.schedules import (
     CosineSchedule,
     DiscreteSchedule,
+    LearnedLinearSchedule,
     LearnedSchedule,
     LinearSchedule,
     alpha_sigma,
@@ -63,7 +64,7 @@ __version__ = "0.2.0"
 __all__ = [
     # schedules (docs/math.md §1)
     "alpha_sigma", "snr", "linear_betas", "cosine_betas",
-    "DiscreteSchedule", "LinearSchedule", "CosineSchedule", "LearnedSchedule",
+    "DiscreteSchedule", "LinearSchedule", "CosineSchedule", "LearnedSchedule", "LearnedLinearSchedule",
     # forward process, posterior, predictions (§2-4)
     "PREDICTIONS", "per_example", "q_sample", "q_step", "q_posterior",
     "x_from_eps", "eps_from_x", "score_from_eps", "eps_from_score", "v_from_eps", "eps_from_v", "x_from_v",

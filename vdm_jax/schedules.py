@@ -359,3 +359,31 @@ class LearnedSchedule(nnx.Module):
         return _inside_unit_interval(t, g0 + (g1 - g0) * (self.shape(t) - lo) / (hi - lo))
 
     gamma = __call__
+
+
+class LearnedLinearSchedule(nnx.Module):
+    """VDM's learned linear schedule, the official `learnable_scalar` (google-research/vdm
+    `NoiseSchedule_Scalar`, the schedule of its CIFAR-10 run; docs/math.md §1.7).
+
+        γ(t) = b + |w| t,   initialised at b = γ_min, w = γ_max - γ_min
+
+    Its only freedom is its end points γ(0) = b and γ(1) = b + |w|: the ELBO trains both (there is
+    no shape for variance minimisation to act on). Non-decreasing for any w, b; strictly increasing
+    unless w = 0.
+
+    Args:
+      gamma_min, gamma_max: the initial end points, gamma_min < gamma_max.
+    Attributes:
+      w, b: float32 scalar `nnx.Param`s, named as in the official checkpoints.
+    """
+
+    def __init__(self, gamma_min: float = -13.3, gamma_max: float = 5.0):
+        _check_endpoints("LearnedLinearSchedule", gamma_min, gamma_max)
+        self.w = nnx.Param(jnp.asarray(gamma_max - gamma_min, jnp.float32))
+        self.b = nnx.Param(jnp.asarray(gamma_min, jnp.float32))
+
+    def __call__(self, t) -> jax.Array:
+        t = _float(t)
+        return _inside_unit_interval(t, self.b[...] + jnp.abs(self.w[...]) * t)
+
+    gamma = __call__
