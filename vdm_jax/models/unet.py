@@ -69,6 +69,10 @@ class UNetConfig:
       num_groups: GroupNorm groups; must divide every channel count in the network.
       embedding_dim: width of the sinusoidal embedding of `cond * 1000`; the MLP after it
         is `4 * embedding_dim` wide.
+      time_offset: added to `cond * 1000` before the embedding. 0 for this library's own
+        networks (DDPM step i, i = 1..T, is embedded as i). Ho et al.'s code and diffusers count
+        the steps from 0 (their step i - 1 is step i here), so their DDPM weights are imported
+        with -1 (`vdm_jax.models.ddpm_weights`); the network then sees what it was trained on.
       extra_cond_dim: width of an optional extra conditioning vector `extra_cond` [B, k],
         concatenated to the time embedding before the MLP; zeros when not passed. This is
         VDM's `conditioning` input (an augmentation flag in its `cifar10_aug` runs, zeros for
@@ -104,6 +108,7 @@ class UNetConfig:
     dropout: float = 0.1
     num_groups: int = 32
     embedding_dim: int = 128
+    time_offset: float = 0.0
     extra_cond_dim: int = 0
     fourier_features: tuple[int, ...] = ()
     skip_input: bool = False
@@ -170,6 +175,9 @@ def _check_fields(c: UNetConfig) -> None:
         _fail("embedding_dim", "an even int >= 4", c.embedding_dim)
     if not (isinstance(c.dropout, (int, float)) and 0.0 <= c.dropout < 1.0):
         _fail("dropout", "a rate in [0, 1)", c.dropout)
+    if isinstance(c.time_offset, bool) or not (isinstance(c.time_offset, (int, float))
+                                               and math.isfinite(c.time_offset)):
+        _fail("time_offset", "a finite number", c.time_offset)
     for name in ("mid_attention", "downsample", "skip_input", "learned_variance", "emb_proj_bias",
                  "zero_init_residual", "zero_init_output", "remat"):
         if not isinstance(getattr(c, name), bool):
@@ -585,7 +593,7 @@ class UNet(OneDrawModule):
           z: [B, H, W, C] floating noisy image, C = in_channels; H and W multiples of
             2**(len(channel_mult)-1) (any size without downsampling).
           cond: [B] (or scalar, broadcast) normalised time / noise level, roughly in [0, 1];
-            embedded as `sinusoidal_embedding(1000 * cond)`.
+            embedded as `sinusoidal_embedding(1000 * cond + time_offset)`.
           extra_cond: optional [B, extra_cond_dim] extra conditioning (zeros if None).
           key: dropout key; dropout is active iff a key is given.
 
@@ -609,7 +617,10 @@ class UNet(OneDrawModule):
 
     def _embed(self, cond: jax.Array, extra_cond: jax.Array) -> jax.Array:
         """[B], [B, k] -> [B, 4 * embedding_dim]: sinusoidal features, then a swish MLP."""
-        emb = sinusoidal_embedding(_TIME_SCALE * cond, self.config.embedding_dim)
+        time = _TIME_SCALE * cond
+        if self.config.time_offset:
+            time = time + self.config.time_offset
+        emb = sinusoidal_embedding(time, self.config.embedding_dim)
         emb = jnp.concatenate([emb, extra_cond], axis=-1)
         return jax.nn.swish(self.emb_dense1(jax.nn.swish(self.emb_dense0(emb))))
 
