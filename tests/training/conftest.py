@@ -2,6 +2,7 @@
 config file for the command-line tests)."""
 import importlib.util
 import os
+import subprocess
 
 import pytest
 
@@ -23,3 +24,25 @@ def micro():
 def micro_run():
     """A config that trains the micro model on the digits for a few steps (`micro_config.get_config`)."""
     return get_micro_run_config
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`mount(size)`: a file system (tmpfs) of `size` (e.g. '1m') in tmp_path, returned; `mount.resize(size)`
+    gives it another size. Mounting needs root: where it is not allowed, the test is skipped with the reason."""
+    where = tmp_path / "disk"
+    where.mkdir()
+
+    def run(*options):
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(where)],
+                              capture_output=True, text=True)
+
+    def mount(size):
+        mounted = run(f"size={size}")
+        if mounted.returncode:
+            pytest.skip(f"can't mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+        return where
+
+    mount.resize = lambda size: run("remount", f"size={size}").check_returncode()
+    yield mount
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)

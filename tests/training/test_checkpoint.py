@@ -1,16 +1,19 @@
 """Orbax checkpoints: exact round trip, restore into a target, mismatch and config reports, damaged
-checkpoints skipped (and set aside, never deleted), nothing pickled."""
+checkpoints skipped (and set aside, never deleted), a full disk reported in one error, nothing pickled."""
+import errno
 import logging
 import os
 import pickle
 import shutil
+import sys
+import time
 
 import numpy as np
 import jax
 import pytest
 
-from vdm_jax.training import (Checkpointer, CheckpointMismatchError, CorruptCheckpointError, create_train_state,
-                              validate_config)
+from vdm_jax.training import (Checkpointer, CheckpointMismatchError, CheckpointWriteError, CorruptCheckpointError,
+                              create_train_state, validate_config)
 from vdm_jax.training.checkpoint import save_config, saved_config
 from vdm_jax.training.config import config_changes
 
@@ -219,3 +222,64 @@ def test_checkpoints_are_arrays_and_json_only(tmp_path, monkeypatch):
     step, tree, _ = ckpt.restore_latest(_tree(0))
     ckpt.close()
     assert step == 3 and int(tree["step"]) == 3
+
+
+def _big_tree(v):
+    """400 kB that don't compress (orbax may compress its chunks), `w[0]` = v."""
+    w = np.random.default_rng(v).standard_normal(100_000).astype(np.float32)
+    return {"step": np.array(v, np.int32), "params": {"w": np.concatenate([[v], w[1:]]).astype(np.float32)}}
+
+
+def _full_disk_error(directory, step, last):
+    return (f"could not save the checkpoint at step {step} in {directory}: no space left on device. Training "
+            f"stopped; the last complete checkpoint is step {last}; rerun to resume from it once there is space (or "
+            "with a --workdir on another disk).")
+
+
+def test_a_write_that_fills_the_disk_is_one_error_naming_the_step_and_the_last_good_one(small_disk, monkeypatch,
+                                                                                       capfd, caplog):
+    """The disk fills while orbax writes in the background: the next wait (or save) raises
+    CheckpointWriteError (an OSError, ENOSPC); the step's partial files are removed; the steps
+    before it still restore; nothing of orbax's threads reaches standard error or the logs."""
+    unraisable = []  # what reaches the hook that prints unraisable exceptions (pytest's, here)
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(repr(u.exc_value)))
+    directory = small_disk("1m") / "checkpoints"  # room for two of `_big_tree`'s checkpoints, not three
+    ckpt = Checkpointer(str(directory))
+    ckpt.save(1, _big_tree(1), {})
+    ckpt.save(2, _big_tree(2), {})
+    monkeypatch.setattr(Checkpointer, "_check_space", lambda *args: None)  # (so that the write itself fails)
+    ckpt.save(3, _big_tree(3), {})
+    with caplog.at_level(logging.DEBUG, logger="absl"), pytest.raises(CheckpointWriteError) as failed:
+        ckpt.wait()
+    assert isinstance(failed.value, OSError) and failed.value.errno == errno.ENOSPC
+    assert (failed.value.step, failed.value.last_step) == (3, 2)
+    assert str(failed.value) == _full_disk_error(directory, 3, 2)
+    assert "No space left on device" in str(failed.value.__cause__)  # (the cause is kept, for a traceback)
+    ckpt.close()
+    time.sleep(0.5)  # (the writes' late callbacks)
+    assert sorted(os.listdir(directory)) == ["1", "2"]  # the partial step 3 is gone: its space is free again
+    assert not unraisable, unraisable[:3]
+    err = capfd.readouterr().err
+    assert "Event loop is closed" not in err and "Traceback" not in err, err[-3000:]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    ckpt = Checkpointer(str(directory), read_only=True)
+    step, tree, _ = ckpt.restore_latest(_big_tree(0))
+    np.testing.assert_array_equal(tree["params"]["w"], _big_tree(2)["params"]["w"])
+    assert step == 2
+    ckpt.close()
+
+
+def test_a_save_larger_than_the_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    """Where the disk has less free space than the arrays need, nothing of the step is written."""
+    directory = tmp_path / "checkpoints"
+    ckpt = Checkpointer(str(directory))
+    ckpt.save(1, _big_tree(1), {})
+    ckpt.wait()
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=399_999))
+    with pytest.raises(CheckpointWriteError) as refused:
+        ckpt.save(2, _big_tree(2), {})
+    assert refused.value.errno == errno.ENOSPC and str(refused.value) == _full_disk_error(directory, 2, 1)
+    assert "needs 0.4 MiB, 0.4 MiB are free" in str(refused.value.__cause__)
+    ckpt.close()
+    assert os.listdir(directory) == ["1"]

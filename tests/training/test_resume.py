@@ -156,6 +156,31 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_p
         assert got_metrics[step]["grad_norm"] == ref_metrics[step]["grad_norm"]
 
 
+@pytest.mark.slow(25)
+def test_a_full_disk_stops_with_one_line_and_a_rerun_with_space_ends_bitwise_the_uninterrupted_run(
+        tmp_path, reference, small_disk):
+    """The work directory on a 1.3 MB disk, which holds two of the micro run's checkpoints: the
+    third fails with one line naming the step, the directory and the last complete step, exit
+    status 1; with the disk made larger the rerun resumes from that step and ends bitwise equal to
+    the uninterrupted run."""
+    workdir = small_disk("1300k") / "run"
+    code, out, err = _finish(_launch(workdir))
+    assert code == 1
+    assert err.splitlines() == ["compiling the train step (its first call takes a while) ...",
+                                f"error: could not save the checkpoint at step 9 in {workdir / 'checkpoints'}: no space "
+                                "left on device. Training stopped; the last complete checkpoint is step 6; rerun to "
+                                "resume from it once there is space (or with a --workdir on another disk)."], err[-3000:]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+
+    small_disk.resize("8m")
+    code, out, err = _finish(_launch(workdir))
+    assert code == 0, err[-3000:]
+    assert f"resuming from step 6 in {workdir}" in err and "step 12: test bpd" in out
+    ref, got = _final_arrays(reference[0]), _final_arrays(workdir)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.slow(6)
 @pytest.mark.parametrize("delay", [0.3, 4.0])
 def test_a_signal_during_start_up_stops_cleanly(tmp_path, delay):

@@ -3,7 +3,8 @@ from vdm_jax._extras import require_train_extra
 
 require_train_extra("vdm_jax.training", "grain", "PIL", "ml_collections", "orbax.checkpoint", "tensorboardX", "tqdm")
 
-from vdm_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointError
+from vdm_jax.training.checkpoint import (Checkpointer, CheckpointMismatchError, CheckpointWriteError,
+                                         CorruptCheckpointError)
 from vdm_jax.training.config import (check_config, checked_config, compute_dtype, default_config, set_model,
                                      validate_config)
 from vdm_jax.training.distributed import initialize_distributed

@@ -9,13 +9,24 @@ Restoring checks the saved arrays' paths, shapes and dtypes against the target b
 (`CheckpointMismatchError`: another model) and every array's CRC-32 after (`CorruptCheckpointError`);
 `restore_latest` falls back past damaged steps. Orbax writes each step into a temporary directory
 and renames it when complete, so a process killed while saving never leaves a half-written step.
+
+A save that fails (a full disk, above all) raises `CheckpointWriteError` when it is found, at the
+next `save` or at `wait`: it names the step, the directory and the last complete step, and the
+failed step's partial files are removed. A save that can't fit in the disk's free space is refused
+before anything is written. The noise of orbax's background threads after such a failure (its own
+error reports, asyncio's "Event loop is closed" from callbacks that outlive the writer) is kept out
+of standard error; the exception carries the cause.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import zlib
 from typing import Any
 
@@ -38,6 +49,18 @@ class CheckpointMismatchError(ValueError):
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint step that can't be read back intact (truncated, half written, altered)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint step could not be written; `errno` is ENOSPC for a full disk. The steps saved
+    before it are complete, and a rerun resumes from the newest (`last_step`, None if none)."""
+
+    def __init__(self, message: str, *, step: int, last_step: int | None, code: int | None):
+        super().__init__(code, message)
+        self.step, self.last_step = step, last_step
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def path_str(path) -> str:
@@ -78,6 +101,8 @@ class Checkpointer:
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         finally:
             absl_log.removeFilter(_quiet_read_only)
+        self._pending = self._failed = None  # the step being written; the step whose write failed
+        _quiet_failed_saves()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -93,10 +118,17 @@ class Checkpointer:
         instead made every save several times slower (per-shard bookkeeping for every array on
         every device). Restoring reads either into any sharding.
         """
+        self.wait()  # (orbax waits for the save before anyway: this one reports its failure as such)
         host_tree = jax.device_get(state_tree)
         data = {**(data_state or {}), "fingerprint": fingerprint(host_tree)}
+        self._check_space(int(step), host_tree)
         args = ocp.args.Composite(state=ocp.args.StandardSave(host_tree), data=ocp.args.JsonSave(data))
-        return self.manager.save(int(step), args=args, force=force)
+        self._pending = int(step)
+        with self._failure(int(step)):
+            saved = self.manager.save(int(step), args=args, force=force)
+        if not saved:
+            self._pending = None
+        return saved
 
     def restore(self, target_tree: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores `step` (default: the latest) into the structure, shapes and shardings of
@@ -194,15 +226,105 @@ class Checkpointer:
                 + "; ".join(detail) + ". Use a new --workdir, or the config that wrote it.")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the save being written; raises CheckpointWriteError if it failed."""
+        step, self._pending = self._pending, None
+        with self._failure(step):
+            self.manager.wait_until_finished()
+
+    def _complete_steps(self) -> list[int]:
+        """The steps on disk whose save finished (orbax renames a step's directory when it is complete)."""
+        names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def _write_error(self, step: int | None, cause: str, code: int | None) -> CheckpointWriteError:
+        last = ([s for s in self._complete_steps() if step is None or s < step] or [None])[-1]
+        what = "no space left on device" if code == errno.ENOSPC else cause
+        kept = (f"the last complete checkpoint is step {last}; rerun to resume from it" if last is not None else
+                "no checkpoint was saved before it")
+        fix = " once there is space (or with a --workdir on another disk)" if code == errno.ENOSPC else ""
+        return CheckpointWriteError(f"could not save the checkpoint at step {step} in {self.directory}: {what}. "
+                                    f"Training stopped; {kept}{fix}.", step=step, last_step=last, code=code)
+
+    def _check_space(self, step: int, host_tree) -> None:
+        """Refuses a save whose arrays alone exceed the disk's free space (nothing is written then)."""
+        need = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(host_tree))
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:  # (a file system that can't say: the write will tell)
+            return
+        if need > free:
+            raise self._write_error(step, "", errno.ENOSPC) from OSError(
+                errno.ENOSPC, f"the checkpoint needs {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free")
+
+    @contextlib.contextmanager
+    def _failure(self, step: int | None):
+        """Turns a failed write into CheckpointWriteError and removes the step's partial files."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - orbax reports a failed write as any of several types
+            if step is None:
+                raise
+            if jax.process_index() == 0:
+                for name in os.listdir(self.directory):
+                    if name.startswith(f"{step}.") and "tmp" in name:  # orbax's unfinished directory
+                        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            code = errno.ENOSPC if _out_of_space(e) else getattr(e, "errno", None)
+            self._failed = step
+            raise self._write_error(step, _one_line(e), code) from e
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001 - a failed save was reported by wait(); closing can't add to it
+            if self._failed is None:
+                raise
 
 
 def _quiet_read_only(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(("CheckpointManagerOptions.read_only=True",
                                                 "Given directory is read only"))
+
+
+def _out_of_space(e: BaseException) -> bool:
+    """Whether `e` or its causes report a full disk (an OSError's ENOSPC, or tensorstore's text for it)."""
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+_ORBAX_FAILURE = re.compile(r"fail|raised an exception", re.IGNORECASE)
+
+
+def _not_a_failed_save_report(record: logging.LogRecord) -> bool:
+    """False for orbax's own error reports of a failed save: CheckpointWriteError reports it, once."""
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname
+                and _ORBAX_FAILURE.search(record.getMessage()))
+
+
+def _quiet_failed_saves() -> None:
+    """Once per process: keeps the noise of a failed background save off standard error.
+
+    After a write fails, orbax closes its event loop while tensorstore still completes the other
+    writes; each completion's callback then raises "Event loop is closed" into
+    `sys.unraisablehook` (a traceback each, hundreds of them). Those are dropped here (counted in
+    the debug log); every other unraisable exception goes to the hook that was there before.
+    """
+    if getattr(sys.unraisablehook, "_vdm_jax", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            log.debug("dropped a callback into orbax's closed event loop: %s", unraisable.object)
+            return
+        previous(unraisable)
+
+    hook._vdm_jax = True
+    sys.unraisablehook = hook
+    logging.getLogger("absl").addFilter(_not_a_failed_save_report)
 
 
 def _one_line(e: Exception) -> str:

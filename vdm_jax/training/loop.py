@@ -9,6 +9,8 @@ Never losing a run (docs/long_jobs.md lists the tests):
   randomness is `fold_in(key, step)`, and multi-step calls start at multiples of `steps_per_call`.
 - SIGTERM/SIGINT save a checkpoint and return (processes agree at the next log/checkpoint step).
 - Damaged checkpoints are skipped and set aside (`Checkpointer.restore_latest`).
+- A checkpoint that can't be written (a full disk) stops the run with `CheckpointWriteError`,
+  naming the last complete step, which the rerun resumes from.
 - A non-finite step is never applied or saved (`faults`); the host checks at log, checkpoint,
   evaluation and sample steps only, so the loop does not wait on the device in between (but for
   an interactive progress bar, which counts each call's steps when they are done, one call behind).
