@@ -24,6 +24,7 @@ from vdm_jax.models.unet import (
     tiny,
     vdm_cifar10,
 )
+from vdm_jax.models.vdm_weights import VDM_CIFAR10_BPD, VDM_CIFAR10_CHECKPOINT, VDMCheckpoint, read_vdm_checkpoint
 
 __all__ = [
     "FID_IMAGE_SIZE",
@@ -48,4 +49,8 @@ __all__ = [
     "sinusoidal_embedding",
     "tiny",
     "vdm_cifar10",
+    "VDM_CIFAR10_BPD",
+    "VDM_CIFAR10_CHECKPOINT",
+    "VDMCheckpoint",
+    "read_vdm_checkpoint",
 ]
