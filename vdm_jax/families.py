@@ -25,11 +25,14 @@ import jax.numpy as jnp
 
 from vdm_jax import _checks, elbo, losses, sampling
 from vdm_jax.diffusion import eps_and_x, prediction_target, q_sample
-from vdm_jax.schedules import CosineSchedule, DiscreteSchedule, LinearSchedule, cosine_betas, linear_betas
+from vdm_jax.schedules import (CosineSchedule, DiscreteSchedule, LearnedLinearSchedule, LearnedSchedule, LinearSchedule,
+                               cosine_betas, linear_betas)
 
 __all__ = ["DDPM", "VDM", "Sampler", "SAMPLERS"]
 
 Terms = dict[str, jax.Array]
+LEARNED_SCHEDULES = {"learned": LearnedSchedule, "learned_linear": LearnedLinearSchedule}
+"""VDM's learned schedules by `VDM.schedule` name: the module a family's methods then take as `gamma_fn`."""
 _CLIP = (-1.0, 1.0)  # DDPM's samplers clip x̂ to the data's range
 
 
@@ -312,9 +315,11 @@ class VDM(_Family):
 
     Attributes:
       timesteps: 0 for continuous time, else T discrete steps of the same γ.
-      schedule: 'linear' or 'cosine' (fixed, from gamma_min to gamma_max), or 'learned' (the methods
-        then take the learned schedule as `gamma_fn`, e.g. a `vdm_jax.LearnedSchedule`).
-      gamma_min, gamma_max: γ(0) and γ(1) of a fixed schedule (gamma_min < gamma_max).
+      schedule: 'linear' or 'cosine' (fixed, from gamma_min to gamma_max), or a learned one (the
+        methods then take it as `gamma_fn`): 'learned' (a `vdm_jax.LearnedSchedule`, monotone MLP) or
+        'learned_linear' (a `vdm_jax.LearnedLinearSchedule`, the official `learnable_scalar`).
+      gamma_min, gamma_max: γ(0) and γ(1) of a fixed schedule, a learned one's initial end points and
+        the range the network's noise-level input is mapped from (gamma_min < gamma_max).
       prediction: what pred_fn predicts: 'eps', 'x', 'score' or 'v'.
     """
 
@@ -329,7 +334,7 @@ class VDM(_Family):
 
     def __post_init__(self):
         _checks.check_int("VDM: timesteps", self.timesteps, 0)
-        _checks.one_of("VDM: schedule", self.schedule, ("linear", "cosine", "learned"))
+        _checks.one_of("VDM: schedule", self.schedule, ("linear", "cosine", *LEARNED_SCHEDULES))
         _checks.arguments("VDM", prediction=self.prediction, gamma_min=self.gamma_min, gamma_max=self.gamma_max)
         if not self.gamma_min < self.gamma_max:
             raise ValueError(f"VDM: gamma_min must be < gamma_max, got {self.gamma_min} and {self.gamma_max}.")
@@ -339,15 +344,15 @@ class VDM(_Family):
         return self.timesteps or 1000
 
     def gamma_schedule(self, gamma_fn: Callable | None = None) -> Callable:
-        """The schedule t -> γ(t): the fixed one, or with schedule='learned' the given `gamma_fn`."""
-        if self.schedule == "learned":
+        """The schedule t -> γ(t): the fixed one, or with a learned schedule the given `gamma_fn`."""
+        if self.schedule in LEARNED_SCHEDULES:
             if gamma_fn is None:
-                raise ValueError("VDM: schedule='learned': pass the learned schedule as gamma_fn=... "
-                                 "(e.g. a vdm_jax.LearnedSchedule).")
+                raise ValueError(f"VDM: schedule={self.schedule!r}: pass the learned schedule as gamma_fn=... "
+                                 f"(e.g. a vdm_jax.{LEARNED_SCHEDULES[self.schedule].__name__}).")
             return gamma_fn
         if gamma_fn is not None:
             raise ValueError(f"VDM: schedule={self.schedule!r} is fixed by its settings; gamma_fn must be None "
-                             "(or schedule='learned').")
+                             "(or schedule='learned' or 'learned_linear').")
         return (LinearSchedule if self.schedule == "linear" else CosineSchedule)(self.gamma_min, self.gamma_max)
 
     def bound(self, pred_fn: Callable, x, *, key, gamma_fn: Callable | None = None) -> Terms:

@@ -40,7 +40,8 @@ def variance_minimising_grads(loss_fn: Callable, params: Any, schedule_params: A
       *args: passed on to loss_fn.
       is_endpoint: `is_endpoint(key_path) -> bool` picks the schedule leaves trained on the ELBO;
         by default those under `endpoints` (as in `LearnedSchedule`). The others are trained on
-        E[diffusion²].
+        E[diffusion²]. (A `LearnedLinearSchedule` is all end points, w and b, and has no shape to
+        train this way: train it on the ELBO's gradient; docs/math.md §1.7.)
       has_aux: whether loss_fn returns auxiliary data.
     Returns:
       `(mean_loss, aux, grads, schedule_grads)`: mean_loss = mean(loss); grads = ∇_params mean(loss);

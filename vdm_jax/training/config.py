@@ -18,6 +18,7 @@ from vdm_jax.models import UNetConfig, tiny
 from vdm_jax.training.faults import ON_NONFINITE
 from vdm_jax.families import SAMPLERS as _SAMPLER_REGISTRY
 from vdm_jax.training.objective import FAMILIES, make_objective
+from vdm_jax.training.state import DECAY_MASKS
 
 SAMPLERS = tuple(_SAMPLER_REGISTRY)  # (the core registry's names: `vdm_jax.SAMPLERS`)
 
@@ -48,7 +49,8 @@ SETTINGS = {
     "data.prefetch": (2, "calls' batches read and put on the devices ahead, on a background thread (0: none)", ">= 0"),
     "diffusion.family": ("ddpm", "'ddpm' (discrete, β schedule) or 'vdm' (γ schedule, its ELBO)", tuple(FAMILIES)),
     "diffusion.timesteps": (1000, "T, the number of diffusion steps; for 'vdm', 0 = continuous time"),
-    "diffusion.schedule": ("linear", "ddpm: 'linear' | 'cosine'; vdm: 'linear' | 'cosine' | 'learned'"),
+    "diffusion.schedule": ("linear", "ddpm: 'linear' | 'cosine'; vdm: 'linear' | 'cosine' (fixed) | 'learned' "
+                                    "(monotone MLP) | 'learned_linear' (b + |w|·t, the official VDM CIFAR-10 one)"),
     "diffusion.beta_start": (1e-4, "ddpm, linear schedule: β_1"),
     "diffusion.beta_end": (0.02, "ddpm, linear schedule: β_T"),
     "diffusion.loss": ("simple", "ddpm: 'simple' | 'vlb' | 'hybrid' (vdm always trains its ELBO)"),
@@ -56,15 +58,19 @@ SETTINGS = {
     "diffusion.hybrid_lambda": (0.001, "ddpm, 'hybrid' loss: the weight λ of its VLB term", ">= 0"),
     "diffusion.gamma_min": (-13.3, "vdm: γ(0) = -log SNR at t = 0 (the learned schedule's start)"),
     "diffusion.gamma_max": (5.0, "vdm: γ(1) = -log SNR at t = 1 (the learned schedule's end)"),
-    "diffusion.schedule_hidden": (1024, "vdm, learned schedule: the width of its monotone MLP"),
-    "diffusion.variance_minimisation": (True, "vdm, learned schedule: its shape follows ∇E[L_diffusion²]"),
-    "optim.optimizer": ("adam", "'adam' or 'adamw' (weight decay on the U-Net's kernels only)", ("adam", "adamw")),
+    "diffusion.schedule_hidden": (1024, "vdm, 'learned' schedule: the width of its monotone MLP"),
+    "diffusion.variance_minimisation": (True, "vdm, 'learned' schedule: its shape follows ∇E[L_diffusion²] (no "
+                                              "effect on 'learned_linear': w, b are end points, trained on the bound)"),
+    "optim.optimizer": ("adam", "'adam' or 'adamw' (decoupled weight decay)", ("adam", "adamw")),
     "optim.learning_rate": (2e-4, "the learning rate after warm-up", "> 0"),
     "optim.warmup_steps": (1000, "linear warm-up from 0: lr·min(1, step/warmup_steps) (0: none)", ">= 0"),
     "optim.b1": (0.9, "Adam's β1", "in [0, 1)"),
     "optim.b2": (0.999, "Adam's β2", "in [0, 1)"),
     "optim.eps": (1e-8, "Adam's ε", "> 0"),
     "optim.weight_decay": (0.0, "adamw: decoupled weight decay", ">= 0"),
+    "optim.weight_decay_mask": ("kernels", "adamw: what is decayed: 'official' (google-research/vdm's: all but "
+                                           "biases, so GroupNorm scales and the schedule too) or 'kernels' (the "
+                                           "U-Net's kernels only; docs/training.md)", DECAY_MASKS),
     "optim.grad_clip": (1.0, "clip the gradients' global norm to this (0: no clipping)", ">= 0"),
     "optim.ema_decay": (0.9999, "decay of the parameters' EMA, which evaluation and sampling use", "in [0, 1)"),
     "training.batch_size": (128, "global batch, over all devices and hosts", "> 0"),

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm_jax.families import DDPM, VDM
+from vdm_jax.families import DDPM, LEARNED_SCHEDULES, VDM
 from vdm_jax.models import UNetConfig, as_pred_fn
 from vdm_jax.pixels import data_to_pixels, pixels_to_data
-from vdm_jax.schedules import LearnedSchedule
+from vdm_jax.schedules import LearnedLinearSchedule, LearnedSchedule
 
 Terms = dict[str, jax.Array]
 FAMILIES = {"ddpm": DDPM, "vdm": VDM}
@@ -35,12 +35,13 @@ class Objective:
 
     family: DDPM | VDM
     image_shape: tuple[int, int, int]
-    schedule_hidden: int = 0  # a learned VDM schedule: the width of its monotone MLP
+    schedule_hidden: int = 0  # VDM's learned MLP schedule ('learned'): the width of its monotone MLP
     variance_minimisation: bool = False  # ... and whether its shape follows ∇E[L_diffusion²]
 
     @property
     def learned_schedule(self) -> bool:
-        return isinstance(self.family, VDM) and self.family.schedule == "learned"
+        """A VDM whose schedule is learned: 'learned' (monotone MLP) or 'learned_linear' (b + |w| t)."""
+        return isinstance(self.family, VDM) and self.family.schedule in LEARNED_SCHEDULES
 
     @property
     def minimise_variance(self) -> bool:
@@ -57,10 +58,13 @@ class Objective:
     timesteps = property(lambda self: self.family.timesteps)
     learned_variance = property(lambda self: self.family.learned_variance)
 
-    def init_schedule(self, rngs: nnx.Rngs) -> LearnedSchedule | None:
+    def init_schedule(self, rngs: nnx.Rngs) -> LearnedSchedule | LearnedLinearSchedule | None:
         if not self.learned_schedule:
             return None
-        return LearnedSchedule(self.family.gamma_min, self.family.gamma_max, hidden=self.schedule_hidden, rngs=rngs)
+        ends = (self.family.gamma_min, self.family.gamma_max)
+        if self.family.schedule == "learned_linear":
+            return LearnedLinearSchedule(*ends)  # (w and b: no random initialisation)
+        return LearnedSchedule(*ends, hidden=self.schedule_hidden, rngs=rngs)
 
     def _learned(self, schedule_model) -> dict:
         """The family methods' `gamma_fn=` argument: the learned schedule, if there is one."""
@@ -129,6 +133,8 @@ def make_objective(config, model_config: UNetConfig) -> Objective:
             text = re.sub(rf"(?<![\w.]){name}(?=\s*(?:=|must\b|and\b))", _CONFIG_KEY.get(name, f"diffusion.{name}"),
                           text)
         raise ValueError(f"diffusion.family={d.family!r}: {text}") from None
+    # Variance minimisation trains a schedule's shape; only the MLP schedule has one ('learned_linear' is
+    # all end points, trained on the bound as in the official code; docs/math.md §1.7).
     learned = d.family == "vdm" and d.schedule == "learned"
     if learned and d.schedule_hidden < 1:
         raise ValueError(f"config key 'diffusion.schedule_hidden' must be >= 1, got {d.schedule_hidden}.")

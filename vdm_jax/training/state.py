@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -15,24 +16,42 @@ from vdm_jax.training.faults import init_faults
 from vdm_jax.training.objective import Objective, make_objective
 
 
-def decay_mask(params) -> Any:
-    """True for the parameters weight decay applies to: the U-Net's kernels (convolutions, dense
-    layers), as in the official VDM recipe. Biases, GroupNorm scales and offsets, and the learned
-    schedule's parameters are not decayed: decay would pull the schedule's end points γ(0), γ(1)
-    (and so the noise range and the bound) toward 0, and its softplus weights toward log 2."""
-    def decayed(path, _):
-        names = path_str(path).removesuffix("/value").split("/")  # (nnx.State's paths end in the Variable's value)
+DECAY_MASKS = ("official", "kernels")
+"""`optim.weight_decay_mask`'s values: which parameters AdamW decays (`decay_mask`)."""
+_LAYER_NORM_SCALES = (("layer_norm", "scale"), ("final_layer_norm", "scale"))  # (google-research/vdm's names)
+
+
+def decay_mask(params, kind: str = "kernels") -> Any:
+    """True for the parameters AdamW's weight decay applies to; `params` is the train state's tree
+    {'model': ..., 'schedule': ...}.
+
+    'official': google-research/vdm's mask (`experiment.py`, `get_optimizer`): every parameter but
+      those named `bias` and LayerNorm scales (the U-Net has no LayerNorm). The U-Net's GroupNorm
+      scales and a learned schedule's parameters (the linear schedule's w and b) are decayed.
+    'kernels': the U-Net's kernels only (convolutions, dense layers). Decay pulls a parameter toward
+      0 at rate lr·λ whatever the loss says: the schedule's end points γ(0), γ(1) (and so the noise
+      range and the bound) toward 0, and a GroupNorm's scale toward a layer that outputs only its
+      offset; neither is a weight whose size regularisation should shrink.
+    """
+    def official(names):
+        return names[-1] != "bias" and tuple(names[-2:]) not in _LAYER_NORM_SCALES
+
+    def kernels(names):
         return names[0] == "model" and names[-1] == "kernel"
-    return jax.tree_util.tree_map_with_path(decayed, params)
+
+    rule = {"official": official, "kernels": kernels}[kind]
+    # (nnx.State's paths end in the Variable's value)
+    return jax.tree_util.tree_map_with_path(lambda path, _: rule(path_str(path).removesuffix("/value").split("/")),
+                                            params)
 
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
     """The optimiser's settings (`config.optim` without the EMA): hashable, static under `jit`.
 
-    Adam or AdamW (weight decay on the kernels only, `decay_mask`) after global-norm clipping
-    (`grad_clip`, 0: none), with the learning rate warmed up linearly from 0 over `warmup_steps`
-    steps, lr·min(1, step/warmup_steps), then constant.
+    Adam or AdamW (weight decay on the parameters `decay_mask(params, weight_decay_mask)` picks)
+    after global-norm clipping (`grad_clip`, 0: none), with the learning rate warmed up linearly
+    from 0 over `warmup_steps` steps, lr·min(1, step/warmup_steps), then constant.
     """
 
     optimizer: str  # (no defaults here: `default_config()` is the one source of them)
@@ -42,6 +61,7 @@ class Optimizer:
     b2: float
     eps: float
     weight_decay: float
+    weight_decay_mask: str
     grad_clip: float
 
     @classmethod
@@ -55,7 +75,8 @@ class Optimizer:
 
     def transformation(self) -> optax.GradientTransformation:
         adam = dict(learning_rate=self.schedule(), b1=self.b1, b2=self.b2, eps=self.eps)
-        opt = (optax.adamw(**adam, weight_decay=self.weight_decay, mask=decay_mask) if self.optimizer == "adamw"
+        mask = functools.partial(decay_mask, kind=self.weight_decay_mask)
+        opt = (optax.adamw(**adam, weight_decay=self.weight_decay, mask=mask) if self.optimizer == "adamw"
                else optax.adam(**adam))
         return optax.chain(*([clip_by_global_norm(self.grad_clip)] if self.grad_clip > 0 else []), opt)
 
