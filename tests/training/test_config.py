@@ -1,4 +1,10 @@
-"""Config validation: unknown keys, wrong types, impossible combinations."""
+"""Config validation: unknown keys, wrong types, impossible combinations; the `vdm` config against
+docs/training.md's table of the official recipe."""
+import ast
+import os
+import re
+from pathlib import Path
+
 import pytest
 
 from vdm_jax.training import checked_config, compute_dtype, default_config, validate_config
@@ -6,7 +12,7 @@ from vdm_jax.training import checked_config, compute_dtype, default_config, vali
 from experiments.configs import cifar10
 
 
-@pytest.mark.parametrize("variant", ["ddpm", "vdm", "small"])
+@pytest.mark.parametrize("variant", cifar10.VARIANTS)
 def test_experiment_configs_validate(variant):
     model = validate_config(cifar10.get_config(variant))
     assert model.image_size == 32
@@ -73,6 +79,13 @@ def test_wrong_type():
     ({"optim.grad_clip": float("nan")}, "'optim.grad_clip' must be a finite number, got nan"),
     ({"optim.b2": 1.0}, r"'optim.b2' must be in \[0, 1\), got 1.0"),
     ({"optim.eps": 0.0}, "'optim.eps' must be > 0"),
+    ({"optim.weight_decay_mask": "all"}, r"config key 'optim.weight_decay_mask' must be one of \('official', "
+                                         r"'kernels'\), got 'all'"),
+    ({"diffusion.family": "vdm", "diffusion.timesteps": 0, "diffusion.schedule": "learned_lin"},
+     "diffusion.family='vdm': diffusion.schedule must be one of 'linear', 'cosine', 'learned' or 'learned_linear', "
+     "got 'learned_lin'"),
+    ({"diffusion.schedule": "learned_linear"}, "diffusion.family='ddpm': diffusion.schedule must be one of 'linear' "
+                                               "or 'cosine', got 'learned_linear'"),
     ({"training.num_processes": 2, "training.process_id": 2}, "'training.process_id' must be < training.num_processes"),
     ({"training.sample_steps": 100}, r"training.sample_steps=100: DDPM's ancestral sampler runs all T = 1000 steps"),
     ({"training.sampler": "ddim", "training.sample_steps": 2000}, "ddim on a DDPM with T = 1000 takes at most T"),
@@ -107,7 +120,7 @@ def test_auto_dtype_is_bfloat16_on_accelerators_only(backend, expected):
     assert compute_dtype("bfloat16", backend) == "bfloat16"
 
 
-@pytest.mark.parametrize("variant", ["ddpm", "vdm", "small"])
+@pytest.mark.parametrize("variant", cifar10.VARIANTS)
 def test_experiment_configs_choose_the_dtype_by_backend(variant):
     """The named configs leave the activation dtype to the backend; here (CPU) that is float32."""
     config = cifar10.get_config(variant)
@@ -187,3 +200,151 @@ def test_every_key_has_a_meaning():
     for line, (name, value) in zip(lines, settings):
         head = f"  --config.{name}={value!r}"
         assert line.startswith(head) and len(line[len(head):].strip()) >= 5, line  # a meaning follows
+
+
+@pytest.mark.parametrize("variance_minimisation", [True, False])
+def test_learned_linear_schedule_trains_on_the_bound(variance_minimisation):
+    """diffusion.schedule='learned_linear' builds the official schedule (w = γ_max - γ_min, b = γ_min) and
+    trains it on the bound's gradient whatever diffusion.variance_minimisation says: w and b are end
+    points, the only parameters variance minimisation would not touch (docs/math.md §1.7). 'learned'
+    minimises the variance of its shape when asked. The bound's gradient reaches both w and b (the
+    family's loss with a stand-in network: nothing compiled but the loss)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    import vdm_jax as vj
+    from vdm_jax.training import make_objective
+
+    c = default_config()
+    c.diffusion.update(family="vdm", timesteps=0, schedule="learned_linear", gamma_min=-10.0, gamma_max=6.0,
+                       variance_minimisation=variance_minimisation)
+    objective = make_objective(c, validate_config(c))
+    assert objective.learned_schedule and not objective.minimise_variance and objective.schedule_hidden == 0
+    schedule = objective.init_schedule(nnx.Rngs(0))
+    assert isinstance(schedule, vj.LearnedLinearSchedule)
+    assert (float(schedule.w[...]), float(schedule.b[...])) == (16.0, -10.0)
+    c.diffusion.schedule = "learned"
+    mlp = make_objective(c, validate_config(c))
+    assert mlp.learned_schedule and mlp.minimise_variance == variance_minimisation
+    assert isinstance(mlp.init_schedule(nnx.Rngs(0)), vj.LearnedSchedule)
+
+    graphdef, state = nnx.split(schedule)
+    x = vj.pixels_to_data(jax.random.randint(jax.random.key(1), (4, 2, 2, 1), 0, 256), grid="vdm")
+
+    def mean_loss(state):
+        pred_fn = lambda z, t: 0.5 * z  # noqa: E731  (a stand-in network)
+        loss, _ = objective.family.loss(pred_fn, x, key=jax.random.key(2), gamma_fn=nnx.merge(graphdef, state))
+        return loss.mean()
+
+    grads = jax.jit(jax.grad(mean_loss))(state)
+    for name in ("w", "b"):
+        assert np.isfinite(grads[name][...]) and abs(float(grads[name][...])) > 0, name
+    with pytest.raises(ValueError, match=r"schedule='learned_linear': pass the learned schedule as gamma_fn=.*"
+                                         r"vdm_jax.LearnedLinearSchedule"):
+        objective.family.gamma_schedule()
+
+
+def test_vdm_config_is_the_official_recipe():
+    """The settings of google-research/vdm's configs/cifar10.py in `vdm` (docs/training.md's table
+    checks every row); `vdm_nnet` differs in the schedule, its variance minimisation and the mask only."""
+    from vdm_jax.training.config import _leaves
+
+    c = cifar10.get_config("vdm")
+    assert (c.diffusion.family, c.diffusion.timesteps, c.diffusion.schedule) == ("vdm", 0, "learned_linear")
+    assert (c.optim.optimizer, c.optim.weight_decay_mask, c.optim.weight_decay) == ("adamw", "official", 0.01)
+    model = validate_config(c)
+    assert (model.base_channels, model.num_res_blocks, model.dropout, model.fourier_features,
+            model.attn_resolutions, model.mid_attention) == (128, 32, 0.1, (6, 7), (), True)
+    nnet = dict(_leaves(cifar10.get_config("vdm_nnet")))
+    changed = {k: v for k, v in _leaves(c) if nnet[k] != v}
+    assert changed == {"diffusion.schedule": "learned_linear", "diffusion.variance_minimisation": False,
+                       "optim.weight_decay_mask": "official"}
+    assert (nnet["diffusion.schedule"], nnet["diffusion.variance_minimisation"], nnet["optim.weight_decay_mask"]) == (
+        "learned", True, "kernels")
+
+
+# --- docs/training.md's table of the official VDM recipe against `vdm` ---------------------------
+
+_TRAINING_MD = Path(__file__).resolve().parents[2] / "docs" / "training.md"
+_SPAN = re.compile(r"`([^`]+)`")
+_SOURCE = re.compile(r"^`(?P<file>[\w/]+\.py):L(?P<line>\d+)`$")
+
+
+def recipe_rows(text: str) -> list[dict]:
+    """The rows of the table under '## The official VDM recipe': setting, official, source, ours, key."""
+    section = text.split("## The official VDM recipe", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if line.startswith("| ") and len(cells) == 5 and cells[0] != "Setting":
+            rows.append(dict(zip(("setting", "official", "source", "ours", "key"), cells)))
+    return rows
+
+
+def recipe_problems(text: str, config: dict, defaults: dict) -> list[str]:
+    """What in the table disagrees with the config's values (`config`, dotted key -> value): a row's
+    first code span under 'vdm_jax' (a Python literal) where it names a key, a key that does not
+    exist, a source not written `file.py:Ln`, and a key the config changes from `defaults` without a row."""
+    problems, keys = [], set()
+    for row in recipe_rows(text):
+        where = f"row {row['setting']!r}"
+        if not _SOURCE.match(row["source"]):
+            problems.append(f"{where}: the official source must read `file.py:Ln`, got {row['source']!r}")
+        if row["key"] == "—":
+            continue
+        key = row["key"].strip("`")
+        keys.add(key)
+        if key not in config:
+            problems.append(f"{where}: no config key {key!r}")
+            continue
+        spans = _SPAN.findall(row["ours"])
+        try:
+            ours = ast.literal_eval(spans[0]) if spans else None
+        except (ValueError, SyntaxError):
+            ours = spans[0]
+        if not spans or ours != config[key]:
+            problems.append(f"{where}: the table says {spans[:1]} for {key}, the config has {config[key]!r}")
+    problems += [f"{key} = {config[key]!r} differs from the default {defaults[key]!r} but has no row"
+                 for key in config if config[key] != defaults[key] and key not in keys]
+    return problems
+
+
+def _values(config) -> dict:
+    from vdm_jax.training.config import _leaves
+
+    return dict(_leaves(config))
+
+
+def test_the_official_recipe_table_is_the_vdm_config():
+    text = _TRAINING_MD.read_text(encoding="utf-8")
+    rows = recipe_rows(text)
+    assert len(rows) >= 50 and "dc27b98a554f65cdc654b800da5aa1846545d41b" in text
+    problems = recipe_problems(text, _values(cifar10.get_config("vdm")), _values(default_config()))
+    assert not problems, "\n".join(problems)
+
+
+def test_the_recipe_check_catches_drift():
+    """The check itself: a changed value, a row lost, a mistyped key and a bad source are each caught."""
+    text = _TRAINING_MD.read_text(encoding="utf-8")
+    config, defaults = _values(cifar10.get_config("vdm")), _values(default_config())
+    config_b2 = dict(config, **{"optim.b2": 0.999})
+    assert any("optim.b2" in p for p in recipe_problems(text, config_b2, defaults))
+    no_row = "\n".join(line for line in text.splitlines() if "`optim.weight_decay_mask`" not in line)
+    assert any("optim.weight_decay_mask = 'official' differs" in p for p in recipe_problems(no_row, config, defaults))
+    typo = text.replace("| `optim.eps` |", "| `optim.epsilon` |")
+    assert any("no config key 'optim.epsilon'" in p for p in recipe_problems(typo, config, defaults))
+    source = text.replace("`configs/cifar10.py:L73`", "`configs/cifar10.py line 73`")
+    assert any("must read `file.py:Ln`" in p for p in recipe_problems(source, config, defaults))
+
+
+@pytest.mark.skipif(not os.environ.get("VDM_OFFICIAL_SOURCE"), reason="VDM_OFFICIAL_SOURCE (a checkout of "
+                    "google-research/vdm at the table's commit) is not set")
+def test_the_official_column_is_the_official_code():
+    """With google-research/vdm's files at $VDM_OFFICIAL_SOURCE: each row's first official code span
+    is on the line its source names."""
+    root = Path(os.environ["VDM_OFFICIAL_SOURCE"])
+    for row in recipe_rows(_TRAINING_MD.read_text(encoding="utf-8")):
+        m = _SOURCE.match(row["source"])
+        line = (root / m["file"]).read_text(encoding="utf-8").splitlines()[int(m["line"]) - 1]
+        assert _SPAN.findall(row["official"])[0] in line, (row["setting"], line)

@@ -1,4 +1,5 @@
-"""The optimiser on the parameter tree: the official VDM recipe's weight-decay mask and warm-up."""
+"""The optimiser on the parameter tree: the official VDM recipe's weight-decay mask and warm-up, and
+vdm_jax's 'kernels' mask beside it."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,10 @@ import numpy as np
 import optax
 import pytest
 
+from flax import nnx
+
+import vdm_jax as vj
+from vdm_jax.models import UNet, vdm_cifar10
 from vdm_jax.training import Optimizer, create_train_state, decay_mask, validate_config
 from vdm_jax.training.checkpoint import path_str
 
@@ -16,24 +21,80 @@ def _leaf_names(tree):
     return [path_str(p).removesuffix("/value") for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-@pytest.fixture(scope="module")
-def vdm_state():
-    """The micro model with a learned schedule, trained with the `vdm` config's optimiser."""
+@pytest.fixture(scope="module", params=["vdm", "vdm_nnet"])
+def vdm_state(request):
+    """The micro model with the variant's schedule (learned linear; monotone MLP), trained with the
+    variant's optimiser (the official mask; the kernels only)."""
     from tests.training.conftest import micro_config
 
-    config = micro_config(family="vdm", timesteps=0, schedule="learned")
-    config.optim.update(cifar10.get_config("vdm").optim)
+    variant = cifar10.get_config(request.param)
+    config = micro_config(family="vdm", timesteps=0, schedule=variant.diffusion.schedule)
+    config.optim.update(variant.optim)
     return jax.device_get(create_train_state(config, validate_config(config), key=jax.random.key(0)))
+
+
+def _decayed_by_the_official_mask(name):
+    """google-research/vdm's rule (experiment.py, get_optimizer): all but parameters named 'bias' (and
+    LayerNorm scales, which neither network has)."""
+    return not name.endswith("/bias")
+
+
+def _decayed_by_the_kernels_mask(name):
+    return name.startswith("model/") and name.endswith("/kernel")
 
 
 def test_vdm_config_is_the_official_optimiser():
     assert Optimizer.from_config(cifar10.get_config("vdm").optim) == Optimizer(
         optimizer="adamw", learning_rate=2e-4, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01,
-        grad_clip=0.0)
+        weight_decay_mask="official", grad_clip=0.0)
+    assert Optimizer.from_config(cifar10.get_config("vdm_nnet").optim) == Optimizer(
+        optimizer="adamw", learning_rate=2e-4, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01,
+        weight_decay_mask="kernels", grad_clip=0.0)
     # Ho et al.'s DDPM: Adam 2e-4, 5000 warm-up steps, clipping at norm 1, no weight decay.
     assert Optimizer.from_config(cifar10.get_config("ddpm").optim) == Optimizer(
         optimizer="adam", learning_rate=2e-4, warmup_steps=5000, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-        grad_clip=1.0)
+        weight_decay_mask="kernels", grad_clip=1.0)
+
+
+@pytest.mark.parametrize("kind", ["official", "kernels"])
+def test_decay_masks_on_the_real_vdm_network(kind):
+    """Each mask on the `vdm` config's own tree: vdm_cifar10()'s U-Net (by nnx.eval_shape: no
+    initialisation) and the learned linear schedule. 'official' decays every kernel, every GroupNorm
+    scale and the schedule's w and b, and no bias; 'kernels' the U-Net's kernels alone."""
+    unet = nnx.eval_shape(lambda: UNet(vdm_cifar10(), rngs=nnx.Rngs(0)))
+    params = {"model": nnx.state(unet, nnx.Param), "schedule": nnx.state(vj.LearnedLinearSchedule(), nnx.Param)}
+    mask = decay_mask(params, kind)
+    assert jax.tree.structure(mask) == jax.tree.structure(params)
+    names = dict(zip(_leaf_names(params), jax.tree.leaves(mask)))
+    kinds = {}
+    for name, decayed in names.items():
+        kinds.setdefault((name.split("/")[0], name.rsplit("/", 1)[-1]), set()).add(decayed)
+    official = kind == "official"
+    assert kinds == {("model", "kernel"): {True}, ("model", "bias"): {False}, ("model", "scale"): {official},
+                     ("schedule", "w"): {official}, ("schedule", "b"): {official}}
+    counts = {k: sum(1 for n in names if (n.split("/")[0], n.rsplit("/", 1)[-1]) == k) for k in kinds}
+    assert counts == {("model", "kernel"): 242, ("model", "bias"): 311, ("model", "scale"): 136,
+                      ("schedule", "w"): 1, ("schedule", "b"): 1}
+    assert sum(names.values()) == (242 + 136 + 2 if official else 242)
+    rule = _decayed_by_the_official_mask if official else _decayed_by_the_kernels_mask
+    assert all(decayed == rule(name) for name, decayed in names.items())
+
+
+def test_the_optimisers_mask_is_the_configs():
+    """`Optimizer.transformation()` decays what `optim.weight_decay_mask` names: with zero gradients
+    the update is -lr·wd·p on the decayed leaves and 0 on the others (a toy tree: no network)."""
+    params = {"model": {"conv": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}, "norm": {"scale": jnp.ones(3)}},
+              "schedule": {"w": jnp.ones(()), "b": jnp.ones(())}}
+    updates = {}
+    for kind in ("official", "kernels"):
+        opt = Optimizer(optimizer="adamw", learning_rate=1.0, warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8,
+                        weight_decay=0.5, weight_decay_mask=kind, grad_clip=0.0).transformation()
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        updates[kind] = jax.jit(lambda p: opt.update(zeros, opt.init(p), p)[0])(params)
+    decayed = {k: sorted(path_str(p) for p, u in jax.tree_util.tree_flatten_with_path(v)[0] if np.any(u != 0.0))
+               for k, v in updates.items()}
+    assert decayed == {"official": ["model/conv/kernel", "model/norm/scale", "schedule/b", "schedule/w"],
+                       "kernels": ["model/conv/kernel"]}
 
 
 def test_learning_rate_follows_the_official_warmup():
@@ -44,23 +105,28 @@ def test_learning_rate_follows_the_official_warmup():
     assert float(lr(0)) == 0.0 and float(lr(50)) == pytest.approx(1e-4) and float(lr(100)) == pytest.approx(2e-4)
 
 
-def test_decay_mask_is_every_kernel_of_the_unet_only(vdm_state):
-    mask = decay_mask(vdm_state.params)
+def test_the_train_states_mask_and_schedule(vdm_state):
+    mask = decay_mask(vdm_state.params, vdm_state.optimizer.weight_decay_mask)
     names = dict(zip(_leaf_names(vdm_state.params), jax.tree.leaves(mask)))
     kinds = {name.rsplit("/", 1)[-1] for name in names if name.startswith("model/")}
     assert kinds == {"kernel", "bias", "scale"}  # convolutions, dense layers, GroupNorms
-    assert all(decayed == (name.startswith("model/") and name.endswith("/kernel")) for name, decayed in names.items())
-    assert sorted(n for n in names if n.startswith("schedule/")) == [
+    official = vdm_state.optimizer.weight_decay_mask == "official"
+    rule = _decayed_by_the_official_mask if official else _decayed_by_the_kernels_mask
+    assert all(decayed == rule(name) for name, decayed in names.items())
+    assert sorted(n for n in names if n.startswith("schedule/")) == (["schedule/b", "schedule/w"] if official else [
         "schedule/endpoints/gamma_0", "schedule/endpoints/raw_gap", "schedule/shape/b2", "schedule/shape/w1",
-        "schedule/shape/w2", "schedule/shape/w3"]
+        "schedule/shape/w2", "schedule/shape/w3"])
 
 
-def test_zero_gradient_adamw_update_decays_every_kernel_and_nothing_else(vdm_state):
-    """One update with zero gradients under the `vdm` config, past the warm-up: Adam's part is 0, so
-    every kernel shrinks by lr·wd·kernel, and every bias, norm scale/offset and schedule parameter
-    is unchanged. At step 0 (lr 0) nothing changes at all. (The parameters are redrawn away from 0
-    first: the U-Net's output convolution starts at zero, which decay leaves at zero.)"""
+def test_zero_gradient_adamw_update_decays_what_the_mask_says_and_nothing_else(vdm_state):
+    """One update with zero gradients under the `vdm` (`vdm_nnet`) config, past the warm-up: Adam's
+    part is 0, so every decayed parameter (all but biases; the U-Net's kernels) shrinks by
+    lr·wd·itself, and every other is unchanged. At step 0 (lr 0) nothing changes at all. (The
+    parameters are redrawn away from 0 first: the U-Net's output convolution starts at zero, which
+    decay leaves at zero.)"""
     state = vdm_state
+    official = state.optimizer.weight_decay_mask == "official"
+    rule = _decayed_by_the_official_mask if official else _decayed_by_the_kernels_mask
     leaves, treedef = jax.tree.flatten(state.params)
     rng = np.random.default_rng(0)
     params = jax.tree.unflatten(treedef, [rng.uniform(0.5, 1.5, x.shape).astype(x.dtype) for x in leaves])
@@ -79,7 +145,7 @@ def test_zero_gradient_adamw_update_decays_every_kernel_and_nothing_else(vdm_sta
     checked = 0
     for name, before, now in zip(_leaf_names(params), jax.tree.leaves(params), jax.tree.leaves(new)):
         before, now = np.asarray(before), np.asarray(now)
-        if name.startswith("model/") and name.endswith("/kernel"):
+        if rule(name):
             assert np.all(now != before), name
             np.testing.assert_allclose(now, before * (1 - 2e-4 * 0.01), rtol=1e-6, err_msg=name)
             checked += 1
@@ -110,7 +176,7 @@ def test_clipping_with_the_fault_checks_norm_is_optax_clip_by_global_norm(scale)
     assert (float(optax.tree.norm(expected)) < 1.0) == (scale < 1.0)
     # Inside the optimiser's chain the norm passes through to the clipping, Adam ignores it.
     tx = Optimizer(optimizer="adam", learning_rate=1e-3, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
-                   weight_decay=0.0, grad_clip=1.0).transformation()
+                   weight_decay=0.0, weight_decay_mask="kernels", grad_clip=1.0).transformation()
     reference = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
     updates, _ = tx.update(grads, tx.init(grads), grads, grad_norm=norm)
     chex.assert_trees_all_close(updates, reference.update(grads, reference.init(grads), grads)[0], rtol=1e-5)
