@@ -103,7 +103,7 @@ def test_quickstart_and_cifar10_flags():
         "error: unexpected arguments (not --flags): extra",
         "error: Unknown command line flag 'nosuch'",
         "error: flag --config=experiments/configs/cifar10.py:big: Error whilst parsing config file: ValueError: "
-        "unknown CIFAR-10 config variant 'big'; choose one of ('ddpm', 'vdm', 'small').",
+        "unknown CIFAR-10 config variant 'big'; choose one of ('ddpm', 'vdm', 'vdm_nnet', 'small').",
     ]
 
 
