@@ -277,8 +277,8 @@ def recipe_rows(text: str) -> list[dict]:
     rows = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        if line.startswith("| ") and len(cells) == 5 and cells[0] != "Setting":
-            rows.append(dict(zip(("setting", "official", "source", "ours", "key"), cells)))
+        if line.startswith("| ") and cells[0] != "Setting":
+            rows.append(dict(zip(("setting", "official", "source", "ours", "key"), cells), cells=len(cells)))
     return rows
 
 
@@ -289,6 +289,9 @@ def recipe_problems(text: str, config: dict, defaults: dict) -> list[str]:
     problems, keys = [], set()
     for row in recipe_rows(text):
         where = f"row {row['setting']!r}"
+        if row["cells"] != 5:
+            problems.append(f"{where}: {row['cells']} cells, not 5 (a '|' inside a cell?)")
+            continue
         if not _SOURCE.match(row["source"]):
             problems.append(f"{where}: the official source must read `file.py:Ln`, got {row['source']!r}")
         if row["key"] == "—":
@@ -336,6 +339,8 @@ def test_the_recipe_check_catches_drift():
     assert any("no config key 'optim.epsilon'" in p for p in recipe_problems(typo, config, defaults))
     source = text.replace("`configs/cifar10.py:L73`", "`configs/cifar10.py line 73`")
     assert any("must read `file.py:Ln`" in p for p in recipe_problems(source, config, defaults))
+    pipe = text.replace("| `b2=0.99` |", "| `b2=0.99` | 0.99 |")
+    assert any("row 'β2': 6 cells" in p for p in recipe_problems(pipe, config, defaults))
 
 
 @pytest.mark.skipif(not os.environ.get("VDM_OFFICIAL_SOURCE"), reason="VDM_OFFICIAL_SOURCE (a checkout of "
