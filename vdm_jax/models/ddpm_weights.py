@@ -145,8 +145,7 @@ _REQUIRED = {  # key: (needed, diffusers' default)
 }
 
 
-def unet_config_from_diffusers(config: Mapping[str, Any], *, dropout: float = 0.1,
-                               where: str = "unet_config_from_diffusers") -> UNetConfig:
+def unet_config_from_diffusers(config: Mapping[str, Any], *, dropout: float = 0.1) -> UNetConfig:
     """The `UNetConfig` of a diffusers `UNet2DModel` config (its `config.json`) of DDPM's shape.
 
     block_out_channels (c0, c1, ...) give base_channels = c0 and channel_mult = ci / c0;
@@ -162,6 +161,10 @@ def unet_config_from_diffusers(config: Mapping[str, Any], *, dropout: float = 0.
     Raises:
       ValueError: a setting vdm_jax's U-Net cannot reproduce, named with the value it needs.
     """
+    return _unet_config(config, dropout=dropout, where="unet_config_from_diffusers")
+
+
+def _unet_config(config: Mapping[str, Any], *, dropout: float, where: str) -> UNetConfig:
     def get(key, default=None):
         return config.get(key, default)
 
@@ -387,8 +390,7 @@ def load_ddpm_weights(path_or_dir: str | os.PathLike, *,
     """
     where = "load_ddpm_weights"
     config_path, weights_path = _files(where, path_or_dir)
-    config = unet_config_from_diffusers(_read_json(where, config_path), dropout=dropout,
-                                        where=f"{where}: {config_path}")
+    config = _unet_config(_read_json(where, config_path), dropout=dropout, where=f"{where}: {config_path}")
     return config, _state(f"{where}: {weights_path}", config, _read_weights(weights_path))
 
 
