@@ -68,6 +68,7 @@ def _core_calls():
         ("LinearSchedule", lambda: cont(t)),
         ("CosineSchedule", lambda: vj.CosineSchedule().gamma(t)),
         ("LearnedSchedule", lambda: vj.LearnedSchedule(hidden=4, rngs=nnx.Rngs(0))(t)),
+        ("LearnedLinearSchedule", lambda: vj.LearnedLinearSchedule()(t)),
         ("per_example", lambda: vj.per_example(gt, x)),
         ("q_sample", lambda: vj.q_sample(x, eps, gt)),
         ("q_step", lambda: vj.q_step(x, eps, _put(jnp.array([0.1, 0.2])))),
@@ -131,6 +132,9 @@ def _core_calls():
         ("DDPM.sample", lambda: vj.DDPM(timesteps=8).sample(_pred, (B, 3), key=KEY, sampler="heun", sample_steps=4)),
         ("VDM.loss", lambda: vj.VDM().loss(_pred, x_vdm, key=KEY)),
         ("VDM.sample", lambda: vj.VDM().sample(_pred, (B, 3), key=KEY, sampler="dpm_solver", sample_steps=4)),
+        ("guided", lambda: vj.guided(lambda z_, t_, c: _pred(z_, t_) + vj.per_example(c.astype(z_.dtype), z_),
+                                     _put(jnp.array([0, 1])), _put(jnp.float32(2.0)), null_label=2,
+                                     interval=(-5.0, 5.0), gamma_fn=cont)(z, t)),
         ("variance_minimising_grads", lambda: vj.variance_minimising_grads(
             lambda p, s: (p * s * gt, p * gt), _put(jnp.float32(2.0)), _put(jnp.float32(3.0)))),
     ]

@@ -55,6 +55,7 @@ from vdm_jax.sampling import (SPACINGS, ddim_sample, ddpm_sample, ddpm_step, dpm
                               solver_times, strided_times, vdm_sample)
 from vdm_jax.likelihood import dequantized_bits_per_dim, ode_log_likelihood
 from vdm_jax.families import DDPM, SAMPLERS, VDM, Sampler
+from vdm_jax.guidance import guided
 from vdm_jax.fid import (FeatureStatistics, frechet_distance, inception_score, kernel_inception_distance,
                          load_statistics, sample_quality, save_statistics)
 from vdm_jax.xla_flags import set_cpu_xla_flags
@@ -82,6 +83,8 @@ __all__ = [
     "solver_times", "SPACINGS",
     # the families: loss, bound and sampling of a network (§5, §6), and the samplers' registry
     "DDPM", "VDM", "SAMPLERS", "Sampler",
+    # classifier-free guidance of a conditional network, for every sampler (§6.9)
+    "guided",
     # likelihoods (§6.8)
     "ode_log_likelihood", "dequantized_bits_per_dim",
     # sample quality from Inception features (§7)

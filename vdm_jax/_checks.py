@@ -57,6 +57,13 @@ def _rules() -> dict:
         "times": (lambda v: np.ndim(v) == 1 and len(v) >= 2 and _dtype_is(v, jnp.floating) and _within(v, 0.0, 1.0)
                   and _decreasing(v), "a floating 1-D array of at least 2 strictly decreasing times in [0, 1]"),
         "eta": (lambda v: _within(v, 0.0, 1.0), "in [0, 1]"),
+        "labels": (lambda v: _dtype_is(v, jnp.integer) and np.ndim(v) == 1 and _within(v, 0, math.inf),
+                   "an integer array [B] of classes >= 0"),
+        "null_label": (lambda v: _is(v, int) and v >= 0, "an int >= 0 (the network's 'no label' class)"),
+        "weight": (lambda v: isinstance(v, jax.Array) and np.ndim(v) == 0 or _is(v, int, float) and math.isfinite(v),
+                   "a finite real number"),
+        "interval": (lambda v: v is None or (_is(v, tuple, list) and len(v) == 2 and all(_is(e, int, float) for e in v)
+                                             and v[0] < v[1]), "None or a pair (lo, hi) of γ with lo < hi"),
         "schedule": (lambda v: isinstance(v, schedules.DiscreteSchedule), "a DiscreteSchedule (a continuous schedule "
                      "goes to vdm_elbo, vdm_sample, ddim_sample or the ODE samplers)"),
     }
