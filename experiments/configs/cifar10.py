@@ -15,7 +15,7 @@ vdm — google-research/vdm's configs/cifar10.py, the run behind the paper's 2.6
   γ ∈ [-13.3, 5], trained on the bound (no variance minimisation); antithetic time sampling;
   AdamW 2e-4 (b1 0.9, b2 0.99, eps 1e-8, weight decay 0.01 with the official mask: everything but
   biases, so GroupNorm scales and the schedule's w, b too), 100 warm-up steps, no clipping;
-  batch 128, EMA 0.9999, no flips, 10M steps.
+  batch 128, EMA 0.9999, no flips, float32 activations, 10M steps.
     python -m experiments.cifar10 --workdir=runs/vdm --config=experiments/configs/cifar10.py:vdm
   Cost: the paper trained 10M steps on TPU v3-8 pods (weeks); needs accelerators. Should reach
   ~2.65 bits/dim on the test set (the released checkpoint evaluates to 2.637).
@@ -72,7 +72,8 @@ def ddpm():
 def vdm():
     """google-research/vdm configs/cifar10.py; each setting's official file and line: docs/training.md."""
     c = default_config()
-    set_model(c, vdm_cifar10())  # sm_n_embd 128, sm_n_layer 32, sm_pdrop 0.1, Fourier features, no attention
+    set_model(c, vdm_cifar10(), dtype="float32")  # sm_n_embd 128, sm_n_layer 32, sm_pdrop 0.1, Fourier features,
+    # no attention; float32 activations as officially (the other configs leave the dtype to the backend)
     c.data.random_flip = False  # (dataset 'cifar10', not 'cifar10_aug')
     c.diffusion.family = "vdm"
     c.diffusion.timesteps = 0
