@@ -1,6 +1,7 @@
 """Import a released checkpoint into a vdm_jax work directory, which every tool then reads as a run's.
 
     python -m experiments.import_checkpoint --from=vdm --checkpoint=PATH --workdir=DIR [--data=SPEC]
+    python -m experiments.import_checkpoint --from=ddpm --checkpoint=PATH_OR_DIR --workdir=DIR [--data=SPEC]
     python -m experiments.evaluate --workdir=DIR [--num_samples=N --sampler=dpm_solver] [--ode_bpd]
 
 --from=vdm: google-research/vdm's train state (`checkpoints-0/ckpt-N.flax`, or that directory; read by
@@ -9,17 +10,25 @@ experiments/configs/cifar10.py:vdm (the official recipe) with the network read f
 'learnable_scalar' schedule as diffusion.schedule='learned_linear' (a 'fixed' one as 'linear') and
 the settings the file does not hold from the flags below (the official CIFAR-10 values by default).
 
+--from=ddpm: DDPM's weights as diffusers publishes them (`google/ddpm-cifar10-32`: the folder with
+config.json and diffusion_pytorch_model.safetensors or .bin, or that file; read by
+`vdm_jax.models.ddpm_weights` without running code from it). The config is
+experiments/configs/cifar10.py:ddpm (linear β from 1e-4 to 0.02, T = 1000, the reverse variance β of
+Ho et al.'s CIFAR-10 samples) with the network read from config.json (`time_offset=-1`: diffusers counts
+the steps from 0); a scheduler_config.json beside it, if any, must describe that process. The files hold
+one set of weights: they become both the parameters and the EMA parameters, at step 0 (no step is recorded).
+
 What is written: DIR/config.json and one orbax checkpoint at the official step, with the official
 parameters and EMA parameters (U-Net and schedule), a fresh optimiser state and no data position, so
-`experiments.evaluate` reads it (bits/dim, samples with any sampler, ODE bits/dim, FID) and
-`experiments.cifar10 --workdir=DIR --config=experiments/configs/cifar10.py:vdm` would train on from it.
-An existing, non-empty DIR is refused.
+`experiments.evaluate` reads it (bits/dim, samples with any sampler, ODE bits/dim, FID). An existing,
+non-empty DIR is refused; nothing is left behind if the import fails.
 
 Each source is a function in `SOURCES` that reads its file into an `Imported` record (the vdm_jax
 config and the parameters); writing the work directory is shared.
 """
 import dataclasses
 import os
+import shutil
 from typing import Any, Callable
 
 from absl import flags
@@ -67,11 +76,26 @@ def _from_vdm(FLAGS) -> Imported:
                     f"google-research/vdm's checkpoint {os.path.abspath(FLAGS.checkpoint)}")
 
 
-SOURCES: dict[str, Callable[[Any], Imported]] = {"vdm": _from_vdm}
+def _from_ddpm(FLAGS) -> Imported:
+    from experiments.configs.cifar10 import ddpm as ddpm_recipe
+    from vdm_jax.models.ddpm_weights import load_ddpm_family, load_ddpm_weights
+    from vdm_jax.training import set_model
+
+    model_config, params = load_ddpm_weights(FLAGS.checkpoint)
+    family = load_ddpm_family(FLAGS.checkpoint)  # (checks a scheduler_config.json: linear β, T = 1000)
+    config = ddpm_recipe()
+    set_model(config, model_config.replace(prediction=family.prediction))
+    config.diffusion.timesteps = family.timesteps
+    config.diffusion.beta_start, config.diffusion.beta_end = family.beta_start, family.beta_end
+    weights = {"model": params, "schedule": {}}
+    return Imported(config, weights, weights, 0, f"DDPM's weights (diffusers) {os.path.abspath(FLAGS.checkpoint)}")
+
+
+SOURCES: dict[str, Callable[[Any], Imported]] = {"vdm": _from_vdm, "ddpm": _from_ddpm}
 """--from's choices: name -> the reader of its checkpoint."""
 
 flags.DEFINE_enum("from", None, list(SOURCES), "The checkpoint's origin: vdm (google-research/vdm's Flax msgpack "
-                  "train state).")
+                  "train state) or ddpm (DDPM's weights as diffusers publishes them, google/ddpm-cifar10-32).")
 flags.DEFINE_string("checkpoint", None, "The released checkpoint: a file, or the directory the source's code wrote.")
 flags.DEFINE_string("workdir", None, "The vdm_jax work directory to write (new, or empty).")
 flags.DEFINE_string("data", None, "config.data.source of the work directory: the data evaluate reads by default "
@@ -110,6 +134,8 @@ def _filled(target, source):
     values = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
     made = []
     for p, ref in jax.tree_util.tree_flatten_with_path(target)[0]:
+        if path_str(p) not in values:
+            raise ValueError(f"the imported parameters have no {path_str(p)}, which the model needs")
         value = np.asarray(values.pop(path_str(p)))
         made.append(jnp.asarray(value.reshape(ref.shape), ref.dtype))
     if values:
@@ -136,15 +162,21 @@ def import_checkpoint(FLAGS) -> dict:
     params, ema_params = (_filled(state.params, imported.params), _filled(state.params, imported.ema_params))
     state = state.replace(step=jnp.asarray(imported.step, jnp.int32), params=params, ema_params=ema_params,
                           opt_state=state.optimizer.transformation().init(params))
+    created = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
-        ckpt.save(imported.step, state.checkpoint_tree(), {"seed": config.seed, "imported_from": imported.what},
-                  force=True)
-        ckpt.wait()
-    finally:
-        ckpt.close()
-    save_config(workdir, config.to_dict())
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+        try:
+            ckpt.save(imported.step, state.checkpoint_tree(), {"seed": config.seed, "imported_from": imported.what},
+                      force=True)
+            ckpt.wait()
+        finally:
+            ckpt.close()
+        save_config(workdir, config.to_dict())
+    except BaseException:  # (Ctrl-C included) a half-written work directory would read as a run
+        shutil.rmtree(workdir) if created else [shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+                                                for name in os.listdir(workdir)]
+        raise
     count = sum(x.size for x in jax.tree.leaves(params))
     print(f"imported {imported.what} (step {imported.step}, {count:,} parameters, with their EMA) into {workdir}; "
           f"evaluate it with: python -m experiments.evaluate --workdir={workdir}")

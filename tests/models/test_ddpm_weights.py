@@ -78,18 +78,16 @@ def _relative_error(model, io):
     return float(np.max(np.abs(np.asarray(out) - reference)) / np.max(np.abs(reference)))
 
 
-@pytest.mark.slow(25)
+@pytest.mark.slow(20)
 def test_the_ddpm_cifar10_shape_matches_diffusers_as_the_hub_publishes_it(tmp_path):
-    """The full 35.7M-parameter shape, saved as google/ddpm-cifar10-32 is (diffusers 0.0.4's config
-    keys, the attention's old names, torch's legacy format) and as safetensors."""
-    io = _diffusers_peer(tmp_path, HUB_CONFIG, timesteps=[0, 999], formats=["hub", "safetensors"])
-    for kind in ("hub", "safetensors"):
-        config, params = ddpm_weights.load_ddpm_weights(tmp_path / kind)
-        assert config == ddpm_cifar10(time_offset=-1.0)
-        model = ddpm_weights.ddpm_unet(tmp_path / kind)
-        assert count_params(model) == 35_746_307
-        error = _relative_error(model, io)
-        assert error <= TOLERANCE, (kind, error)
+    """The full 35.7M-parameter shape, saved as google/ddpm-cifar10-32 is: diffusers 0.0.4's config
+    keys, the attention's old names, torch's legacy format (safetensors: the small model's test)."""
+    io = _diffusers_peer(tmp_path, HUB_CONFIG, timesteps=[0, 999], formats=["hub"])
+    config, _ = ddpm_weights.load_ddpm_weights(tmp_path / "hub")
+    assert config == ddpm_cifar10(time_offset=-1.0)
+    model = ddpm_weights.ddpm_unet(tmp_path / "hub")
+    assert count_params(model) == 35_746_307
+    assert _relative_error(model, io) <= TOLERANCE
     assert ddpm_weights.load_ddpm_family(tmp_path / "hub") == DDPM(timesteps=1000, schedule="linear",
                                                                     beta_start=1e-4, beta_end=0.02)
 
@@ -307,3 +305,55 @@ def test_load_ddpm_family_defaults_are_ho_et_al():
     family = ddpm_weights.load_ddpm_family()
     assert family == DDPM(timesteps=1000, schedule="linear", beta_start=1e-4, beta_end=0.02, prediction="eps",
                           variance="posterior")
+
+
+# --------------------------------------------------------------------------------------------
+# experiments.import_checkpoint --from=ddpm
+# --------------------------------------------------------------------------------------------
+
+
+def _run(module, *args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow(20)
+def test_import_checkpoint_from_ddpm_writes_a_work_directory_that_evaluate_reads(tmp_path, small_model):
+    """A small model in diffusers' files (the hub's layout: a pipeline folder with unet/ and scheduler/)
+    becomes a DDPM work directory: experiments/configs/cifar10.py:ddpm with the file's network, the weights
+    as parameters and EMA; experiments.evaluate prints its bits/dim (its samplers are the work directory's
+    tools as for any run: tests/test_import_checkpoint.py samples an imported VDM)."""
+    from vdm_jax.training import load_checkpoint
+
+    _folder(tmp_path / "pipeline" / "unet", _as_diffusers(small_model))
+    (tmp_path / "pipeline" / "scheduler").mkdir()
+    (tmp_path / "pipeline" / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+         "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_small"}))
+    rng = np.random.default_rng(0)
+    images = {f"x_{s}": rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8) for s in ("train", "test")}
+    np.savez(tmp_path / "images.npz", **images, y_train=np.zeros(16, np.int64), y_test=np.zeros(16, np.int64))
+    workdir = str(tmp_path / "imported")
+    run = _run("experiments.import_checkpoint", "--from=ddpm", f"--checkpoint={tmp_path / 'pipeline'}",
+               f"--workdir={workdir}", f"--data=npz:{tmp_path / 'images.npz'}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"imported DDPM's weights (diffusers) {tmp_path / 'pipeline'} (step 0, 702,499 parameters" in run.stdout
+
+    config, state = load_checkpoint(workdir)
+    d = config.diffusion
+    assert (d.family, d.timesteps, d.schedule, d.beta_start, d.beta_end, d.variance) == (
+        "ddpm", 1000, "linear", 1e-4, 0.02, "beta")
+    assert UNetConfig.from_dict({**config.model, "dtype": "float32"}) == SMALL
+    expected = jax.tree.leaves(nnx.state(small_model, nnx.Param))
+    for name in ("params", "ema_params"):
+        for ours, theirs in zip(jax.tree.leaves(getattr(state, name)["model"]), expected, strict=True):
+            np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+    evaluated = _run("experiments.evaluate", f"--workdir={workdir}", "--noprogress_bar", "--bpd", "--batch_size=8")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "16 examples, each exactly once" in evaluated.stdout and "EMA parameters at step 0" in evaluated.stdout
+    with open(os.path.join(workdir, "eval", "step_0", "bpd_test_onet_draws1_seed0.json")) as f:
+        assert np.isfinite(json.load(f)["bpd"]["total"]["mean"])
