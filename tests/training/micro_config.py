@@ -33,7 +33,7 @@ def micro_config(image_size=8, channels=1, **diffusion):
 
 def get_config(family: str = "ddpm"):
     """`micro_config` on the digits: 12 steps, a log line and a metrics record every step,
-    checkpoints every 3 steps, evaluation and samples only at the end. 'vdm' is the `vdm` CIFAR-10
+    checkpoints every 3 steps, evaluation and samples only at the end. 'vdm' is the `vdm_nnet` CIFAR-10
     recipe in small: continuous time, a learned schedule with variance minimisation, AdamW with
     masked weight decay, warmed up over 4 steps."""
     c = micro_config(family=family, timesteps=20 if family == "ddpm" else 0)
