@@ -174,8 +174,9 @@ def import_checkpoint(FLAGS) -> dict:
             ckpt.close()
         save_config(workdir, config.to_dict())
     except BaseException:  # (Ctrl-C included) a half-written work directory would read as a run
-        shutil.rmtree(workdir) if created else [shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-                                                for name in os.listdir(workdir)]
+        shutil.rmtree(workdir, ignore_errors=True)
+        if not created:
+            os.makedirs(workdir, exist_ok=True)  # (it was there, empty)
         raise
     count = sum(x.size for x in jax.tree.leaves(params))
     print(f"imported {imported.what} (step {imported.step}, {count:,} parameters, with their EMA) into {workdir}; "

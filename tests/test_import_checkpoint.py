@@ -106,3 +106,25 @@ def test_bad_checkpoints_and_work_directories_are_one_line(tmp_path):
     for workdir in (str(tmp_path / "notes.flax"), "gs://bucket/run"):
         with pytest.raises(WorkdirError, match="--workdir="):
             import_checkpoint(types.SimpleNamespace(**flags, checkpoint=str(tmp_path), workdir=workdir))
+
+
+@pytest.mark.slow(10)
+def test_a_failed_import_leaves_no_work_directory(tmp_path, monkeypatch):
+    """Writing fails after the checkpoint was saved (here: config.json): the work directory is removed (an
+    empty one given is emptied again), so that nothing half-written reads as a run."""
+    from experiments.import_checkpoint import import_checkpoint
+    from vdm_jax.training import checkpoint
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_config", fail)
+    folder = _official_checkpoint(str(tmp_path))
+    flags = dict(checkpoint=folder, image_size=8, gamma_min=-13.3, gamma_max=5.0, timesteps=0, data=None)
+    flags["from"] = "vdm"
+    for workdir, existed in ((tmp_path / "new", False), (tmp_path / "empty", True)):
+        if existed:
+            workdir.mkdir()
+        with pytest.raises(OSError, match="disk full"):
+            import_checkpoint(types.SimpleNamespace(**flags, workdir=str(workdir)))
+        assert workdir.exists() == existed and not (existed and any(workdir.iterdir()))

@@ -202,10 +202,15 @@ def test_bad_files_and_parameters_are_one_line(tmp_path, folder):
         vdm_unet_state(_fake(score, ("extra",), {"kernel": np.ones(3, np.float32)}), config)
     with pytest.raises(ValueError, match="conv_in/kernel takes 7 channels"):
         vdm_unet_config(_fake(score, ("conv_in", "kernel"), np.zeros((3, 3, 7, 64), np.float32)))
-    nnet = _fake(tree["params"], ("gamma",), {"l1": {"kernel": np.ones((1, 1))}})
-    from vdm_jax.models.vdm_weights import _schedule
-    with pytest.raises(ValueError, match="'learnable_nnet' is not"):
-        _schedule(nnet, "params")
+    nnet = _fake(tree, ("params", "gamma"), {"l1": {"kernel": np.ones((1, 1), np.float32)}})
+    (tmp_path / "nnet.flax").write_bytes(serialization.msgpack_serialize(nnet))
+    with pytest.raises(ValueError, match="params/gamma holds \\['l1'\\]: only the 'learnable_scalar' schedule .* "
+                                         "'learnable_nnet' is not"):
+        read_vdm_checkpoint(tmp_path / "nnet.flax", image_size=8)
+    fixed = _fake(_fake(tree, ("params", "gamma"), None), ("ema_params", "gamma"), None)
+    (tmp_path / "fixed.flax").write_bytes(serialization.msgpack_serialize(fixed))
+    read = read_vdm_checkpoint(tmp_path / "fixed.flax", image_size=8)
+    assert read.gamma_type == "fixed" and read.schedule == read.ema_schedule == {}
     # Without attention after the blocks (the CIFAR-10 layout) and without Fourier features: read from the names.
     plain = {k: v for k, v in score.items() if not re.fullmatch(r"(down|up)\.attn_\d+", k)}
     assert vdm_unet_config(plain).attn_resolutions == ()
