@@ -184,7 +184,7 @@ def _unet_config(config: Mapping[str, Any], *, dropout: float, where: str) -> UN
     if [_attention(where, "up_block_types", kind, "UpBlock2D") for kind in reversed(up)] != attn:
         raise _Error(where, f"up_block_types {up} must mirror down_block_types {down}")
     base = channels[0]
-    if any(not isinstance(ch, int) or ch % base for ch in channels):
+    if any(not isinstance(ch, int) or ch < 1 or ch % base for ch in channels):
         raise _Error(where, f"block_out_channels {channels} must be multiples of the first")
     size = _sample_size(where, get("sample_size"))
     _check_widths(where, config, base, channels, attn)
