@@ -542,6 +542,8 @@ def test_pred_fn_rejects_integer_steps():
         (dict(embedding_dim=33), r"embedding_dim: expected an even int >= 4"),
         (dict(fourier_features=(-1,)), r"fourier_features: expected a tuple of ints >= 0"),
         (dict(extra_cond_dim=-1), r"extra_cond_dim: expected an int >= 0"),
+        (dict(num_classes=-1), r"num_classes: expected an int >= 0"),
+        (dict(num_classes=2.0), r"num_classes: expected an int >= 0"),
         (dict(dtype="int8"), r"dtype: expected a floating dtype"),
         (dict(param_dtype="float33"), r"param_dtype: expected a floating dtype"),
         (dict(remat=1), r"remat: expected a bool"),
@@ -600,3 +602,62 @@ def test_fourier_features_values_and_order():
     f = jax.jit(fourier_features, static_argnums=1)(z, (0, 1))
     angles = 2 * np.pi * np.array([0.125 * 1, 0.125 * 2, 0.25 * 1, 0.25 * 2])  # c-major
     np.testing.assert_allclose(f, [np.concatenate([np.sin(angles), np.cos(angles)])], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Class conditioning
+# ---------------------------------------------------------------------------------------------
+
+COND10 = GRAY16.replace(num_classes=10)
+
+
+def test_class_conditioning_adds_only_the_class_embedding():
+    """num_classes K adds one parameter, `class_emb`'s kernel [K + 1, 4·embedding_dim] (K: no label);
+    an unconditional config has the same parameters as before (its checkpoints still load)."""
+    plain = nnx.state(_abstract(GRAY16), nnx.Param)
+    cond = nnx.state(_abstract(COND10), nnx.Param)
+    paths = lambda state: {jax.tree_util.keystr(p, simple=True, separator="/")  # noqa: E731
+                           for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
+    assert paths(cond) - paths(plain) == {"class_emb/kernel/value"} and paths(plain) <= paths(cond)
+    assert cond["class_emb"]["kernel"].shape == (11, 4 * GRAY16.embedding_dim)
+    assert count_params(COND10) - count_params(GRAY16) == 11 * 4 * GRAY16.embedding_dim
+
+
+def test_class_embedding_has_unit_variance_at_initialisation():
+    """EDM's scaling: a lecun-normal dense layer on sqrt(K + 1)·one_hot, so each class's vector ~ N(0, 1)."""
+    kernel = UNet(tiny(num_classes=99, embedding_dim=64), rngs=nnx.Rngs(0)).class_emb.kernel[...]
+    assert abs(float(jnp.std(kernel)) * np.sqrt(100) - 1.0) < 0.05
+
+
+def test_labels_change_the_prediction_and_no_label_is_the_null_class():
+    model = _model_of(COND10)
+    z, cond = _inputs(COND10)
+    out = {name: model(z, cond, labels=labels) for name, labels in
+           [("a", jnp.arange(B) % 10), ("b", (jnp.arange(B) + 1) % 10), ("none", None), ("null", jnp.full((B,), 10))]}
+    assert not np.allclose(out["a"], out["b"], atol=1e-4)
+    np.testing.assert_array_equal(out["none"], out["null"])
+    # Each example's output depends on its own label only (the labels enter per example).
+    mixed = model(z, cond, labels=jnp.where(jnp.arange(B) < 4, jnp.arange(B) % 10, (jnp.arange(B) + 1) % 10))
+    np.testing.assert_allclose(mixed[:4], out["a"][:4], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mixed[4:], out["b"][4:], rtol=1e-5, atol=1e-6)
+
+
+def test_pred_fn_passes_labels_and_guided_uses_one_call():
+    model = _model_of(COND10)
+    z, t = _inputs(COND10)
+    labels = jnp.arange(B) % 10
+    pred_fn = as_pred_fn(model)
+    np.testing.assert_array_equal(pred_fn(z, t, labels), model(z, t, labels=labels))
+    guided = jax.jit(vdm_jax.guided(pred_fn, labels, 2.0, null_label=10))(z, t)
+    np.testing.assert_allclose(guided, 3.0 * model(z, t, labels=labels) - 2.0 * model(z, t), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("config, labels, match", [
+    (GRAY16, jnp.zeros((B,), jnp.int32), r"labels: given, but the config has num_classes=0"),
+    (COND10, jnp.zeros((B,)), r"labels: expected integer classes \[B\] = \(8,\) in 0..10 \(10: no label\), got float32"),
+    (COND10, jnp.zeros((B, 1), jnp.int32), r"labels: expected integer classes .* got int32 of shape \(8, 1\)"),
+])
+def test_bad_labels_raise(config, labels, match):
+    z, cond = _inputs(config)
+    with pytest.raises(ValueError, match=match):
+        _model_of(config)(z, cond, labels=labels)

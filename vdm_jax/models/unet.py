@@ -73,6 +73,10 @@ class UNetConfig:
         networks (DDPM step i, i = 1..T, is embedded as i). Ho et al.'s code and diffusers count
         the steps from 0 (their step i - 1 is step i here), so their DDPM weights are imported
         with -1 (`vdm_jax.models.ddpm_weights`); the network then sees what it was trained on.
+      num_classes: K > 0 makes the network class-conditional: a learned embedding of the label
+        (classes 0..K-1, and K = "no label", the unconditional model that classifier-free guidance
+        needs) is added to the noise-level embedding, as in EDM and guided-diffusion. 0 (the
+        default): unconditional, with no such parameters.
       extra_cond_dim: width of an optional extra conditioning vector `extra_cond` [B, k],
         concatenated to the time embedding before the MLP; zeros when not passed. This is
         VDM's `conditioning` input (an augmentation flag in its `cifar10_aug` runs, zeros for
@@ -109,6 +113,7 @@ class UNetConfig:
     num_groups: int = 32
     embedding_dim: int = 128
     time_offset: float = 0.0
+    num_classes: int = 0
     extra_cond_dim: int = 0
     fourier_features: tuple[int, ...] = ()
     skip_input: bool = False
@@ -162,7 +167,7 @@ def _is_int(x: Any, minimum: int) -> bool:
 def _check_fields(c: UNetConfig) -> None:
     """Checks each field on its own: types, ranges and choices."""
     for name, minimum in [("in_channels", 1), ("image_size", 1), ("base_channels", 1),
-                          ("num_res_blocks", 1), ("num_groups", 1), ("extra_cond_dim", 0)]:
+                          ("num_res_blocks", 1), ("num_groups", 1), ("num_classes", 0), ("extra_cond_dim", 0)]:
         if not _is_int(getattr(c, name), minimum):
             _fail(name, f"an int >= {minimum}", getattr(c, name))
     if not c.channel_mult or not all(_is_int(m, 1) for m in c.channel_mult):
@@ -540,6 +545,20 @@ def _check_cond(cond: jax.Array, batch: int) -> jax.Array:
     return jnp.asarray(cond)
 
 
+def _check_labels(c: UNetConfig, labels: jax.Array | None, batch: int) -> jax.Array | None:
+    """Returns labels as int [B] (None: every example "no label", class num_classes); None without classes."""
+    if c.num_classes == 0:
+        if labels is not None:
+            raise ValueError("labels: given, but the config has num_classes=0 (an unconditional network)")
+        return None
+    if labels is None:
+        return jnp.full((batch,), c.num_classes, jnp.int32)
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer) or jnp.shape(labels) != (batch,):
+        raise ValueError(f"labels: expected integer classes [B] = ({batch},) in 0..{c.num_classes} "
+                         f"({c.num_classes}: no label), got {jnp.result_type(labels)} of shape {jnp.shape(labels)}")
+    return jnp.asarray(labels)
+
+
 def _check_extra_cond(c: UNetConfig, extra: jax.Array | None, batch: int) -> jax.Array:
     """Returns extra_cond as [B, extra_cond_dim]; zeros when not given."""
     if extra is None:
@@ -571,6 +590,9 @@ class UNet(OneDrawModule):
         width = 4 * c.embedding_dim
         self.emb_dense0 = _dense(c, c.embedding_dim + c.extra_cond_dim, width, rngs=rngs)
         self.emb_dense1 = _dense(c, width, width, rngs=rngs)
+        # The label's embedding: a bias-free dense layer on the scaled one-hot (EDM's), so each
+        # class's vector has unit variance at initialisation.
+        self.class_emb = _dense(c, c.num_classes + 1, width, bias=False, rngs=rngs) if c.num_classes else None
         self.conv_in = _conv(c, _input_channels(c), c.base_channels, rngs=rngs)
         down, skips = _down_layout(c)
         self.down = nnx.List([_build(s, c, Downsample, rngs) for s in down])
@@ -585,8 +607,8 @@ class UNet(OneDrawModule):
                               zero=c.zero_init_output, rngs=rngs)
 
     @nnx.jit(graph=False)
-    def __call__(self, z: jax.Array, cond: jax.Array, *, extra_cond: jax.Array | None = None,
-                 key: jax.Array | None = None) -> jax.Array:
+    def __call__(self, z: jax.Array, cond: jax.Array, *, labels: jax.Array | None = None,
+                 extra_cond: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
         """Predicts from a noisy image.
 
         Args:
@@ -594,6 +616,8 @@ class UNet(OneDrawModule):
             2**(len(channel_mult)-1) (any size without downsampling).
           cond: [B] (or scalar, broadcast) normalised time / noise level, roughly in [0, 1];
             embedded as `sinusoidal_embedding(1000 * cond + time_offset)`.
+          labels: with `num_classes` K > 0, the class of each example, int [B] in 0..K (K: no
+            label; None: no label for all). Without classes, must be None.
           extra_cond: optional [B, extra_cond_dim] extra conditioning (zeros if None).
           key: dropout key; dropout is active iff a key is given.
 
@@ -606,8 +630,9 @@ class UNet(OneDrawModule):
         """
         _check_z(self.config, z)
         cond = _check_cond(cond, z.shape[0])
+        labels = _check_labels(self.config, labels, z.shape[0])
         extra_cond = _check_extra_cond(self.config, extra_cond, z.shape[0])
-        emb = self._embed(cond, extra_cond)
+        emb = self._embed(cond, extra_cond, labels)
         keys = _key_stream(key)
         hs = self._encode(z, emb, keys)
         h = self._middle(hs[-1], emb, keys)
@@ -615,14 +640,20 @@ class UNet(OneDrawModule):
         out = self.conv_out(jax.nn.swish(self.norm_out(h)))
         return self._output(out, z)
 
-    def _embed(self, cond: jax.Array, extra_cond: jax.Array) -> jax.Array:
-        """[B], [B, k] -> [B, 4 * embedding_dim]: sinusoidal features, then a swish MLP."""
+    def _embed(self, cond: jax.Array, extra_cond: jax.Array, labels: jax.Array | None) -> jax.Array:
+        """[B], [B, k], [B] -> [B, 4 * embedding_dim]: sinusoidal features, a swish MLP, plus the
+        label's embedding before the last swish."""
+        c = self.config
         time = _TIME_SCALE * cond
-        if self.config.time_offset:
-            time = time + self.config.time_offset
-        emb = sinusoidal_embedding(time, self.config.embedding_dim)
+        if c.time_offset:
+            time = time + c.time_offset
+        emb = sinusoidal_embedding(time, c.embedding_dim)
         emb = jnp.concatenate([emb, extra_cond], axis=-1)
-        return jax.nn.swish(self.emb_dense1(jax.nn.swish(self.emb_dense0(emb))))
+        emb = self.emb_dense1(jax.nn.swish(self.emb_dense0(emb)))
+        if labels is not None:
+            one_hot = jax.nn.one_hot(labels, c.num_classes + 1, dtype=emb.dtype) * math.sqrt(c.num_classes + 1)
+            emb = emb + self.class_emb(one_hot)
+        return jax.nn.swish(emb)
 
     def _encode(self, z: jax.Array, emb: jax.Array, keys: Iterator) -> list[jax.Array]:
         """Down path; returns every skip activation, conv_in's output first."""
@@ -697,8 +728,10 @@ def as_pred_fn(model: UNet, gamma_fn: Callable[[jax.Array], jax.Array] | None = 
       key: dropout key for every call of `pred_fn` (None: no dropout).
 
     Returns:
-      `pred_fn(z_t, t)` -> the prediction [B, H, W, C], or `(prediction, v)` when the model has
-      `learned_variance` (what the core's `variance='learned'` expects).
+      `pred_fn(z_t, t, labels=None)` -> the prediction [B, H, W, C], or `(prediction, v)` when the
+      model has `learned_variance` (what the core's `variance='learned'` expects). A class-conditional
+      model (`num_classes` K > 0) takes the classes as `labels` int [B] (K or None: no label), so
+      `pred_fn` is what `vdm_jax.guided` guides: `guided(pred_fn, labels, w, null_label=K)`.
     """
     if not isinstance(model, UNet):
         raise TypeError(f"as_pred_fn: model: expected a UNet, got {type(model).__name__}")
@@ -710,12 +743,12 @@ def as_pred_fn(model: UNet, gamma_fn: Callable[[jax.Array], jax.Array] | None = 
         raise ValueError(f"as_pred_fn: gamma_max: expected > gamma_min = {gamma_min}, got {gamma_max}")
     learned = model.config.learned_variance
 
-    def pred_fn(z_t: jax.Array, t: jax.Array):
+    def pred_fn(z_t: jax.Array, t: jax.Array, labels: jax.Array | None = None):
         t = jnp.asarray(t)
         if not jnp.issubdtype(t.dtype, jnp.floating):  # e.g. DDPM's integer steps: t = step / T
             raise TypeError(f"pred_fn: t: expected float times in [0, 1], got dtype {t.dtype}")
         cond = t if gamma_fn is None else (gamma_fn(t) - gamma_min) / (gamma_max - gamma_min)
-        out = model(z_t, jnp.asarray(cond, jnp.result_type(z_t)), key=key)
+        out = model(z_t, jnp.asarray(cond, jnp.result_type(z_t)), labels=labels, key=key)
         return tuple(jnp.split(out, 2, axis=-1)) if learned else out
 
     return pred_fn
