@@ -59,7 +59,7 @@ def _from_vdm(FLAGS) -> Imported:
 
     ckpt = read_vdm_checkpoint(FLAGS.checkpoint, image_size=FLAGS.image_size)
     config = official_recipe()
-    set_model(config, ckpt.model_config)
+    set_model(config, ckpt.model_config, dtype=config.model.dtype)  # (the recipe's activations: float32)
     config.diffusion.timesteps = FLAGS.timesteps
     config.diffusion.gamma_min, config.diffusion.gamma_max = FLAGS.gamma_min, FLAGS.gamma_max
     config.diffusion.schedule = "learned_linear" if ckpt.gamma_type == "learnable_scalar" else "linear"

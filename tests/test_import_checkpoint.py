@@ -17,6 +17,8 @@ from flax import nnx
 
 from vdm_jax.models.vdm_weights import read_vdm_checkpoint
 from vdm_jax.training import WorkdirError, load_checkpoint
+from vdm_jax.training.checkpoint import saved_config
+from vdm_jax.training.config import config_changes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data")
@@ -63,6 +65,11 @@ def test_an_official_vdm_checkpoint_becomes_a_work_directory_that_evaluate_reads
     assert f"imported google-research/vdm's checkpoint {folder} (step 1234, " in run.stdout
 
     config, state = load_checkpoint(workdir)
+    # The official recipe (experiments/configs/cifar10.py:vdm), but for the network's size and the data.
+    from experiments.configs.cifar10 import vdm as recipe
+    changed = {line.split(":")[0] for line in config_changes(saved_config(workdir), recipe().to_dict())}
+    assert changed == {"data.source", "model.base_channels", "model.embedding_dim", "model.image_size",
+                       "model.num_res_blocks", "model.attn_resolutions"}, changed
     assert (config.diffusion.family, config.diffusion.schedule, config.diffusion.timesteps) == ("vdm", "learned_linear", 0)
     assert int(state.step) == 1234 and config.model.base_channels == 64
     official = read_vdm_checkpoint(folder, image_size=8)
