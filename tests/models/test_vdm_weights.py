@@ -9,7 +9,7 @@ the venv's jax 0.10.2 / flax 0.12.8 / optax 0.2.8:
     mkdir /tmp/vdm_official && cp /tmp/vdm/model_vdm.py /tmp/vdm/train_state.py /tmp/vdm_official/
     JAX_PLATFORMS=cpu python /tmp/vdm_official/make_fixture.py tests/data   # (imports the two files beside it)
 
-make_fixture.py (kept outside the repository with the official code; about 120 lines) does this:
+make_fixture.py (kept outside the repository with the official code; about 130 lines) does this:
 - `VDMConfig(vocab_size=256, sample_softmax=False, antithetic_time_sampling=True,
   with_fourier_features=True, with_attention=True, gamma_type='learnable_scalar', gamma_min=-13.3,
   gamma_max=5.0, sm_n_timesteps=0, sm_n_embd=64, sm_n_layer=1, sm_pdrop=0.1)`: the CIFAR-10 network's
