@@ -55,7 +55,7 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def _close(ours, theirs, rtol=2e-6):
+def _close(ours, theirs, rtol=5e-6):  # (as tests/models/test_vdm_weights.py: float32, measured 1.3e-6)
     np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0, atol=rtol * np.abs(theirs).max())
 
 
