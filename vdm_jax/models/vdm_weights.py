@@ -2,7 +2,9 @@
 
     ckpt = read_vdm_checkpoint("checkpoint-final/checkpoints-0")   # a directory of ckpt-N.flax, or one file
     model = nnx.merge(ckpt.graphdef, ckpt.ema_params)              # a vdm_jax `UNet` with the official EMA weights
-    gamma = lambda t: ckpt.ema_schedule["b"] + abs(ckpt.ema_schedule["w"]) * t   # its learned linear γ(t)
+    gamma = vdm_jax.LearnedLinearSchedule()                        # γ(t) = b + |w| t, with the EMA's w and b:
+    gamma.w[...], gamma.b[...] = ckpt.ema_schedule["w"], ckpt.ema_schedule["b"]
+    pred_fn = as_pred_fn(model, gamma)                             # (γ_min, γ_max = -13.3, 5: the official config's)
 
 The official code (google-research/vdm, `experiment.py`) saves its train state with clu's
 `Checkpoint.save`: `flax.serialization.to_bytes(state)` into `checkpoints-0/ckpt-N.flax`, a Flax
