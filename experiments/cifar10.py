@@ -34,10 +34,11 @@ def main(argv):
                   checkpoints=os.path.join(os.path.abspath(flags.FLAGS.workdir), "checkpoints"))
     summary = run_or_explain(train_and_evaluate, config, flags.FLAGS.workdir)
     if "eval" in summary:
-        print(f"step {summary['eval']['step']}: test bpd {summary['eval']['eval/total_bpd']:.4f} ± "
-              f"{summary['eval']['eval/total_bpd_se']:.4f} "
-              f"over {int(summary['eval']['eval/examples'])} images"
-              + (f"; samples: {summary['samples']}" if "samples" in summary else ""))
+        e = summary["eval"]
+        print(f"step {e['step']}: test bpd {e['eval/total_bpd']:.4f} ± {e['eval/total_bpd_se']:.4f} "
+              f"over {int(e['eval/examples'])} images"
+              + (f" (given no label: {e['eval/unconditional_total_bpd']:.4f})" if "eval/unconditional_total_bpd" in e
+                 else "") + (f"; samples: {summary['samples']}" if "samples" in summary else ""))
 
 
 if __name__ == "__main__":

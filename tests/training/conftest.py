@@ -1,6 +1,7 @@
 """Small configs shared by the training tests (defined in micro_config.py, which also serves as a
 config file for the command-line tests)."""
 import importlib.util
+import json
 import os
 import subprocess
 
@@ -46,3 +47,25 @@ def small_disk(tmp_path):
     mount.resize = lambda size: run("remount", f"size={size}").check_returncode()
     yield mount
     subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(once_per_run, micro_run):
+    """family -> (work directory, summary) of the micro run of that family, uninterrupted, run in
+    a test process (8 devices) once for the whole test run."""
+    def run(family="ddpm"):
+        def make(directory):
+            from vdm_jax.training import train_and_evaluate
+
+            summary = train_and_evaluate(micro_run(family), str(directory / "run"))
+            (directory / "summary.json").write_text(json.dumps(summary, default=float))
+
+        directory = once_per_run(f"uninterrupted_{family}", make)
+        return directory / "run", json.loads((directory / "summary.json").read_text())
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def reference(uninterrupted):
+    return uninterrupted("ddpm")

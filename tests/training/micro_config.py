@@ -1,6 +1,6 @@
 """A very small run for the training tests, usable as a config file on the command line:
 
-    python -m experiments.cifar10 --workdir=DIR --config=tests/training/micro_config.py[:ddpm|vdm]
+    python -m experiments.cifar10 --workdir=DIR --config=tests/training/micro_config.py[:ddpm|vdm|conditional]
 
 An 8×8×1 U-Net of ~15k parameters, one level of ResBlocks and no attention: the architecture is not
 what these tests test (tests/models does), and its train step compiles in 60% of the time of the
@@ -35,7 +35,10 @@ def get_config(family: str = "ddpm"):
     """`micro_config` on the digits: 12 steps, a log line and a metrics record every step,
     checkpoints every 3 steps, evaluation and samples only at the end. 'vdm' is the `vdm_nnet` CIFAR-10
     recipe in small: continuous time, a learned schedule with variance minimisation, AdamW with
-    masked weight decay, warmed up over 4 steps."""
+    masked weight decay, warmed up over 4 steps. 'conditional' is 'ddpm' class-conditional on the
+    digits' 10 classes (label dropout 0.2), its samples guided with w = 1, 2 per class."""
+    conditional = family == "conditional"
+    family = "ddpm" if conditional else family
     c = micro_config(family=family, timesteps=20 if family == "ddpm" else 0)
     c.data.source = "digits"
     c.data.random_flip = False
@@ -52,4 +55,7 @@ def get_config(family: str = "ddpm"):
     c.training.eval_batch_size = 304
     c.training.num_samples = 8
     c.training.sample_steps = 4
+    if conditional:
+        c.model.num_classes = 10
+        c.training.update(label_dropout=0.2, guidance=1.0, num_samples=20)
     return c

@@ -153,7 +153,7 @@ def test_samples_are_sharded_deterministic_and_differ_across_seeds(micro):
     assert not np.array_equal(a[:4], a[16:20])
     # The chain runs sharded: each device computes 16 / 8 = 2 images.
     from vdm_jax.training.evaluation import _sample_fn
-    hlo = _sample_fn(mesh, 16, "ddim", 4).lower(state, jax.random.key(0)).compile().as_text()
+    hlo = _sample_fn(mesh, 16, "ddim", 4).lower(state, jax.random.key(0), None, np.float32(0)).compile().as_text()
     assert "f32[2,8,8," in hlo and "f32[16,8,8," not in hlo
 
 

@@ -84,26 +84,6 @@ def _final_arrays(workdir):
     return jax.device_get(state.checkpoint_tree())
 
 
-@pytest.fixture(scope="session")
-def uninterrupted(once_per_run, micro_run):
-    """family -> (work directory, summary) of the micro run of that family, uninterrupted, run in
-    a test process (8 devices) once for the whole test run."""
-    def run(family="ddpm"):
-        def make(directory):
-            summary = train_and_evaluate(micro_run(family), str(directory / "run"))
-            (directory / "summary.json").write_text(json.dumps(summary, default=float))
-
-        directory = once_per_run(f"uninterrupted_{family}", make)
-        return directory / "run", json.loads((directory / "summary.json").read_text())
-
-    return run
-
-
-@pytest.fixture(scope="session")
-def reference(uninterrupted):
-    return uninterrupted("ddpm")
-
-
 @pytest.mark.slow(50)
 @pytest.mark.parametrize("family", ["ddpm", "vdm"])  # vdm: a learned schedule and masked AdamW state too
 def test_sigterm_then_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, uninterrupted, family):

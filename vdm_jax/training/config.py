@@ -81,6 +81,11 @@ SETTINGS = {
     "training.eval_at_start": (False, "also evaluate the initial model (a baseline for the curve)"),
     "training.eval_at_end": (True, "evaluate the whole eval split when training ends"),
     "training.eval_batch_size": (256, "global evaluation batch", "> 0"),
+    "training.label_dropout": (0.1, "class-conditional models (model.num_classes K > 0): the probability that a "
+                                    "training example's label is replaced by 'no label' (class K), so that the model "
+                                    "also learns the unconditional prediction guidance needs", "in [0, 1)"),
+    "training.guidance": (0.0, "class-conditional models: the guidance weight w of the periodic samples, one class per "
+                               "row (0: the conditional model; docs/math.md §6.9)"),
     "training.sample_every": (5_000, "a sample grid every this many steps (0: none during training)", ">= 0"),
     "training.sample_at_end": (True, "a sample grid when training ends"),
     "training.num_samples": (64, "images in each sample grid", "> 0"),

@@ -107,7 +107,7 @@ def _per_example_fn(mesh, step, options: tuple):
     rep = parallel.replicated(mesh)
 
     def fn(state, batch, key):
-        values = step(state, {"image": batch["image"]}, key=key, **dict(options))
+        values = step(state, {k: v for k, v in batch.items() if k in ("image", "label")}, key=key, **dict(options))
         return {**values, "index": batch["index"]}, batch["mask"]
 
     return jax.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=rep)
@@ -122,7 +122,8 @@ def _every_example(step, options: dict, state, source, *, mesh, batch_size: int,
     bar = progress_bar(progress, total=num_eval_batches(len(source), batch_size), desc=desc, unit="batch")
     parts = []
     for b, batch in enumerate(eval_iterator(source, global_batch_size=batch_size)):
-        local = {"image": batch["image"], "index": batch["index"], "mask": batch["mask"]}
+        keys = ("image", "index", "mask") + (("label",) if state.objective.num_classes else ())
+        local = {k: batch[k] for k in keys}
         values, mask = jax.device_get(fn(state, parallel.global_batch(local, mesh), jax.random.fold_in(key, b)))
         parts.append({name: np.asarray(v)[np.asarray(mask, bool)] for name, v in values.items()})
         bar.update(1)
@@ -148,6 +149,21 @@ def check_images(source, image_shape, what: str = "the source's") -> None:
                          "(config.model.image_size, config.model.in_channels).")
 
 
+def check_labels(source, num_classes: int, what: str = "the source") -> None:
+    """Raises ValueError unless every example of `source` has a label in 0..num_classes-1 (a
+    class-conditional model's data); nothing to check for an unconditional model (num_classes 0)."""
+    if not num_classes:
+        return
+    labels = getattr(source, "labels", None)  # (an ArraySource's, all of them; else the first examples')
+    labels = np.asarray(labels if labels is not None else [source[i]["label"] for i in range(min(len(source), 64))])
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{what} has no labels, but model.num_classes={num_classes} makes the model class-"
+                         "conditional: use labelled data, or model.num_classes=0.")
+    if labels.size and labels.max() >= num_classes:
+        raise ValueError(f"{what} has the label {int(labels.max())}, outside 0..{num_classes - 1} "
+                         f"(model.num_classes={num_classes}).")
+
+
 def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws: int = 1,
                  full_vlb: bool = False, progress: bool = False) -> dict[str, Any]:
     """The bound in bits/dim on every example of `source`, each exactly once, with the EMA parameters.
@@ -164,17 +180,24 @@ def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws
     Returns:
       {'examples': N, 'draws', 'full_vlb', 'bpd': {term: {'mean', 'se'}} for TERMS,
        'per_example_nats': {term: float64 [N]} ordered by the source's index, and with full_vlb
-       'per_t_bpd': [T] the mean of each L_{t-1}, t = 1..T}.
+       'per_t_bpd': [T] the mean of each L_{t-1}, t = 1..T}. A class-conditional model's bound is
+       given each example's label, and its bound given no label is added as 'bpd_unconditional'
+       (the same draws of t and ε).
     Raises:
       ValueError: a batch size that does not split over the devices, draws < 1, images of
         another shape than the model's, or full_vlb for a VDM.
       RuntimeError: the pass did not cover every example exactly once (a data pipeline bug).
     """
-    per_example, n = _every_example(steps.eval_step, dict(draws=draws, full_vlb=bool(full_vlb)), state, source,
-                                    mesh=mesh, batch_size=batch_size, key=key, progress=progress, desc="bpd")
+    options = dict(draws=draws, full_vlb=bool(full_vlb))
+    per_example, n = _every_example(steps.eval_step, options, state, source, mesh=mesh, batch_size=batch_size,
+                                    key=key, progress=progress, desc="bpd")
     scale = state.objective.dims * _LN2
     result = {"examples": n, "draws": int(draws), "full_vlb": bool(full_vlb),
               "bpd": {name: _mean_and_se(per_example[name] / scale) for name in TERMS}}
+    if state.objective.num_classes and not full_vlb:
+        unconditional, _ = _every_example(steps.eval_step, dict(options, conditional=False), state, source, mesh=mesh,
+                                          batch_size=batch_size, key=key, progress=progress, desc="bpd, no label")
+        result["bpd_unconditional"] = {name: _mean_and_se(unconditional[name] / scale) for name in TERMS}
     if "per_t" in per_example:
         result["per_t_bpd"] = (per_example.pop("per_t").mean(axis=0) / scale).tolist()
     return {**result, "per_example_nats": per_example}
@@ -215,19 +238,21 @@ def format_bpd_table(result: dict[str, Any]) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _sample_fn(mesh, batch_size: int, sampler: str, sample_steps: int):
+def _sample_fn(mesh, batch_size: int, sampler: str, sample_steps: int, guidance_interval=None):
     sharded, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
 
-    def fn(state, key):
-        images = steps.sample_step(state, key=key, num=batch_size, sampler=sampler, sample_steps=sample_steps)
+    def fn(state, key, labels, guidance):
+        images = steps.sample_step(state, key=key, num=batch_size, sampler=sampler, sample_steps=sample_steps,
+                                   labels=labels, guidance=guidance, guidance_interval=guidance_interval)
         # Pin the batch axis of the whole chain to the devices, then gather the (uint8) result.
         return jax.lax.with_sharding_constraint(images, sharded)
 
-    return jax.jit(fn, in_shardings=(rep, rep), out_shardings=rep)
+    return jax.jit(fn, in_shardings=(rep, rep, rep, rep), out_shardings=rep)  # (labels: [batch_size], tiny)
 
 
 def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int = 256,
-                     sampler: str = "ancestral", sample_steps: int = 0, progress: bool = False) -> np.ndarray:
+                     sampler: str = "ancestral", sample_steps: int = 0, progress: bool = False, labels=None,
+                     guidance: float = 0.0, guidance_interval: tuple[float, float] | None = None) -> np.ndarray:
     """`num` samples as uint8 [num, H, W, C] from the EMA parameters, in batches sharded over devices.
 
     Args:
@@ -241,16 +266,33 @@ def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int 
       sampler: one of `SAMPLERS`: 'ancestral' (DDPM or VDM), 'ddim', 'dpm_solver', 'heun', 'euler'.
       sample_steps: the sampler's steps (0: its default, `family.sampler_default_steps`).
       progress: show a progress bar.
+      labels: a class-conditional model's class of each image, int [num] (None: no label, the
+        unconditional model; `Objective.sample`).
+      guidance: with labels, the classifier-free guidance weight w (docs/math.md §6.9).
+      guidance_interval: with labels, (lo, hi) of γ outside which the guidance is off.
     """
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}.")
+    k = state.objective.num_classes
+    if labels is not None:
+        labels = np.asarray(labels)
+        if not k:
+            raise ValueError("labels: given, but the model is unconditional (model.num_classes=0).")
+        if labels.shape != (num,) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() > k:
+            raise ValueError(f"labels must be {num} integer classes in 0..{k} ({k}: no label), got "
+                             f"{labels.dtype} of shape {labels.shape}.")
+    padded = np.full(-(-num // batch_size) * batch_size, k, np.int32)  # (the last batch drawn whole, trimmed)
+    padded[:num] = k if labels is None else labels
     sample_steps = state.objective.check_sample_steps(sample_steps, sampler, name="sample_steps")  # (0 resolved)
     parallel.check_batch_size(batch_size, mesh, name="batch_size")
-    fn = _sample_fn(mesh, int(batch_size), sampler, int(sample_steps))
+    interval = None if guidance_interval is None else tuple(float(g) for g in guidance_interval)
+    fn = _sample_fn(mesh, int(batch_size), sampler, int(sample_steps), interval if k else None)
     bar = progress_bar(progress, total=num, desc="samples", unit="image")
     out = []
     for lo in range(0, num, batch_size):
-        out.append(np.asarray(jax.device_get(fn(state, jax.random.fold_in(key, lo // batch_size)))))
+        labels_b = padded[lo:lo + batch_size] if k else None
+        out.append(np.asarray(jax.device_get(fn(state, jax.random.fold_in(key, lo // batch_size), labels_b,
+                                                 np.float32(guidance)))))
         bar.update(min(batch_size, num - lo))
     bar.close()
     return np.concatenate(out)[:num]

@@ -41,7 +41,8 @@ from vdm_jax.training.config import check_config, config_changes, validate_confi
 from vdm_jax.training.distributed import initialize_distributed
 from vdm_jax.fid import load_statistics, sample_quality
 from vdm_jax.models.inception_weights import fid_inception
-from vdm_jax.training.evaluation import check_images, evaluate_bpd, generate_samples, inception_features
+from vdm_jax.training.evaluation import (check_images, check_labels, evaluate_bpd, generate_samples,
+                                         inception_features)
 from vdm_jax.training.metrics import MetricWriter, image_grid, progress_bar, save_png
 from vdm_jax.training.prefetch import DevicePrefetcher, call_sizes
 from vdm_jax.training.state import TrainState, create_train_state
@@ -233,14 +234,20 @@ class _Run:
                               batch_size=self.config.training.eval_batch_size, key=self.key_eval)
         out = {f"eval/{name}_bpd": r["mean"] for name, r in result["bpd"].items()}
         out.update({"eval/total_bpd_se": result["bpd"]["total"]["se"], "eval/examples": float(result["examples"])})
+        if "bpd_unconditional" in result:  # a class-conditional model's bound given no label
+            out.update({f"eval/unconditional_{name}_bpd": r["mean"] for name, r in result["bpd_unconditional"].items()})
         self.writer.scalars(int(state.step), out)
         return {**out, "step": int(state.step)}
 
-    def _samples(self, state: TrainState, num: int, batch: int, key):
-        """`num` samples by the sample grids' sampler, `batch` (rounded up to the devices) at a time."""
-        t, n = self.config.training, self.mesh.devices.size
+    def _samples(self, state: TrainState, num: int, batch: int, key, labels=None):
+        """`num` samples by the sample grids' sampler, `batch` (rounded up to the devices) at a time; a
+        class-conditional model's of `labels` (default: the classes in turn) with training.guidance."""
+        t, n, k = self.config.training, self.mesh.devices.size, state.objective.num_classes
+        if k and labels is None:
+            labels = np.arange(num) % k
         return generate_samples(state, mesh=self.mesh, num=num, batch_size=-(-batch // n) * n, sampler=t.sampler,
-                                key=jax.random.fold_in(key, int(state.step)), sample_steps=t.sample_steps)
+                                key=jax.random.fold_in(key, int(state.step)), sample_steps=t.sample_steps,
+                                labels=labels, guidance=t.guidance)
 
     def fid(self, state: TrainState, metrics=None) -> dict[str, float]:
         """FID and Inception Score of training.fid_samples samples (the sampler of the sample grids), logged."""
@@ -254,9 +261,16 @@ class _Run:
         return out
 
     def sample(self, state: TrainState, metrics=None) -> str:
-        """A grid of training.num_samples samples, as a PNG in samples/ and in the logs; returns its path."""
-        picture = image_grid(self._samples(state, self.config.training.num_samples,
-                                           self.config.training.num_samples, self.key_sample))
+        """A grid of training.num_samples samples, as a PNG in samples/ and in the logs; returns its path.
+        A class-conditional model's grid has a row per class (training.num_samples rounded up to a
+        multiple of the classes)."""
+        num, k = self.config.training.num_samples, state.objective.num_classes
+        if not k:
+            picture = image_grid(self._samples(state, num, num, self.key_sample))
+        else:
+            per_class = -(-num // k)
+            labels = np.repeat(np.arange(k), per_class)
+            picture = image_grid(self._samples(state, len(labels), len(labels), self.key_sample, labels), per_class)
         path = os.path.join(self.workdir, "samples", f"step_{int(state.step):08d}.png")
         if self.is_main:
             save_png(path, picture, scale=max(1, 512 // picture.shape[0]))
@@ -351,6 +365,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         image_shape = (model_config.image_size, model_config.image_size, model_config.in_channels)
         for source, split in ((train_source, config.data.train_split), (eval_source, config.data.eval_split)):
             check_images(source, image_shape, f"{config.data.source} {split}")
+            check_labels(source, model_config.num_classes, f"{config.data.source} {split}")
         train_iter = train_iterator(train_source, global_batch_size=t.batch_size, seed=config.seed,
                                     random_flip=config.data.random_flip, num_workers=config.data.num_workers)
         fid = _prepare_fid(t)
@@ -396,7 +411,8 @@ def _train(run: _Run) -> dict[str, Any]:
     summary, work, metrics = {"start_step": start}, _periodic(run), None
     one, many = compiled_steps(run.mesh)
     sizes = call_sizes(start, t.num_steps, t.steps_per_call)
-    batches = run.batches = DevicePrefetcher(run.train_iter, run.mesh, sizes, depth=run.config.data.prefetch)
+    keys = ("image", "label") if state.objective.num_classes else ("image",)
+    batches = run.batches = DevicePrefetcher(run.train_iter, run.mesh, sizes, depth=run.config.data.prefetch, keys=keys)
     interactive = t.progress_bar and sys.stderr.isatty()
     run.progress = progress_bar(interactive, total=t.num_steps, initial=start, desc="train", unit="step")
     in_flight = None  # (steps, metrics) of the call before, counted once its results are ready

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vdm_jax.families import DDPM, LEARNED_SCHEDULES, VDM
+from vdm_jax.guidance import guided
 from vdm_jax.models import UNetConfig, as_pred_fn
 from vdm_jax.pixels import data_to_pixels, pixels_to_data
 from vdm_jax.schedules import LearnedLinearSchedule, LearnedSchedule
@@ -29,14 +30,17 @@ _CONFIG_KEY = {"loss_type": "diffusion.loss", "prediction": "model.prediction"} 
 class Objective:
     """A family and what the run adds to it: the images' shape, and a learned VDM schedule's settings.
 
-    Losses and bounds are per example ([B], nats per image); `batch` is {'image': uint8 [B, H, W, C]};
-    `schedule_model` is the learned schedule's module (None unless learned).
+    Losses and bounds are per example ([B], nats per image); `batch` is {'image': uint8 [B, H, W, C]},
+    and for a class-conditional model also 'label' int [B]; `schedule_model` is the learned schedule's
+    module (None unless learned).
     """
 
     family: DDPM | VDM
     image_shape: tuple[int, int, int]
     schedule_hidden: int = 0  # VDM's learned MLP schedule ('learned'): the width of its monotone MLP
     variance_minimisation: bool = False  # ... and whether its shape follows ∇E[L_diffusion²]
+    num_classes: int = 0  # K > 0: a class-conditional network (class K: no label)
+    label_dropout: float = 0.0  # ... trained with 'no label' for this fraction of the examples
 
     @property
     def learned_schedule(self) -> bool:
@@ -82,16 +86,26 @@ class Objective:
     def _data(self, batch) -> jax.Array:
         return pixels_to_data(batch["image"], grid=self.family.grid)
 
-    def per_example_loss(self, model, schedule_model, batch, *, key) -> tuple[jax.Array, Terms]:
-        """The family's training loss (with dropout) and its terms."""
-        key_model, key_loss = jax.random.split(key)
-        return self.family.loss(self.pred_fn(model, schedule_model, key=key_model), self._data(batch), key=key_loss,
-                                **self._learned(schedule_model))
+    def _given(self, pred_fn, labels):
+        """`pred_fn(z_t, t)` of the network given `labels` (None, or an unconditional network: as it is)."""
+        return pred_fn if labels is None or not self.num_classes else lambda z_t, t: pred_fn(z_t, t, labels)
 
-    def per_example_bound(self, model, schedule_model, batch, *, key) -> Terms:
-        """An unbiased estimate of −ELBO: 'prior' + 'diffusion' + 'reconstruction' = 'total'."""
-        return self.family.bound(self.pred_fn(model, schedule_model), self._data(batch), key=key,
-                                 **self._learned(schedule_model))
+    def per_example_loss(self, model, schedule_model, batch, *, key) -> tuple[jax.Array, Terms]:
+        """The family's training loss (with dropout) and its terms; a class-conditional model is given
+        each example's label, or 'no label' with probability `label_dropout`."""
+        key_model, key_loss = jax.random.split(key)
+        labels = None
+        if self.num_classes:  # (its own key, fold_in: the other draws stay those of an unconditional run)
+            labels = drop_labels(batch["label"], self.label_dropout, self.num_classes, key=jax.random.fold_in(key, 2))
+        pred_fn = self._given(self.pred_fn(model, schedule_model, key=key_model), labels)
+        return self.family.loss(pred_fn, self._data(batch), key=key_loss, **self._learned(schedule_model))
+
+    def per_example_bound(self, model, schedule_model, batch, *, key, conditional: bool = True) -> Terms:
+        """An unbiased estimate of −ELBO: 'prior' + 'diffusion' + 'reconstruction' = 'total'; of a
+        class-conditional model given the batch's labels, or with `conditional=False` given none."""
+        labels = batch["label"] if conditional and self.num_classes else None
+        return self.family.bound(self._given(self.pred_fn(model, schedule_model), labels), self._data(batch),
+                                 key=key, **self._learned(schedule_model))
 
     def per_example_full_vlb(self, model, batch, *, key) -> Terms:
         """The whole discrete bound, every step (a DDPM's `full_bound`), with 'per_t' [B, T]."""
@@ -100,9 +114,16 @@ class Objective:
                              "more draws of its continuous-time ELBO.")
         return self.family.full_bound(self.pred_fn(model), self._data(batch), key=key)
 
-    def sample(self, model, schedule_model, *, key, num: int, sampler: str = "ancestral", sample_steps: int = 0):
-        """uint8 [num, H, W, C] by the family's `sampler` (`vdm_jax.SAMPLERS`)."""
-        x = self.family.sample(self.pred_fn(model, schedule_model), (num, *self.image_shape), key=key,
+    def sample(self, model, schedule_model, *, key, num: int, sampler: str = "ancestral", sample_steps: int = 0,
+               labels=None, guidance=0.0, guidance_interval: tuple[float, float] | None = None):
+        """uint8 [num, H, W, C] by the family's `sampler` (`vdm_jax.SAMPLERS`); of a class-conditional
+        model, given `labels` [num] with classifier-free guidance of weight `guidance` (optionally
+        only where γ(t) is in `guidance_interval`; `vdm_jax.guided`), or unconditional (labels None)."""
+        pred_fn = self.pred_fn(model, schedule_model)
+        if labels is not None and self.num_classes:
+            pred_fn = guided(pred_fn, labels, guidance, null_label=self.num_classes, interval=guidance_interval,
+                             gamma_fn=self.family.gamma_schedule(**self._learned(schedule_model)))
+        x = self.family.sample(pred_fn, (num, *self.image_shape), key=key,
                                sampler=sampler, sample_steps=sample_steps, **self._learned(schedule_model))
         return data_to_pixels(x, grid=self.family.grid).astype(jnp.uint8)
 
@@ -113,6 +134,12 @@ class Objective:
     def check_sample_steps(self, sample_steps: int, sampler: str, name: str = "training.sample_steps") -> int:
         """The steps `sampler` will take (0: its default); raises ValueError naming `name` if it can't."""
         return self.family.check_sampling(sampler, sample_steps, name)
+
+
+def drop_labels(labels, rate: float, num_classes: int, *, key) -> jax.Array:
+    """`labels` with each replaced by 'no label' (class `num_classes`) with probability `rate`,
+    independently: how a class-conditional model also learns the unconditional prediction."""
+    return jnp.where(jax.random.bernoulli(key, rate, labels.shape), num_classes, labels)
 
 
 def make_objective(config, model_config: UNetConfig) -> Objective:
@@ -146,4 +173,6 @@ def make_objective(config, model_config: UNetConfig) -> Objective:
             "only trained with a learned variance.")
     return Objective(family, (model_config.image_size, model_config.image_size, model_config.in_channels),
                      schedule_hidden=d.schedule_hidden if learned else 0,
-                     variance_minimisation=bool(learned and d.variance_minimisation))
+                     variance_minimisation=bool(learned and d.variance_minimisation),
+                     num_classes=model_config.num_classes,
+                     label_dropout=float(config.training.label_dropout) if model_config.num_classes else 0.0)

@@ -33,10 +33,10 @@ def call_sizes(start: int, num_steps: int, per_call: int) -> list[int]:
     return sizes
 
 
-def stack_batches(batches: list[dict[str, np.ndarray]], mesh) -> dict[str, Any]:
-    """One call's host batches as global device arrays: [B, ...], or [k, B, ...] for k > 1 micro-steps."""
+def stack_batches(batches: list[dict[str, np.ndarray]], mesh, keys=("image",)) -> dict[str, Any]:
+    """One call's host batches' `keys` as global device arrays: [B, ...], or [k, B, ...] for k > 1 micro-steps."""
     k = len(batches)
-    local = {"image": np.stack([b["image"] for b in batches]) if k > 1 else batches[0]["image"]}
+    local = {name: np.stack([b[name] for b in batches]) if k > 1 else batches[0][name] for name in keys}
     return parallel.global_batch(local, mesh, leading_axes=1 if k > 1 else 0)
 
 
@@ -49,12 +49,13 @@ class DevicePrefetcher:
       mesh: the device mesh the batches are sharded over.
       sizes: the micro-steps of each call, in order (`call_sizes`).
       depth: calls prepared ahead on a background thread; 0 reads in `next()`.
+      keys: what of each batch goes to the devices ('image'; and 'label' for a class-conditional model).
     """
 
-    def __init__(self, iterator, mesh, sizes: Iterable[int], depth: int = 2):
+    def __init__(self, iterator, mesh, sizes: Iterable[int], depth: int = 2, keys=("image",)):
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be an int >= 0, got {depth!r}.")
-        self._iterator, self._mesh, self._sizes = iterator, mesh, iter(sizes)
+        self._iterator, self._mesh, self._sizes, self._keys = iterator, mesh, iter(sizes), tuple(keys)
         # The iterator's position after the last call handed out, and before it (or the one asked for).
         self.position = self.read_position = iterator.get_state()
         self._queue = queue.Queue(maxsize=depth) if depth else None
@@ -66,7 +67,7 @@ class DevicePrefetcher:
     def _prepare(self, k: int) -> tuple[Any, Any, Any, BaseException | None]:
         before = self._iterator.get_state()
         try:
-            batch = stack_batches([next(self._iterator) for _ in range(k)], self._mesh)
+            batch = stack_batches([next(self._iterator) for _ in range(k)], self._mesh, self._keys)
         except BaseException as e:  # noqa: BLE001 - handed to the loop's thread, raised there
             return before, None, None, e
         return before, batch, self._iterator.get_state(), None

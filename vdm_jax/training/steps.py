@@ -124,10 +124,12 @@ def train_steps(state: TrainState, batches, *, key, unroll: bool | None = None
     return state, {**out, "finite": jnp.mean(finite), "skipped_steps": skipped[-1]}
 
 
-def eval_step(state: TrainState, batch, *, key, draws: int = 1, full_vlb: bool = False) -> dict[str, jax.Array]:
+def eval_step(state: TrainState, batch, *, key, draws: int = 1, full_vlb: bool = False,
+              conditional: bool = True) -> dict[str, jax.Array]:
     """The bound −ELBO of each example (nats) and its terms, with the EMA parameters.
 
-    batch: {'image': uint8 [B, H, W, C], ...}. Returns the average of `draws` independent
+    batch: {'image': uint8 [B, H, W, C], ...}; a class-conditional model's bound is given the
+    batch's 'label' [B], or with `conditional=False` no label. Returns the average of `draws` independent
     estimates, draw d using `fold_in(key, d)`: each the objective's `per_example_bound`, or with
     `full_vlb` (DDPM only) its `per_example_full_vlb`, the whole discrete bound with 'per_t' [B, T].
     Padding examples are evaluated like the others; the caller masks them out.
@@ -140,22 +142,25 @@ def eval_step(state: TrainState, batch, *, key, draws: int = 1, full_vlb: bool =
         k = jax.random.fold_in(key, d)
         if full_vlb:
             return state.objective.per_example_full_vlb(model, batch, key=k)
-        return state.objective.per_example_bound(model, schedule_model, batch, key=k)
+        return state.objective.per_example_bound(model, schedule_model, batch, key=k, conditional=conditional)
 
     if draws == 1:
         return one(0)
     return jax.tree.map(lambda v: jnp.mean(v, axis=0), jax.lax.map(one, jnp.arange(draws)))
 
 
-def sample_step(state: TrainState, *, key, num: int, sampler: str = "ancestral", sample_steps: int = 0):
+def sample_step(state: TrainState, *, key, num: int, sampler: str = "ancestral", sample_steps: int = 0,
+                labels=None, guidance=0.0, guidance_interval=None):
     """`num` samples as uint8 [num, H, W, C] from the EMA parameters.
 
     sampler: 'ancestral' (DDPM or VDM), 'ddim', 'dpm_solver', 'heun' or 'euler'; sample_steps: its
-    steps (0: the sampler's default, `family.sampler_default_steps`).
+    steps (0: the sampler's default, `family.sampler_default_steps`). A class-conditional model:
+    `labels` int [num] with guidance weight `guidance` (`Objective.sample`), or None: unconditional.
     """
     model, schedule_model = _modules(state, state.ema_params)  # evaluation and sampling use the EMA
     return state.objective.sample(model, schedule_model, key=key, num=num, sampler=sampler,
-                                  sample_steps=sample_steps)
+                                  sample_steps=sample_steps, labels=labels, guidance=guidance,
+                                  guidance_interval=guidance_interval)
 
 
 def ode_bpd_step(state: TrainState, batch, *, key, num_draws: int = 1, **ode_kwargs) -> dict[str, jax.Array]:
