@@ -22,6 +22,7 @@ def test_a_failing_peer_raises_with_its_own_error():
     assert "the PyTorch process exited (1)" in str(info.value)
 
 
+@pytest.mark.slow(20)
 def test_the_peer_measures_in_its_own_process():
     pytest.importorskip("diffusers", reason="the PyTorch reference needs diffusers (pip install -e '.[bench]')")
     with _peer() as peer:
