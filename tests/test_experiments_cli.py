@@ -56,6 +56,7 @@ EVALUATE = {
     "--step=-5": "error: flag --step=-5: -5 is not a non-negative integer",
     "--draws=two": "error: flag --draws=two: invalid literal for int() with base 10: 'two'",
     "--sampler=rk45": f"error: flag --sampler=rk45: value should be one of <{'|'.join(SAMPLERS)}>",  # the schema's
+    "--guidance=x": "error: flag --guidance=x: could not convert string to float: 'x'",
     "--nosuch=1": "error: Unknown command line flag 'nosuch'",
     "extra": "error: unexpected arguments (not --flags): extra",
 }
@@ -88,6 +89,57 @@ def test_evaluate_flags():
     assert ", ".join(f"{n} {s.default_steps}" for n, s in SAMPLERS.items() if s.default_steps) in steps_help
     assert sampling[3].startswith("--sample_steps=50: DDPM's ancestral sampler runs all T = 1000 steps")
     assert sampling[4] == "--sample_steps=5000: ddim on a DDPM with T = 1000 takes at most T steps."
+
+
+# evaluate's class-conditional flags (--labels, --guidance, --guidance_interval): what each command
+# line is checked into before any work (`_class_flags`), then against a run of K classes (`_classes`;
+# K = 0: unconditional). Each error is one line.
+CLASS_FLAGS = [
+    ("--labels=all --num_samples=4", 10, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+    ("--labels=3,1,3 --num_samples=4 --guidance=2 --guidance_interval=-2,5", 10, [3, 1, 3]),
+    ("--labels=0 --num_samples=1 --guidance=-1", 2, [0]),
+    ("--num_samples=4", 0, None),
+    ("--num_samples=4", 10, None),  # (a conditional run sampled unconditionally: the 'no label' class)
+    ("--labels=0,1", 10, "--labels chooses the classes of the samples, and none are asked for: give "
+                         "--num_samples=N (per class) too."),
+    ("--labels=a,b --num_samples=4", 10, "--labels=a,b: give comma-separated classes (e.g. 0,1,2) or 'all' "
+                                         "(every class of the run)."),
+    ("--labels=0,,1 --num_samples=4", 10, "--labels=0,,1: give comma-separated classes (e.g. 0,1,2) or 'all' "
+                                          "(every class of the run)."),
+    ("--labels=0,10 --num_samples=4", 10, "--labels=0,10: class 10 is not one of the run's 0..9 "
+                                          "(model.num_classes = 10)."),
+    ("--labels=-1 --num_samples=4", 10, "--labels=-1: class -1 is not one of the run's 0..9 (model.num_classes = 10)."),
+    ("--labels=all --num_samples=4", 0, "--labels needs a class-conditional run, and w's model.num_classes is 0 "
+                                        "(train one with --config.model.num_classes=K)."),
+    ("--guidance=2 --num_samples=4", 10, "--guidance=2 guides samples toward their classes: give --labels too "
+                                         "(e.g. --labels=all)."),
+    ("--guidance=nan --labels=0 --num_samples=4", 10, "--guidance must be a finite number, got nan."),
+    ("--labels=0 --num_samples=4 --guidance=1 --guidance_interval=5,1", 10,
+     "--guidance_interval=5,1: lo must be below hi (γ in (lo, hi])."),
+    ("--labels=0 --num_samples=4 --guidance=1 --guidance_interval=3", 10,
+     "--guidance_interval=3: give lo,hi, two values of γ = -log SNR (e.g. -2,5)."),
+    ("--labels=0 --num_samples=4 --guidance_interval=-2,5", 10,
+     "--guidance_interval limits where the guidance applies: give --guidance=w too."),
+]
+
+_CLASSES = """
+from types import SimpleNamespace as NS
+checked = []
+for argv, k in {cases!r}:
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["prog", "--workdir=w", *argv.split()])
+    try:
+        labels, interval = module._class_flags(flags.FLAGS)
+        checked.append(module._classes(flags.FLAGS, labels, NS(model=NS(num_classes=k))))
+    except ValueError as e:
+        checked.append(str(e))
+out.append(checked)
+"""
+
+
+def test_evaluate_class_flags():
+    *_, checked = _exits("evaluate", [], extra=_CLASSES.format(cases=[(a, k) for a, k, _ in CLASS_FLAGS]))
+    assert checked == [expected for _, _, expected in CLASS_FLAGS]
 
 
 def test_quickstart_and_cifar10_flags():
@@ -149,6 +201,10 @@ def test_fid_and_fid_stats_flags():
     (["-m", "experiments.evaluate", "--workdir=nowhere", "--sampler=dpm_solver", "--sample_steps=20"],
      "error: --sampler and --sample_steps choose how samples are drawn, and none are asked for: give "
      "--num_samples=N too."),
+    (["-m", "experiments.evaluate", "--workdir=nowhere", "--guidance=3"],
+     "error: --guidance=3 guides samples toward their classes: give --labels too (e.g. --labels=all)."),
+    (["-m", "experiments.quickstart", "--conditional", "--config=experiments/configs/quickstart.py"],
+     "error: --conditional is --config=experiments/configs/quickstart.py:conditional: give one of them."),
     (["-m", "experiments.evaluate", "--workdir=nowhere", "--out=README.md"],
      "error: --out=README.md is a file; --out names the directory the outputs go to."),
     (["-m", "experiments.evaluate", "--workdir=nowhere", "--num_samples=5", "--sample_batch_size=7"],
@@ -209,3 +265,21 @@ def test_quickstart_config_is_a_config_file():
     assert config.training.num_steps == 3 and config.data.source == "digits"
     assert (model.image_size, model.in_channels) == (8, 1)
     assert get_config().training.num_steps == 2500
+
+
+def test_the_conditional_quickstart():
+    """`--config=experiments/configs/quickstart.py:conditional` (= quickstart --conditional): the
+    quickstart's model conditioned on the digits' 10 labels, its grids 10 of each class; the
+    --conditional flag picks it and its own default work directory."""
+    from experiments.configs.quickstart import get_config
+    from vdm_jax.training import validate_config
+
+    config, plain = get_config("conditional"), get_config()
+    assert validate_config(config).num_classes == 10 and validate_config(plain).num_classes == 0
+    assert (config.training.label_dropout, config.training.num_samples, config.data.source) == (0.1, 100, "digits")
+    assert config.training.num_steps == plain.training.num_steps
+    run = _python("-c", "import sys; sys.argv = ['prog', '--conditional', '--steps=7']; from experiments import "
+                  "quickstart, common; common.parse_config_flags(sys.argv); c = common.config_from_flags(); "
+                  "from absl import flags; print(c.model.num_classes, c.training.label_dropout, flags.FLAGS.workdir)")
+    assert run.returncode == 0 and run.stdout.split() == ["10", "0.1", os.path.join("runs", "quickstart_conditional")], \
+        run.stderr[-2000:]

@@ -246,6 +246,36 @@ def test_evaluate_cli_on_a_quickstart_checkpoint(tmp_path, fid_weights):
     assert np.abs(a16.astype(int) - a.astype(int)).mean() < 2.0  # pixel levels of 0..255
 
 
+@pytest.mark.slow(40)
+def test_evaluate_cli_on_a_conditional_run(tmp_path):
+    """A class-conditional micro run: the bound given each label and given none; --labels=0,7
+    --num_samples=3 --guidance=2 --guidance_interval: 3 guided samples of each class (the labels in
+    the .npz), a grid row per class. (--fid reads the samples as the unconditional test's --fid does.)"""
+    workdir = str(tmp_path / "conditional")
+    run = subprocess.run([sys.executable, "-m", "experiments.cifar10", f"--workdir={workdir}",
+                          "--config=tests/training/micro_config.py:conditional", "--config.training.num_steps=2",
+                          "--config.training.eval_at_end=False", "--config.training.sample_at_end=False"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = _evaluate(f"--workdir={workdir}", "--bpd", "--labels=0,7", "--num_samples=3", "--guidance=2",
+                    "--guidance_interval=-5,5", "--sample_batch_size=8", "--sampler=ddim", "--sample_steps=3")
+    assert "given each example's label:" in out and "unconditional (the 'no label' class):" in out, out
+    out_dir = os.path.join(workdir, "eval", "step_2")
+    with open(os.path.join(out_dir, "bpd_test_onet_draws1_seed0.json")) as f:
+        record = json.load(f)
+    assert set(record["bpd_unconditional"]) == set(TERMS) and np.isfinite(record["bpd_unconditional"]["total"]["mean"])
+    assert record["bpd_unconditional"]["total"]["mean"] != record["bpd"]["total"]["mean"]
+    stem = os.path.join(out_dir, "samples_ddim3_labels0-7_w2_gamma-5to5_seed0")
+    assert "6 images (ddim, 3 steps, float32 activations; 3 of each of the classes 0,7, guidance w = 2 where γ " \
+           "is in (-5, 5]) in" in out
+    samples = np.load(stem + ".npz")
+    np.testing.assert_array_equal(samples["labels"], [0, 0, 0, 7, 7, 7])
+    from PIL import Image
+    with Image.open(stem + ".png") as grid:  # 2 rows (classes) of 3 columns, 9 pixels each and a margin
+        scale = 512 // (2 * 9 + 1)
+        assert grid.size == ((3 * 9 + 1) * scale, (2 * 9 + 1) * scale)
+
+
 def test_evaluate_cli_bad_input(tmp_path):
     out = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={tmp_path}"], cwd=REPO,
                          env=_env(), capture_output=True, text=True, timeout=300)
