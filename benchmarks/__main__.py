@@ -6,7 +6,7 @@ import importlib
 
 from benchmarks.common import COMMANDS
 
-MODULES = ("suite", "gpu_check", "steps", "sampling", "evaluation", "loop", "analytic", "guidance_digits")
+MODULES = ("suite", "gpu_check", "steps", "sampling", "evaluation", "loop", "analytic", "guidance_digits", "import_check")
 
 
 def parser() -> argparse.ArgumentParser:
