@@ -121,8 +121,8 @@ def _every_example(step, options: dict, state, source, *, mesh, batch_size: int,
     fn = _per_example_fn(mesh, step, tuple(sorted(options.items())))
     bar = progress_bar(progress, total=num_eval_batches(len(source), batch_size), desc=desc, unit="batch")
     parts = []
+    keys = ("image", "index", "mask") + (("label",) if state.objective.num_classes else ())
     for b, batch in enumerate(eval_iterator(source, global_batch_size=batch_size)):
-        keys = ("image", "index", "mask") + (("label",) if state.objective.num_classes else ())
         local = {k: batch[k] for k in keys}
         values, mask = jax.device_get(fn(state, parallel.global_batch(local, mesh), jax.random.fold_in(key, b)))
         parts.append({name: np.asarray(v)[np.asarray(mask, bool)] for name, v in values.items()})
@@ -164,6 +164,16 @@ def check_labels(source, num_classes: int, what: str = "the source") -> None:
                          f"(model.num_classes={num_classes}).")
 
 
+_NO_LABEL = "no_label/"
+
+
+def _bounds_with_and_without_label(state: TrainState, batch, *, key, **options) -> dict[str, jax.Array]:
+    """`steps.eval_step` of a class-conditional model given the batch's labels, and (keys prefixed
+    `_NO_LABEL`) given none, with the same draws of t and ε."""
+    without = steps.eval_step(state, batch, key=key, conditional=False, **options)
+    return steps.eval_step(state, batch, key=key, **options) | {_NO_LABEL + k: v for k, v in without.items()}
+
+
 def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws: int = 1,
                  full_vlb: bool = False, progress: bool = False) -> dict[str, Any]:
     """The bound in bits/dim on every example of `source`, each exactly once, with the EMA parameters.
@@ -188,16 +198,16 @@ def evaluate_bpd(state: TrainState, source, *, mesh, batch_size: int, key, draws
         another shape than the model's, or full_vlb for a VDM.
       RuntimeError: the pass did not cover every example exactly once (a data pipeline bug).
     """
-    options = dict(draws=draws, full_vlb=bool(full_vlb))
-    per_example, n = _every_example(steps.eval_step, options, state, source, mesh=mesh, batch_size=batch_size,
-                                    key=key, progress=progress, desc="bpd")
+    both = bool(state.objective.num_classes and not full_vlb)  # (given the label and given none, in one pass)
+    per_example, n = _every_example(_bounds_with_and_without_label if both else steps.eval_step,
+                                    dict(draws=draws, full_vlb=bool(full_vlb)), state, source, mesh=mesh,
+                                    batch_size=batch_size, key=key, progress=progress, desc="bpd")
     scale = state.objective.dims * _LN2
     result = {"examples": n, "draws": int(draws), "full_vlb": bool(full_vlb),
               "bpd": {name: _mean_and_se(per_example[name] / scale) for name in TERMS}}
-    if state.objective.num_classes and not full_vlb:
-        unconditional, _ = _every_example(steps.eval_step, dict(options, conditional=False), state, source, mesh=mesh,
-                                          batch_size=batch_size, key=key, progress=progress, desc="bpd, no label")
-        result["bpd_unconditional"] = {name: _mean_and_se(unconditional[name] / scale) for name in TERMS}
+    if both:
+        result["bpd_unconditional"] = {name: _mean_and_se(per_example.pop(_NO_LABEL + name) / scale)
+                                       for name in TERMS}
     if "per_t" in per_example:
         result["per_t_bpd"] = (per_example.pop("per_t").mean(axis=0) / scale).tolist()
     return {**result, "per_example_nats": per_example}
@@ -298,10 +308,12 @@ def generate_samples(state: TrainState, *, mesh, num: int, key, batch_size: int 
     return np.concatenate(out)[:num]
 
 
-def save_samples(path: str, images: np.ndarray) -> None:
-    """Writes uint8 images [N, H, W, C] to `path` (.npz, key 'images'), atomically."""
+def save_samples(path: str, images: np.ndarray, labels: np.ndarray | None = None) -> None:
+    """Writes uint8 images [N, H, W, C] to `path` (.npz, key 'images'; and a class-conditional
+    model's `labels` [N], key 'labels'), atomically."""
+    arrays = {"images": np.asarray(images, np.uint8)} | ({} if labels is None else {"labels": np.asarray(labels)})
     with atomic_write(path, "wb") as f:
-        np.savez_compressed(f, images=np.asarray(images, np.uint8))
+        np.savez_compressed(f, **arrays)
 
 
 @functools.lru_cache(maxsize=None)
