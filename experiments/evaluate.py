@@ -90,13 +90,12 @@ flags.DEFINE_boolean("progress_bar", True, "Show progress bars.")
 flags.mark_flags_as_required(["workdir"])
 
 
-def _write(path: str | None, record: dict, arrays_path: str | None = None, arrays: dict | None = None) -> None:
+def _write(path: str, record: dict, arrays_path: str | None = None, arrays: dict | None = None) -> None:
     """Writes `record` as JSON to `path` (and `arrays` as .npz to `arrays_path`), each atomically."""
     from vdm_jax._files import atomic_write
 
-    if path is not None:
-        with atomic_write(path) as f:
-            json.dump(record, f, indent=2)
+    with atomic_write(path) as f:
+        json.dump(record, f, indent=2)
     if arrays_path is not None:
         import numpy as np
 
@@ -216,7 +215,7 @@ def _samples(FLAGS, state, mesh, sampler: str, sample_steps: int, classes: list[
     import jax
     import numpy as np
 
-    from vdm_jax.training.evaluation import generate_samples
+    from vdm_jax.training.evaluation import generate_samples, save_samples
     from vdm_jax.training.metrics import image_grid, save_png
 
     n, name = FLAGS.num_samples, f"{sampler}{sample_steps}"
@@ -238,7 +237,7 @@ def _samples(FLAGS, state, mesh, sampler: str, sample_steps: int, classes: list[
         picture = image_grid(images.reshape(len(classes), n, *images.shape[1:])[:, :columns]
                              .reshape(-1, *images.shape[1:]), columns=columns)
     if jax.process_index() == 0:
-        _write(None, {}, stem + ".npz", {"images": images} | ({} if labels is None else {"labels": labels}))
+        save_samples(stem + ".npz", images, labels)
         save_png(stem + ".png", picture, scale=max(1, 512 // picture.shape[0]))
     how = "" if classes is None else (f"; {n} of each of the classes {','.join(map(str, classes))}, guidance "
                                       f"w = {FLAGS.guidance:g}" + (f" where γ is in ({interval[0]:g}, "
