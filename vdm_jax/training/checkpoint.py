@@ -92,12 +92,14 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.read_only = read_only
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        if not read_only and os.path.isdir(self.directory) and jax.process_index() == 0:
+            self._remove_unfinished()  # (orbax's own clean-up runs in the background, unawaited by close)
         absl_log = logging.getLogger("absl")
         absl_log.addFilter(_quiet_read_only)  # orbax's notices that read-only is read-only
         try:
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=keep, keep_period=keep_every or None, create=not read_only, read_only=read_only,
-                enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+                enable_async_checkpointing=async_save, cleanup_tmp_directories=False)
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         finally:
             absl_log.removeFilter(_quiet_read_only)
@@ -265,12 +267,17 @@ class Checkpointer:
             if step is None:
                 raise
             if jax.process_index() == 0:
-                for name in os.listdir(self.directory):
-                    if name.startswith(f"{step}.") and "tmp" in name:  # orbax's unfinished directory
-                        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                self._remove_unfinished(step)
             code = errno.ENOSPC if _out_of_space(e) else getattr(e, "errno", None)
             self._failed = step
             raise self._write_error(step, _one_line(e), code) from e
+
+    def _remove_unfinished(self, step: int | None = None) -> None:
+        """Removes orbax's unfinished directories ('<step>.orbax-checkpoint-tmp-…') of `step`, or of every step."""
+        for name in os.listdir(self.directory):
+            found = _UNFINISHED.fullmatch(name)
+            if found and (step is None or int(found.group(1)) == step):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def close(self) -> None:
         try:
@@ -278,6 +285,9 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - a failed save was reported by wait(); closing can't add to it
             if self._failed is None:
                 raise
+
+
+_UNFINISHED = re.compile(r"(\d+)\..*tmp.*")  # orbax's directory of a save not yet finished
 
 
 def _quiet_read_only(record: logging.LogRecord) -> bool:
