@@ -82,13 +82,15 @@ class Optimizer:
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
-    """`optax.clip_by_global_norm` (the same update and state), taking the norm as `grad_norm=` when
-    the caller has it: the train step's fault check computes it anyway (`faults.inspect`), so a
-    second pass over every gradient array is saved. Without `grad_norm` it computes the norm itself."""
+    """`optax.clip_by_global_norm` (its state, and its update to float rounding: g·(max_norm/norm), one
+    scalar that XLA fuses into the optimiser's passes, where optax's (g/norm)·max_norm is a pass of its
+    own over every array), taking the norm as `grad_norm=` when the caller has it: the train step's
+    fault check computes it anyway (`faults.inspect`), so a second pass over every gradient array is
+    saved. Without `grad_norm` it computes the norm itself."""
     def update(updates, state, params=None, *, grad_norm=None, **extra_args):
         norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
-        clipped = jax.tree.map(lambda g: jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm), updates)
-        return clipped, state
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)  # (one scalar: XLA fuses g·scale into its readers)
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
 
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
