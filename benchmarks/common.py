@@ -1,6 +1,8 @@
 """What the benchmarks share: the subcommand table, the model registry, timing, XLA's counts, the
 loop's compiled programs timed, and the JSON writer (machine, device, versions)."""
+import bisect
 import json
+import math
 import os
 import platform
 import statistics
@@ -171,31 +173,116 @@ def setup(config, mesh, *, key=0):
     return model_config, state, parallel.global_batch({"image": images}, mesh), jax.random.key(key + 1)
 
 
-def train(state, data, key, mesh, *, steps: int, repeats: int, between=None) -> tuple[object, dict]:
+def train(state, data, key, mesh, *, steps: int, repeats: int, between=None, without_update: bool = False,
+          profile: str | None = None) -> tuple[object, dict]:
     """The loop's compiled train step (state replicated and donated, batch sharded), timed: (the state
     after, {'compile_s', 'step_s' (median of `repeats` runs of `steps` steps, one sync each), 'repeats_s',
-    'flops_per_step' (XLA's count of the loss gradient, all devices: model FLOPs), 'memory'})."""
+    'flops_per_step' (XLA's count of the loss gradient, all devices: model FLOPs), 'memory', 'copies'
+    (`copies` of the compiled step)}).
+
+    without_update: also the same step without the update (the loss gradient alone, compiled alike),
+    each repeat running both in turn: 'no_update_s', 'no_update_repeats_s', and 'update_share', the
+    median over repeats of (step − step without the update) / step.
+    profile: a directory for a profile of `repeats` more calls of each program, in turn: 'profile' is
+    `thunk_times` of it.
+    """
     import jax
 
     from vdm_jax.training import parallel, steps as steps_lib
     from vdm_jax.training.loop import compiled_steps
 
-    rep = parallel.replicated(mesh)
+    rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     step, _ = compiled_steps(mesh)
     compiled, compile_s = timed_compile(step, state, data, key)
-    grad_flops = flops(jax.jit(steps_lib._grads, in_shardings=(rep, parallel.batch_sharding(mesh), rep))
-                       .lower(state, data, key))
-    def run(n):
+    programs = {"step": compiled}
+    if without_update:
+        def gradient(state, batch, key):  # the train step without the fault check and the update
+            return state, steps_lib._grads(state, batch, jax.random.fold_in(key, state.step))
+
+        programs["no_update"] = jax.jit(gradient, in_shardings=(rep, data_sharding, rep), out_shardings=(rep, rep),
+                                        donate_argnums=0).lower(state, data, key).compile()
+    grad_flops = flops(jax.jit(steps_lib._grads, in_shardings=(rep, data_sharding, rep)).lower(state, data, key))
+
+    def run(program, n):
         nonlocal state
         for _ in range(n):
-            state, out = compiled(state, data, key)
+            state, out = program(state, data, key)
         jax.block_until_ready(out)
 
-    run(2)  # warm-up
-    times = [t / steps for t in repeat_times(lambda: run(steps), repeats, between)]
-    return state, {"compile_s": compile_s, "step_s": statistics.median(times), "repeats_s": times,
-                   "flops_per_step": None if grad_flops is None else grad_flops * mesh.devices.size,
-                   "memory": program_memory(compiled)}
+    for program in programs.values():
+        run(program, 2)  # warm-up
+    times = {name: [] for name in programs}
+    for _ in range(repeats):
+        for name, program in programs.items():
+            start = time.perf_counter()
+            run(program, steps)
+            times[name].append((time.perf_counter() - start) / steps)
+        if between is not None:
+            between()
+    if profile:
+        with jax.profiler.trace(profile, create_perfetto_trace=True):
+            for _ in range(repeats):
+                for program in programs.values():
+                    run(program, 1)
+    r = {"compile_s": compile_s, "step_s": statistics.median(times["step"]), "repeats_s": times["step"],
+         "flops_per_step": None if grad_flops is None else grad_flops * mesh.devices.size,
+         "memory": program_memory(compiled), "copies": copies(compiled)}
+    if without_update:
+        r.update(no_update_s=statistics.median(times["no_update"]), no_update_repeats_s=times["no_update"],
+                 update_share=statistics.median((a - b) / a for a, b in zip(times["step"], times["no_update"])))
+    if profile:
+        r["profile"] = thunk_times(profile, programs)
+    return state, r
+
+
+def thunk_times(directory: str, programs: dict) -> dict[str, dict[str, float]]:
+    """{program: {kind of instruction: seconds a call}} from the newest profile in `directory` of calls
+    of the compiled `programs` made in turn, one at a time: each thunk (an instruction of the
+    program's text, e.g. 'multiply_add_fusion.12') is timed by its median over the calls, then summed
+    by kind (its name without the number). Thunks that run at once on different threads both count."""
+    import glob
+    import gzip
+    import re
+
+    path = max(glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True), key=os.path.getmtime)
+    with gzip.open(path) as f:
+        events = json.load(f)
+    events = [e for e in (events["traceEvents"] if isinstance(events, dict) else events) if e.get("ph") == "X"]
+    texts = {name: program.as_text() for name, program in programs.items()}
+    names = {name: set(re.findall(r"%([\w.\-]+) = ", text))  # (not the loops and branches: their thunks count)
+             - set(re.findall(r"%([\w.\-]+) = [^\n]* (?:conditional|while|call)\(", text)) for name, text in texts.items()}
+    modules = {name: re.match(r"HloModule jit_(\w+)", text).group(1) for name, text in texts.items()}
+    jitted = {f"PjitFunction(jit({module}))": name for name, module in modules.items()}  # a call's event
+    calls = sorted((e["ts"], jitted[e["name"]]) for e in events if e["name"] in jitted)
+    durations = {name: {} for name in programs}
+    for e in events:
+        at = bisect.bisect_right(calls, (e["ts"], "\uffff")) - 1  # the last call started before the thunk
+        if at >= 0 and e["name"] in names[calls[at][1]]:
+            durations[calls[at][1]].setdefault(e["name"], []).append(e["dur"] * 1e-6)
+    out = {}
+    for program, thunks in durations.items():
+        kinds = {}
+        for thunk, seconds in thunks.items():
+            kind = thunk.rsplit(".", 1)[0]
+            kinds[kind] = kinds.get(kind, 0.0) + statistics.median(seconds)
+        out[program] = dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return out
+
+
+def copies(compiled) -> dict[str, int]:
+    """The `copy` instructions of a compiled program (XLA's text; fused copies included): how many and
+    their elements, and 'whole_argument': those that duplicate an argument unchanged (same shape and
+    layout), as XLA does for a donated buffer it cannot update in place."""
+    import re
+
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY"):]
+    params = dict(re.findall(r"%(\S+) = (\w+\[[\d,]*\]\{[^}]*\}) parameter\(", entry[:entry.index("\n}")]))
+    found = [(kind, dims, a or b) for kind, dims, a, b in re.findall(
+        r"= (\w+\[([\d,]*)\]\{[^}]*\}) (?:copy\(%([^)\s]+)\)|fusion\(%([^),\s]+)\), kind=kLoop, calls=%wrapped_copy)", text)]
+    return {"copies": len(found), "copy_elements": sum(math.prod(int(d) for d in dims.split(",") if d)
+                                                        for _, dims, _ in found),
+            "whole_argument": sum(params.get(source) == kind for kind, _, source in found)}
 
 
 def _timed_call(fn, args, shardings, repeats: int, between=None):

@@ -38,18 +38,22 @@ def configs(dry: bool, batch: int) -> dict:
     return {"ddpm_bfloat16": ddpm("bfloat16"), "ddpm_float32": ddpm("float32"), "vdm": vdm}
 
 
-def train_section(config, mesh, p: dict, peaks: dict) -> tuple[dict, object, object]:
-    """One config's train step: (its record, the state after, the key)."""
+def train_section(config, mesh, p: dict, peaks: dict, without_update: bool = False) -> tuple[dict, object, object]:
+    """One config's train step, and `without_update` the step without the update (the update's share
+    of the step, `benchmarks update_cost`): (its record, the state after, the key)."""
     import jax
 
     from vdm_jax.models import count_params
 
     model_config, state, data, key = common.setup(config, mesh)
-    state, r = common.train(state, data, key, mesh, steps=p["timed_steps"], repeats=p["repeats"])
+    state, r = common.train(state, data, key, mesh, steps=p["timed_steps"], repeats=p["repeats"],
+                            without_update=without_update)
     batch = config.training.batch_size
     record = {"params": count_params(model_config), "dtype": model_config.dtype, "batch": batch,
               "compile_s": r["compile_s"], "step_s": r["step_s"], "repeats_s": r["repeats_s"],
-              "images_per_s": batch / r["step_s"], "memory": r["memory"], "device_peak_memory_bytes": common.peak_memory()}
+              "images_per_s": batch / r["step_s"], "memory": r["memory"], "copies": r["copies"],
+              "device_peak_memory_bytes": common.peak_memory(),
+              **{k: r[k] for k in ("no_update_s", "no_update_repeats_s", "update_share") if k in r}}
     if r["flops_per_step"] is not None:
         achieved = r["flops_per_step"] / r["step_s"] / mesh.devices.size  # per device
         spec = common.spec_peak(jax.devices()[0].device_kind)
@@ -98,8 +102,8 @@ def run_check(dry: bool, budget_s: float) -> dict:
 
     section("matmul", matmuls)
     train_configs = configs(dry, p["batch"])
-    ddpm = section("ddpm_bfloat16", lambda: train_section(train_configs["ddpm_bfloat16"], mesh, p, peaks))
-    section("ddpm_float32", lambda: train_section(train_configs["ddpm_float32"], mesh, p, peaks))
+    ddpm = section("ddpm_bfloat16", lambda: train_section(train_configs["ddpm_bfloat16"], mesh, p, peaks, True))
+    section("ddpm_float32", lambda: train_section(train_configs["ddpm_float32"], mesh, p, peaks, True))
     section("vdm", lambda: train_section(train_configs["vdm"], mesh, p, peaks)[0])
     if ddpm is None:
         return record
@@ -131,7 +135,8 @@ def gpu_check(args):
     python -m benchmarks gpu_check --dry        # the same program at small shapes, on any device (the tests)
 
 Sections: matmul (8192² in bf16 and fp32); ddpm_bfloat16, ddpm_float32, vdm (the CIFAR-10
-recipes' train steps at batch 128: images/s, FLOPs, MFU, memory); sample_ancestral_1000,
+recipes' train steps at batch 128: images/s, FLOPs, MFU, memory, copies; the DDPM steps also
+without the update, alternated: the update's share of the step); sample_ancestral_1000,
 sample_dpm_solver_20 (128 images); bpd (512 images), bpd_at_scale (10,000). A section that would
 start after --budget_s is skipped. --dry: 8-channel U-Nets on 8×8×1, batch 16.
 """

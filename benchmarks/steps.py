@@ -50,77 +50,80 @@ def stream_bandwidth(size: int, repeats: int = 5) -> float:
     return 12 * size / common.median_time(call, repeats)
 
 
-@command(model_flag("ddpm_cifar10"), BATCH, flag("--steps", type=int, default=3, help="Timed calls per repeat."),
-         flag("--repeats", type=int, default=3, help="Timed repeats (the median is reported)."),
-         flag("--rounds", type=int, default=3, help="Alternations of the step and the step without the update."),
+@command(model_flag("ddpm_cifar10"), BATCH, flag("--steps", type=int, default=3, help="Timed calls per round."),
+         flag("--rounds", type=int, default=7, help="Alternations of the step and the step without the update."),
          flag("--optimizer", default=None, choices=["adam", "adamw"], help="Default: the config's."),
+         flag("--profile", default=None, metavar="DIR", help="Also profile --rounds more calls of each into DIR, "
+              "and print where the step's extra time goes."),
          out_flag("update_cost_<backend>_<model>.json"))
 def update_cost(args):
     """The update's share of the train step, and the step's share of the machine's peak.
 
-On one device, in one process, compiled as the loop compiles them: the train step; the step
-without the update (the loss gradient alone), the two alternated --rounds times; the update alone
-on fixed gradients (fault check, clipping, Adam(W), EMA, the non-finite guard); a 4096² matmul
-(the FLOP/s peak) and y ← 2x + y on arrays of the parameters' size (the memory bandwidth).
+On one device, in one process, compiled as the loop compiles them: the train step and the step
+without the update (the loss gradient alone), alternated --rounds times (`update_share`: the median
+over rounds of (step − step without the update) / step); the update alone on fixed gradients
+(fault check, clipping, Adam(W), EMA, the non-finite guard); a 4096² matmul (the FLOP/s peak) and
+y ← 2x + y on arrays of the parameters' size (the memory bandwidth). `copies` counts the compiled
+step's copy instructions, and those that copy a whole argument (a donated array not updated in place).
+--profile: the time of each kind of thunk (XLA's instruction, e.g. 'multiply_add_fusion') in the
+step and in the step without the update, and the kinds that differ most.
 """
     import jax
 
     from vdm_jax.models import count_params
     from vdm_jax.training import faults, parallel, steps as steps_lib
-    from vdm_jax.training.loop import compiled_steps
 
     config = common.train_config(args.model, batch=args.batch)
     if args.optimizer:
         config.optim.optimizer = args.optimizer
     mesh = parallel.make_mesh(jax.devices()[:1])
-    rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     model_config, state, data, key = common.setup(config, mesh)
-    step, _ = compiled_steps(mesh)
-
-    def no_update(state, batch, key):  # the loss gradient alone: the step without the fault check and update
-        return state, steps_lib._grads(state, batch, jax.random.fold_in(key, state.step))
+    state, r = common.train(state, data, key, mesh, steps=args.steps, repeats=args.rounds, without_update=True,
+                            profile=args.profile)
 
     def update(state, loss, terms, grads):  # what the step adds to the gradient: the fault check and the update
         return steps_lib.apply_gradients(state, grads, faults.inspect(loss, terms, grads))
 
-    no_update = jax.jit(no_update, in_shardings=(rep, data_sharding, rep), out_shardings=(rep, rep), donate_argnums=0)
+    rep = parallel.replicated(mesh)
+    loss, terms, grads = jax.jit(steps_lib._grads, in_shardings=(rep, parallel.batch_sharding(mesh), rep))(
+        state, data, key)
     update = jax.jit(update, in_shardings=rep, out_shardings=rep, donate_argnums=0)
-    state, (loss, terms, grads) = no_update(state, data, key)
-    flops = common.flops(jax.jit(steps_lib._grads, in_shardings=(rep, data_sharding, rep)).lower(state, data, key))
 
-    def timed(call):  # call(state) -> state; seconds a call: the median of `repeats` runs of `steps`, after 2
-        def run(n):
-            nonlocal state
-            for _ in range(n):
-                state = call(state)
-            jax.block_until_ready(state)
+    def run(n):
+        nonlocal state
+        for _ in range(n):
+            state = update(state, loss, terms, grads)
+        jax.block_until_ready(state)
 
-        run(2)
-        return common.median_time(lambda: run(args.steps), args.repeats) / args.steps
-
+    run(2)
+    update_rounds = common.repeat_times(lambda: run(args.steps), args.rounds)
     params = count_params(model_config)
-    r = {"params": params, "optimizer": config.optim.optimizer, "grad_clip": config.optim.grad_clip,
-         "step_rounds_s": [], "no_update_rounds_s": []}
-    for _ in range(args.rounds):
-        r["step_rounds_s"].append(timed(lambda s: step(s, data, key)[0]))
-        r["no_update_rounds_s"].append(timed(lambda s: no_update(s, data, key)[0]))
-    r["step_s"], r["no_update_s"] = statistics.median(r["step_rounds_s"]), statistics.median(r["no_update_rounds_s"])
-    r["update_s"] = timed(lambda s: update(s, loss, terms, grads))
-    r["update_share"] = (r["step_s"] - r["no_update_s"]) / r["step_s"]
-    r["update_alone_share"] = r["update_s"] / r["step_s"]
     bandwidth, peak = stream_bandwidth(params), common.matmul_peak()
-    r.update(update_bytes=BYTES_PER_PARAM * params, stream_bytes_per_s=bandwidth,
-             update_memory_bound_s=BYTES_PER_PARAM * params / bandwidth, matmul_peak_flops_per_s=peak, grad_flops=flops,
-             step_flops_per_s=flops / r["step_s"], step_share_of_peak=flops / r["step_s"] / peak,
-             no_update_share_of_peak=flops / r["no_update_s"] / peak)
+    r.update(params=params, optimizer=config.optim.optimizer, grad_clip=config.optim.grad_clip,
+             update_s=statistics.median(update_rounds) / args.steps, update_rounds_s=[t / args.steps for t in update_rounds],
+             update_bytes=BYTES_PER_PARAM * params, stream_bytes_per_s=bandwidth,
+             update_memory_bound_s=BYTES_PER_PARAM * params / bandwidth, matmul_peak_flops_per_s=peak,
+             step_flops_per_s=r["flops_per_step"] / r["step_s"], step_share_of_peak=r["flops_per_step"] / r["step_s"] / peak,
+             no_update_share_of_peak=r["flops_per_step"] / r["no_update_s"] / peak)
+    r["update_alone_share"] = r["update_s"] / r["step_s"]
+    r["update_in_step_over_alone"] = r["update_share"] * r["step_s"] / r["update_s"]
     r["update_over_memory_bound"] = r["update_s"] / r["update_memory_bound_s"]
     record = {"benchmark": "update_cost", "model": args.model, "batch": args.batch, "steps": args.steps,
-              "repeats": args.repeats, "device": common.device(1), **r}
+              "rounds": args.rounds, "device": common.device(1), **r}
     print(json.dumps({k: v for k, v in record.items() if not isinstance(v, dict)}, indent=1))
-    print(f"update: {r['update_share']:.1%} of the step (step {r['step_s']:.3f} s, without the update "
-          f"{r['no_update_s']:.3f} s); alone {r['update_s'] * 1e3:.0f} ms, {r['update_over_memory_bound']:.1f}× its "
-          f"memory bound ({r['update_memory_bound_s'] * 1e3:.0f} ms at {bandwidth / 1e9:.1f} GB/s); train step at "
-          f"{r['step_share_of_peak']:.0%} of the {peak / 1e9:.0f} GFLOP/s matmul peak")
+    spread = sorted((a - b) / a for a, b in zip(r["repeats_s"], r["no_update_repeats_s"]))
+    print(f"update: {r['update_share']:.1%} of the step (median of {args.rounds} rounds, from {spread[0]:.1%} to "
+          f"{spread[-1]:.1%}; step {r['step_s']:.3f} s, without the update {r['no_update_s']:.3f} s), "
+          f"{r['update_in_step_over_alone']:.1f}× the update alone ({r['update_s'] * 1e3:.0f} ms, "
+          f"{r['update_over_memory_bound']:.1f}× its memory bound of {r['update_memory_bound_s'] * 1e3:.0f} ms at "
+          f"{bandwidth / 1e9:.1f} GB/s); train step at {r['step_share_of_peak']:.0%} of the {peak / 1e9:.0f} GFLOP/s "
+          f"matmul peak; {r['copies']['whole_argument']} whole-argument copies in the step")
+    if args.profile:
+        step, gradient = r["profile"]["step"], r["profile"]["no_update"]
+        print(f"profiled thunks: step {sum(step.values()) * 1e3:.0f} ms, without the update "
+              f"{sum(gradient.values()) * 1e3:.0f} ms; the kinds that differ most (ms a call):")
+        for kind in sorted(set(step) | set(gradient), key=lambda k: -abs(step.get(k, 0) - gradient.get(k, 0)))[:12]:
+            print(f"  {(step.get(kind, 0) - gradient.get(kind, 0)) * 1e3:+7.1f}  {kind}")
     write_result(record, args.out, f"update_cost_{jax.default_backend()}_{args.model}.json")
 
 

@@ -51,6 +51,10 @@ def test_the_dry_run_records_every_section(tmp_path):
             s["flops_per_s_per_device"] / peaks[f"{dtype}_flops_per_s"])
         assert s["mfu"] is None  # no spec peak for a CPU
         assert s["memory"]["temp_bytes"] > 0 and s["memory"]["total_bytes"] >= s["memory"]["argument_bytes"]
+        assert s["copies"]["whole_argument"] == 0  # the donated state is updated in place
+        if name.startswith("ddpm"):  # the step without the update, alternated with the step
+            assert len(s["no_update_repeats_s"]) == len(s["repeats_s"]) and 0 < s["no_update_s"]
+            assert -1 < s["update_share"] < 1
     # The VDM net (no downsampling, Fourier features) is another program than the DDPM net.
     assert record["sections"]["vdm"]["params"] != record["sections"]["ddpm_float32"]["params"]
 

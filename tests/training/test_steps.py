@@ -38,6 +38,22 @@ def _run(config, mesh, batch, n_steps=1):
     return jax.device_get(state.params), jax.device_get(metrics)
 
 
+def test_the_compiled_step_updates_the_donated_state_in_place(micro_run):
+    """No array of the donated state (parameters, EMA, optimiser state) is copied whole in the loop's
+    compiled step: XLA updates each in its own buffer. (A select per array in place of the step's
+    `lax.cond` made XLA:CPU copy 192 of the micro model's state arrays: docs/benchmarks.md, "The update".)"""
+    from benchmarks.common import copies
+
+    x = jnp.arange(6.0)
+    duplicated = copies(jax.jit(lambda x: (2 * x, x), donate_argnums=0).lower(x).compile())
+    assert duplicated["whole_argument"] == 1  # (the output x must be a buffer of its own: a copy)
+    mesh = parallel.make_mesh(jax.devices()[:1])  # the program test_eight_devices_equal_one_device runs
+    state = parallel.replicate(_state(micro_run("ddpm")), mesh)
+    step, _ = compiled_steps(mesh)
+    found = copies(step.lower(state, parallel.global_batch(_batch(16), mesh), jax.random.key(7)).compile())
+    assert found["copies"] > 0 and found["whole_argument"] == 0, found
+
+
 @pytest.mark.parametrize("family", ["ddpm", "vdm"])
 def test_eight_devices_equal_one_device(micro_run, family):
     """Acceptance 2: two steps on 8 fake devices = the same steps on 1 device, with dropout and (vdm)
