@@ -246,21 +246,18 @@ def test_evaluate_cli_on_a_quickstart_checkpoint(tmp_path, fid_weights):
     assert np.abs(a16.astype(int) - a.astype(int)).mean() < 2.0  # pixel levels of 0..255
 
 
-@pytest.mark.slow(40)
-def test_evaluate_cli_on_a_conditional_run(tmp_path):
-    """A class-conditional micro run: the bound given each label and given none; --labels=0,7
-    --num_samples=3 --guidance=2 --guidance_interval: 3 guided samples of each class (the labels in
-    the .npz), a grid row per class. (--fid reads the samples as the unconditional test's --fid does.)"""
-    workdir = str(tmp_path / "conditional")
-    run = subprocess.run([sys.executable, "-m", "experiments.cifar10", f"--workdir={workdir}",
-                          "--config=tests/training/micro_config.py:conditional", "--config.training.num_steps=2",
-                          "--config.training.eval_at_end=False", "--config.training.sample_at_end=False"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
+@pytest.mark.slow(25)
+def test_evaluate_cli_on_a_conditional_run(tmp_path, uninterrupted):
+    """A class-conditional micro run (the one tests/training/test_conditional.py trains): the bound
+    given each label and given none; --labels=0,7 --num_samples=3 --guidance=2 --guidance_interval:
+    3 guided samples of each class (the labels in the .npz), a grid row per class. (--fid reads the
+    samples as the unconditional test's --fid does.)"""
+    workdir, _ = uninterrupted("conditional")
+    out_dir = str(tmp_path / "eval")  # (the shared run's directory is only read)
     out = _evaluate(f"--workdir={workdir}", "--bpd", "--labels=0,7", "--num_samples=3", "--guidance=2",
-                    "--guidance_interval=-5,5", "--sample_batch_size=8", "--sampler=ddim", "--sample_steps=3")
+                    "--guidance_interval=-5,5", "--sample_batch_size=8", "--sampler=ddim", "--sample_steps=3",
+                    f"--out={out_dir}")
     assert "given each example's label:" in out and "unconditional (the 'no label' class):" in out, out
-    out_dir = os.path.join(workdir, "eval", "step_2")
     with open(os.path.join(out_dir, "bpd_test_onet_draws1_seed0.json")) as f:
         record = json.load(f)
     assert set(record["bpd_unconditional"]) == set(TERMS) and np.isfinite(record["bpd_unconditional"]["total"]["mean"])
