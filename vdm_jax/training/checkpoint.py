@@ -313,13 +313,21 @@ def _not_a_failed_save_report(record: logging.LogRecord) -> bool:
                 and _ORBAX_FAILURE.search(record.getMessage()))
 
 
+def _not_an_orbax_task_left_failing(record: logging.LogRecord) -> bool:
+    """False for asyncio's report of an orbax write whose failure nobody retrieved ("Task exception
+    was never retrieved"): the other writes of a save that failed, which CheckpointWriteError reports, once."""
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved") and f"{os.sep}orbax{os.sep}" in message)
+
+
 def _quiet_failed_saves() -> None:
     """Once per process: keeps the noise of a failed background save off standard error.
 
     After a write fails, orbax closes its event loop while tensorstore still completes the other
     writes; each completion's callback then raises "Event loop is closed" into
-    `sys.unraisablehook` (a traceback each, hundreds of them). Those are dropped here (counted in
-    the debug log); every other unraisable exception goes to the hook that was there before.
+    `sys.unraisablehook` (a traceback each, hundreds of them), and asyncio reports the writes whose
+    failure no one awaited. Those are dropped here (the callbacks noted in the debug log); every other
+    unraisable exception goes to the hook that was there before, every other asyncio report to its log.
     """
     if getattr(sys.unraisablehook, "_vdm_jax", False):
         return
@@ -335,6 +343,7 @@ def _quiet_failed_saves() -> None:
     hook._vdm_jax = True
     sys.unraisablehook = hook
     logging.getLogger("absl").addFilter(_not_a_failed_save_report)
+    logging.getLogger("asyncio").addFilter(_not_an_orbax_task_left_failing)
 
 
 def _one_line(e: Exception) -> str:
