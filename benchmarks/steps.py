@@ -84,10 +84,9 @@ step and in the step without the update, and the kinds that differ most.
     def update(state, loss, terms, grads):  # what the step adds to the gradient: the fault check and the update
         return steps_lib.apply_gradients(state, grads, faults.inspect(loss, terms, grads))
 
-    rep = parallel.replicated(mesh)
-    loss, terms, grads = jax.jit(steps_lib._grads, in_shardings=(rep, parallel.batch_sharding(mesh), rep))(
-        state, data, key)
-    update = jax.jit(update, in_shardings=rep, out_shardings=rep, donate_argnums=0)
+    state, (loss, terms, grads) = r.pop("no_update_program")(state, data, key)  # (the step's own gradients)
+    update = jax.jit(update, in_shardings=parallel.replicated(mesh), out_shardings=parallel.replicated(mesh),
+                     donate_argnums=0)
 
     def run(n):
         nonlocal state
