@@ -20,17 +20,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main(spec_path: str, out: str) -> None:
     sys.path.insert(0, REPO)
-    from benchmarks.torch_reference import import_torchvision
+    from benchmarks.torch_reference import start_peer
 
-    import_torchvision()  # diffusers imports torchvision when it is installed
+    spec = start_peer(spec_path)
     import numpy as np
     import torch
     from diffusers import DDPMScheduler, UNet2DModel
 
-    with open(spec_path) as f:
-        spec = json.load(f)
-    torch.manual_seed(spec["seed"])
-    torch.set_num_threads(spec["threads"])
     data = np.load(spec["data"])
     train = torch.from_numpy(data["x_train"]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)

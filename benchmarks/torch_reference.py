@@ -81,6 +81,20 @@ class Peer:
 _PLACEHOLDERS = []  # the torch.library.Library must stay alive for its definitions to hold
 
 
+def start_peer(spec_path: str, threads: int | None = None) -> dict:
+    """The start of a torch peer process: torchvision made importable (diffusers imports it when it is
+    installed), the JSON spec at `spec_path` read and returned, torch seeded with its 'seed' and given
+    `threads` threads (default: its 'threads')."""
+    import_torchvision()
+    import torch
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    torch.manual_seed(spec["seed"])
+    torch.set_num_threads(spec["threads"] if threads is None else threads)
+    return spec
+
+
 def import_torchvision():
     """`import torchvision`, also where PyPI's torchvision wheel (built for torch's CUDA build) sits beside
     torch's CPU wheel, whose import fails registering fake kernels for `torchvision::nms` and `qnms`:

@@ -32,17 +32,13 @@ _OLD_NAMES = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_
 
 def main(spec_path: str, out: str) -> None:
     sys.path.insert(0, REPO)
-    from benchmarks.torch_reference import import_torchvision
+    from benchmarks.torch_reference import start_peer
 
-    import_torchvision()  # diffusers imports torchvision when it is installed
+    spec = start_peer(spec_path, threads=1)
     import numpy as np
     import torch
     from diffusers import UNet2DModel
 
-    with open(spec_path) as f:
-        spec = json.load(f)
-    torch.manual_seed(spec["seed"])
-    torch.set_num_threads(1)
     model = UNet2DModel(**spec["config"]).eval()
     with torch.no_grad():
         for module in model.modules():
