@@ -241,7 +241,9 @@ def thunk_times(directory: str, programs: dict) -> dict[str, dict[str, float]]:
     """{program: {kind of instruction: seconds a call}} from the newest profile in `directory` of calls
     of the compiled `programs` made in turn, one at a time: each thunk (an instruction of the
     program's text, e.g. 'multiply_add_fusion.12') is timed by its median over the calls, then summed
-    by kind (its name without the number). Thunks that run at once on different threads both count."""
+    by kind (its name without the number). Thunks that run at once on different threads both count.
+    XLA:CPU's convolutions run asynchronously on its thread pool and their events time only their
+    dispatch, so the sum falls short of the wall time by about the convolutions' share."""
     import glob
     import gzip
     import re
