@@ -181,8 +181,8 @@ def train(state, data, key, mesh, *, steps: int, repeats: int, between=None, wit
     (`copies` of the compiled step)}).
 
     without_update: also the same step without the update (the loss gradient alone, compiled alike),
-    each repeat running both in turn: 'no_update_s', 'no_update_repeats_s', 'update_share', the
-    median over repeats of (step − step without the update) / step, and 'no_update_program', that
+    each repeat running both in turn: 'no_update_s', 'no_update_repeats_s', 'update_share_rounds', each
+    repeat's (step − step without the update) / step, 'update_share', their median, and 'no_update_program', that
     compiled program, (state, batch, key) -> (state, (loss, terms, gradients)) (not for the JSON).
     profile: a directory for a profile of `repeats` more calls of each program, in turn: 'profile' is
     `thunk_times` of it.
@@ -229,8 +229,9 @@ def train(state, data, key, mesh, *, steps: int, repeats: int, between=None, wit
          "flops_per_step": None if grad_flops is None else grad_flops * mesh.devices.size,
          "memory": program_memory(compiled), "copies": copies(compiled)}
     if without_update:
+        shares = [(a - b) / a for a, b in zip(times["step"], times["no_update"])]
         r.update(no_update_s=statistics.median(times["no_update"]), no_update_repeats_s=times["no_update"],
-                 update_share=statistics.median((a - b) / a for a, b in zip(times["step"], times["no_update"])),
+                 update_share_rounds=shares, update_share=statistics.median(shares),
                  no_update_program=programs["no_update"])
     if profile:
         r["profile"] = thunk_times(profile, programs)

@@ -110,9 +110,9 @@ step and in the step without the update, and the kinds that differ most.
     record = {"benchmark": "update_cost", "model": args.model, "batch": args.batch, "steps": args.steps,
               "rounds": args.rounds, "device": common.device(1), **r}
     print(json.dumps({k: v for k, v in record.items() if not isinstance(v, dict)}, indent=1))
-    spread = sorted((a - b) / a for a, b in zip(r["repeats_s"], r["no_update_repeats_s"]))
-    print(f"update: {r['update_share']:.1%} of the step (median of {args.rounds} rounds, from {spread[0]:.1%} to "
-          f"{spread[-1]:.1%}; step {r['step_s']:.3f} s, without the update {r['no_update_s']:.3f} s), "
+    shares = r["update_share_rounds"]
+    print(f"update: {r['update_share']:.1%} of the step (median of {args.rounds} rounds, from {min(shares):.1%} to "
+          f"{max(shares):.1%}; step {r['step_s']:.3f} s, without the update {r['no_update_s']:.3f} s), "
           f"{r['update_in_step_over_alone']:.1f}× the update alone ({r['update_s'] * 1e3:.0f} ms, "
           f"{r['update_over_memory_bound']:.1f}× its memory bound of {r['update_memory_bound_s'] * 1e3:.0f} ms at "
           f"{bandwidth / 1e9:.1f} GB/s); train step at {r['step_share_of_peak']:.0%} of the {peak / 1e9:.0f} GFLOP/s "
